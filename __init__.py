@@ -1,0 +1,17 @@
+"""ComfyUI-InvAdapter: identity customization by DDIM inversion + Embedded Attention Adapter.
+
+ComfyUI imports this file as the custom node pack's entry point (V3 ``comfy_entrypoint``).
+"""
+import os
+import sys
+
+# invadapter_core is plain torch that also runs outside ComfyUI (the trainer, the benchmark), so it is imported by
+# its absolute name everywhere; appending (not prepending) keeps ComfyUI's own top-level `nodes` module first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
+from .nodes import comfy_entrypoint, InvAdapterExtension  # noqa: F401
+
+WEB_DIRECTORY = "./web"
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -1,0 +1,124 @@
+"""The Embedded Attention Adapter (method.md §4, eq. 1-5) as plain torch modules.
+
+Per transformer block the adapter owns at most:
+- self-attention EAA: ``to_k``/``to_v`` (W'k, W'v) applied to the reference's self-attention input f_s; with no
+  own layers it borrows the base model's attn1.to_k/to_v (the training-free "init from model" adapter);
+- cross-attention EAA: ``token_agg`` (W_agg, N -> M along the token axis) then ``to_k``/``to_v`` (W''k, W''v).
+The query always comes from the pretrained attention's own to_q, and the result is added to the frozen
+attention's output before ``to_out``: ``out = to_out(A + lambda * E)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .blocks import BlockKey, block_name
+
+Attention = Callable[..., torch.Tensor]  # (q, k, v, heads) -> out, all [B, tokens, heads * dim_head]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head scaled dot-product attention on [B, tokens, heads*dim] tensors (used outside ComfyUI)."""
+    b, nq, inner = q.shape
+    d = inner // heads
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(b, nq, inner)
+
+
+def match_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Reference tensors have batch 1 (one identity); broadcast them to the generation batch."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] != 1:
+        raise ValueError(f"reference batch {t.shape[0]} cannot be matched to generation batch {batch}")
+    return t.expand(batch, *t.shape[1:])
+
+
+def reference_attention(q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor, heads: int,
+                        attention: Attention = sdpa_attention) -> torch.Tensor:
+    """E = softmax(q k_ref^T / sqrt(d)) v_ref, with the reference keys/values shared over the batch."""
+    b = q.shape[0]
+    k_ref = match_batch(k_ref.to(q.dtype), b).contiguous()
+    v_ref = match_batch(v_ref.to(q.dtype), b).contiguous()
+    return attention(q, k_ref, v_ref, heads)
+
+
+def output_projection_delta(to_out: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """to_out(A + E) - to_out(A) for the affine to_out, i.e. the linear part of to_out applied to E."""
+    return to_out(e) - to_out(torch.zeros_like(e[:, :1]))
+
+
+def aggregate_tokens(f: torch.Tensor, token_agg: nn.Linear) -> torch.Tensor:
+    """Eq. 4: g = W_agg f, a linear map along the token axis ([B, N, C] -> [B, M, C])."""
+    return token_agg(f.transpose(1, 2).to(token_agg.weight.dtype)).transpose(1, 2)
+
+
+class SelfEAA(nn.Module):
+    """W'k, W'v of one block's self-attention EAA; ``None`` layers mean "use the base model's own"."""
+
+    def __init__(self, dim: int = 0, inner_dim: int = 0, own_layers: bool = True):
+        super().__init__()
+        self.to_k = nn.Linear(dim, inner_dim, bias=False) if own_layers else None
+        self.to_v = nn.Linear(dim, inner_dim, bias=False) if own_layers else None
+
+    def project(self, f_s: torch.Tensor, base_attn: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.to_k is None:
+            if base_attn is None:
+                raise ValueError("an init-from-model self EAA needs the base attention to project with")
+            return base_attn.to_k(f_s), base_attn.to_v(f_s)
+        f = f_s.to(self.to_k.weight.dtype)
+        return self.to_k(f), self.to_v(f)
+
+
+class CrossEAA(nn.Module):
+    """W_agg (N -> M tokens), W''k, W''v of one block's cross-attention EAA."""
+
+    def __init__(self, dim: int, inner_dim: int, tokens_n: int, tokens_m: int):
+        super().__init__()
+        self.token_agg = nn.Linear(tokens_n, tokens_m)
+        self.to_k = nn.Linear(dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(dim, inner_dim, bias=False)
+
+    def project(self, f_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if f_c.shape[1] != self.token_agg.in_features:
+            raise ValueError(f"cross-attention EAA expects {self.token_agg.in_features} reference tokens, got "
+                             f"{f_c.shape[1]}: encode the reference at the adapter's reference resolution")
+        g = aggregate_tokens(f_c, self.token_agg)
+        return self.to_k(g), self.to_v(g)
+
+
+class InvAdapter(nn.Module):
+    """All EAA layers of one adapter, keyed by block name ("input.1.0", ...), plus what the file format records."""
+
+    def __init__(self, family: str, reference_resolution: Optional[int], tokens_m: Optional[int],
+                 self_eaa: dict[str, SelfEAA], cross_eaa: dict[str, CrossEAA], name: str = "",
+                 self_from_base: bool = False):
+        super().__init__()
+        self.self_from_base = self_from_base  # training-free default: W'k, W'v are the base model's own
+        self.family = family
+        self.reference_resolution = reference_resolution  # None: any resolution (no token aggregation)
+        self.tokens_m = tokens_m
+        self.self_eaa = nn.ModuleDict(self_eaa)
+        self.cross_eaa = nn.ModuleDict(cross_eaa)
+        self.name = name
+
+    @property
+    def has_cross(self) -> bool:
+        return len(self.cross_eaa) > 0
+
+    def self_layer(self, key: BlockKey) -> Optional[SelfEAA]:
+        if self.self_from_base:
+            return _BASE_SELF_EAA
+        return self.self_eaa[block_name(key)] if block_name(key) in self.self_eaa else None
+
+    def cross_layer(self, key: BlockKey) -> Optional[CrossEAA]:
+        return self.cross_eaa[block_name(key)] if block_name(key) in self.cross_eaa else None
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+_BASE_SELF_EAA = SelfEAA(own_layers=False)

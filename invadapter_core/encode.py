@@ -1,0 +1,83 @@
+"""Encoding a face into a Reference: resize, VAE-encode, DDIM-invert with the caption, keep the features.
+
+Every inversion evaluation is a reference pass (``comfy_model.reference_pass``), so the diffusion features at the
+inversion sigmas come for free and are kept in the reference's cache.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+
+from .comfy_model import ModelFamilyError, model_family, reference_pass
+from .ddim import invert, inversion_sigmas
+from .reference import FeatureCache, Reference
+
+log = logging.getLogger("InvAdapter")
+SUPPORTED_FAMILIES = ("SD15", "SD20", "SD21UnclipL", "SD21UnclipH")  # UNets whose only condition is c_crossattn
+
+
+def prepare_images(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """IMAGE [B, H, W, C] in 0..1 -> RGB [B, res, res, 3]: centre square crop, then resize (the face crop node
+    already makes square crops; this keeps any other image usable)."""
+    if not torch.is_tensor(image) or image.ndim not in (3, 4):
+        raise ValueError(f"expected an IMAGE tensor [batch, height, width, channels], got "
+                         f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
+    if image.ndim == 3:
+        image = image[None]
+    b, h, w, c = image.shape
+    if b == 0 or h == 0 or w == 0:
+        raise ValueError(f"the reference image is empty (shape {tuple(image.shape)}): connect a loaded face image")
+    if c not in (1, 3, 4):
+        raise ValueError(f"the reference image has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    if c == 1:
+        image = image.expand(b, h, w, 3)
+    elif c == 4:
+        image = image[..., :3]
+    pixels = comfy.utils.common_upscale(image.movedim(-1, 1).float(), resolution, resolution, "bicubic", "center")
+    return pixels.movedim(1, -1).clamp(0.0, 1.0)
+
+
+def conditioning_context(conditioning) -> torch.Tensor:
+    """The caption's cross-attention context [1, T, D] from a CONDITIONING list."""
+    if not conditioning:
+        raise ValueError("the caption CONDITIONING is empty: connect a CLIPTextEncode of the face's caption")
+    if len(conditioning) > 1:
+        log.warning("Inv-Adapter: the caption conditioning has %d entries; the first is used", len(conditioning))
+    return conditioning[0][0][:1].float()
+
+
+def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, scheduler: str, resolution: int,
+                     keep_features: bool = True, cross: bool = False) -> Reference:
+    family = model_family(model)
+    if family not in SUPPORTED_FAMILIES:
+        raise ModelFamilyError(f"Inv-Adapter supports SD1.x/SD2.x checkpoints ({', '.join(SUPPORTED_FAMILIES)}); "
+                               f"this model is {family}")
+    pixels = prepare_images(image, resolution)
+    context = conditioning_context(conditioning)
+    latent = vae.encode(pixels)
+    comfy.model_management.load_models_gpu([model])
+    base = model.model
+    device = model.load_device
+    x0 = base.process_latent_in(latent).to(device=device, dtype=torch.float32)
+    sigmas = inversion_sigmas(comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps))
+    cache = FeatureCache()
+    progress = comfy.utils.ProgressBar(len(sigmas) - 1)
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        denoised, features = reference_pass(base, x, sigma, context, cross)
+        if keep_features:
+            cache.put(sigma, features)
+        return denoised
+
+    states = invert(denoise, x0, sigmas, on_step=lambda i, x: progress.update(1))
+    cache.passes = 0  # inversion passes are not generation-time reference passes
+    cache.to_(comfy.model_management.unet_offload_device())
+    return Reference(family=family, resolution=(resolution, resolution),
+                     sigmas=torch.tensor(sigmas, dtype=torch.float64), states=states.float().cpu(),
+                     context=context.cpu(), features=cache, model_key=(id(base), model.patches_uuid))

@@ -1,0 +1,67 @@
+import os
+import re
+
+from comfy_api.latest import io
+
+import folder_paths
+from invadapter_core.reference import load_reference, save_reference
+
+from . import folders
+from .types import CATEGORY, ReferenceType
+
+
+class InvAdapterSaveReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InvAdapterSaveReference",
+            display_name="Inv-Adapter Save Reference",
+            category=CATEGORY,
+            description="Saves an encoded identity (trajectory, caption, features) to models/invadapter_references "
+                        "so later graphs can use it without inverting again.",
+            inputs=[
+                ReferenceType.Input("reference"),
+                io.String.Input("name", default="identity"),
+                io.Boolean.Input("with_features", default=True,
+                                 tooltip="Store the captured features too (bigger file, no recomputation)."),
+                io.Boolean.Input("overwrite", default=False),
+            ],
+            outputs=[ReferenceType.Output(display_name="reference"), io.String.Output(display_name="path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, reference, name, with_features, overwrite) -> io.NodeOutput:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._")
+        if not stem:
+            raise ValueError(f"'{name}' is not usable as a file name: use letters, digits, '-', '_' or '.'")
+        folder = folder_paths.get_folder_paths(folders.REFERENCES)[0]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, stem if stem.endswith(".safetensors") else stem + ".safetensors")
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists: choose another name or enable overwrite")
+        save_reference(reference, path, with_features=with_features)
+        return io.NodeOutput(reference, path, ui={"text": [path]})
+
+
+class InvAdapterLoadReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InvAdapterLoadReference",
+            display_name="Inv-Adapter Load Reference",
+            category=CATEGORY,
+            inputs=[io.Combo.Input("reference_name", options=folder_paths.get_filename_list(folders.REFERENCES))],
+            outputs=[ReferenceType.Output(display_name="reference")],
+        )
+
+    @classmethod
+    def execute(cls, reference_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path(folders.REFERENCES, reference_name)
+        if path is None:
+            raise FileNotFoundError(f"reference '{reference_name}' not found; searched: "
+                                    f"{folders.searched(folders.REFERENCES)}")
+        return io.NodeOutput(load_reference(path))
+
+
+NODES = [InvAdapterSaveReference, InvAdapterLoadReference]
