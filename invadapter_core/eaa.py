@@ -101,8 +101,9 @@ class InvAdapter(nn.Module):
         self.family = family
         self.reference_resolution = reference_resolution  # None: any resolution (no token aggregation)
         self.tokens_m = tokens_m
-        self.self_eaa = nn.ModuleDict(self_eaa)
-        self.cross_eaa = nn.ModuleDict(cross_eaa)
+        # nn.ModuleDict keys cannot contain ".": blocks are stored as "input_1_0", exposed as "input.1.0"
+        self.self_eaa = nn.ModuleDict({k.replace(".", "_"): v for k, v in self_eaa.items()})
+        self.cross_eaa = nn.ModuleDict({k.replace(".", "_"): v for k, v in cross_eaa.items()})
         self.name = name
 
     @property
@@ -112,13 +113,23 @@ class InvAdapter(nn.Module):
     def self_layer(self, key: BlockKey) -> Optional[SelfEAA]:
         if self.self_from_base:
             return _BASE_SELF_EAA
-        return self.self_eaa[block_name(key)] if block_name(key) in self.self_eaa else None
+        return self.self_eaa[_module_key(key)] if _module_key(key) in self.self_eaa else None
 
     def cross_layer(self, key: BlockKey) -> Optional[CrossEAA]:
-        return self.cross_eaa[block_name(key)] if block_name(key) in self.cross_eaa else None
+        return self.cross_eaa[_module_key(key)] if _module_key(key) in self.cross_eaa else None
+
+    def self_layers(self) -> dict[str, SelfEAA]:
+        return {k.replace("_", "."): v for k, v in self.self_eaa.items()}
+
+    def cross_layers(self) -> dict[str, CrossEAA]:
+        return {k.replace("_", "."): v for k, v in self.cross_eaa.items()}
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _module_key(key: BlockKey) -> str:
+    return block_name(key).replace(".", "_")
 
 
 _BASE_SELF_EAA = SelfEAA(own_layers=False)

@@ -53,17 +53,27 @@ def conditioning_context(conditioning) -> torch.Tensor:
 
 def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, scheduler: str, resolution: int,
                      keep_features: bool = True, cross: bool = False) -> Reference:
+    """Face image(s) + caption -> Reference (the images are one identity: a batch = several photos of it)."""
+    check_supported(model)
+    pixels = prepare_images(image, resolution)
+    context = conditioning_context(conditioning)
+    latent = vae.encode(pixels)
+    return invert_latent(model, latent, context, steps, scheduler, (resolution, resolution), keep_features, cross)
+
+
+def check_supported(model) -> None:
     family = model_family(model)
     if family not in SUPPORTED_FAMILIES:
         raise ModelFamilyError(f"Inv-Adapter supports SD1.x/SD2.x checkpoints ({', '.join(SUPPORTED_FAMILIES)}); "
                                f"this model is {family}")
-    pixels = prepare_images(image, resolution)
-    context = conditioning_context(conditioning)
-    latent = vae.encode(pixels)
+
+
+def invert_latent(model, latent: torch.Tensor, context: torch.Tensor, steps: int, scheduler: str,
+                  resolution: tuple[int, int], keep_features: bool = True, cross: bool = False) -> Reference:
+    """DDIM inversion of a VAE latent (unscaled, as in LATENT dicts) with the caption at guidance 1."""
     comfy.model_management.load_models_gpu([model])
     base = model.model
-    device = model.load_device
-    x0 = base.process_latent_in(latent).to(device=device, dtype=torch.float32)
+    x0 = base.process_latent_in(latent).to(device=model.load_device, dtype=torch.float32)
     sigmas = inversion_sigmas(comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps))
     cache = FeatureCache()
     progress = comfy.utils.ProgressBar(len(sigmas) - 1)
@@ -76,8 +86,7 @@ def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, 
         return denoised
 
     states = invert(denoise, x0, sigmas, on_step=lambda i, x: progress.update(1))
-    cache.passes = 0  # inversion passes are not generation-time reference passes
     cache.to_(comfy.model_management.unet_offload_device())
-    return Reference(family=family, resolution=(resolution, resolution),
+    return Reference(family=model_family(model), resolution=resolution,
                      sigmas=torch.tensor(sigmas, dtype=torch.float64), states=states.float().cpu(),
                      context=context.cpu(), features=cache, model_key=(id(base), model.patches_uuid))

@@ -40,10 +40,10 @@ def init_from_model(family: str) -> InvAdapter:
 def adapter_state(adapter: InvAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors = {}
     if not adapter.self_from_base:
-        for name, layer in adapter.self_eaa.items():
+        for name, layer in adapter.self_layers().items():
             tensors[f"self.{name}.to_k.weight"] = layer.to_k.weight
             tensors[f"self.{name}.to_v.weight"] = layer.to_v.weight
-    for name, layer in adapter.cross_eaa.items():
+    for name, layer in adapter.cross_layers().items():
         tensors[f"cross.{name}.token_agg.weight"] = layer.token_agg.weight
         tensors[f"cross.{name}.token_agg.bias"] = layer.token_agg.bias
         tensors[f"cross.{name}.to_k.weight"] = layer.to_k.weight
@@ -140,7 +140,7 @@ def check_adapter_fits(adapter: InvAdapter, family: str, block_dims: dict[str, t
     if adapter.family and adapter.family != family:
         raise AdapterFileError(f"Inv-Adapter '{adapter.name}' was made for model family {adapter.family}, but the "
                                f"model is {family}: load weights trained for {family} or use 'init from model'")
-    for kind, layers in (("self", adapter.self_eaa), ("cross", adapter.cross_eaa)):
+    for kind, layers in (("self", adapter.self_layers()), ("cross", adapter.cross_layers())):
         for name, layer in layers.items():
             if name not in block_dims:
                 raise AdapterFileError(f"Inv-Adapter '{adapter.name}' has {kind} EAA for block {name}, which this "
