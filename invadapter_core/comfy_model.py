@@ -29,6 +29,7 @@ from .reference import Features, Reference
 
 log = logging.getLogger("InvAdapter")
 COMBINE_MODES = ("concat", "average")
+PER_SAMPLE = "per sample"  # training: reference i serves generation sample i (no combining)
 APPLY_TO = ("cond and uncond", "cond only")
 
 
@@ -86,18 +87,23 @@ class FeatureCapture:
         return Features(self.self_attn, self.cross_attn)
 
 
-def reference_pass(base_model, x: torch.Tensor, sigma: float, context: torch.Tensor, cross: bool
+def reference_pass(base_model, x: torch.Tensor, sigma, context: torch.Tensor, cross: bool
                    ) -> tuple[torch.Tensor, Features]:
-    """One frozen-UNet pass of the reference latent at ``sigma``: (x0 prediction, captured features).
-
-    ``base_model`` is the loaded BaseModel; the fresh transformer_options hold only the capture patches.
+    """One frozen-UNet pass of the reference latent at ``sigma`` (a float, or one per sample): (x0 prediction,
+    captured features). ``base_model`` is the loaded BaseModel; the fresh transformer_options hold only the
+    capture patches, so no wrapper, no other pack's patch and no ControlNet reaches the reference branch.
     """
     capture = FeatureCapture(cross)
     patches = {"attn1_patch": [capture.capture_self]}
     if cross:
         patches["attn2_patch"] = [capture.capture_cross]
-    sigmas = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
-    ctx = context.to(x.device).expand(x.shape[0], *context.shape[1:])
+    if torch.is_tensor(sigma) and sigma.numel() > 1:
+        sigmas = sigma.to(device=x.device, dtype=torch.float32)
+    else:
+        sigmas = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
+    ctx = context.to(x.device)
+    if ctx.shape[0] != x.shape[0]:
+        ctx = ctx.expand(x.shape[0], *context.shape[1:])
     with torch.no_grad():
         denoised = base_model.apply_model(x, sigmas, c_crossattn=ctx, transformer_options={"patches": patches})
     return denoised, capture.features()
@@ -105,7 +111,7 @@ def reference_pass(base_model, x: torch.Tensor, sigma: float, context: torch.Ten
 
 def combine_images(f: torch.Tensor, mode: str) -> torch.Tensor:
     """Several images of one identity ([R, N, C]) into one reference ([1, N', C]): token concat or average."""
-    if f.shape[0] == 1:
+    if f.shape[0] == 1 or mode == PER_SAMPLE:
         return f
     if mode == "concat":
         return f.reshape(1, -1, f.shape[-1])
@@ -135,7 +141,7 @@ class Application:
         self.combine, self.apply_to, self.mask = combine, apply_to, mask
         self.block_scale = block_scale or (lambda name, kind: 1.0)
         self.key = f"invadapter:{reference.uid}:{id(adapter):x}"
-        self._kv_memo: tuple = (None, {})  # (sigma, {(kind, block): (k, v)}): projections shared by batch chunks
+        self._kv_memo: tuple = (None, {})  # (features, {(kind, block): (k, v)}): shared by a step's batch chunks
         self._adapter_copies: dict = {}
 
     @property
@@ -172,6 +178,17 @@ class Application:
             self._kv_memo = (None, {})
             offload = comfy.model_management.unet_offload_device()
             self.reference.features.to_(offload)  # the cache waits on the offload device between runs
+
+    def transformer_options(self, features: Features, sigma: float = 0.0) -> dict:
+        """transformer_options for a direct ``apply_model`` call with this application (the trainer's path)."""
+        return {"patches": {name: [fn] for name, fn in self.patches().items()}, self.key: Step(sigma, features)}
+
+    def patches(self) -> dict[str, Callable]:
+        """ComfyUI list-patch slot -> callable (list patches stack with other packs' instead of replacing them)."""
+        found = {"attn1_patch": self.stash_self, "attn1_output_patch": self.add_self}
+        if self.uses_cross:
+            found.update(attn2_patch=self.stash_cross, attn2_output_patch=self.add_cross)
+        return found
 
     # --- attention patches ---------------------------------------------------------------------------------------
     def stash_self(self, n, context, value, extra_options):
@@ -212,10 +229,10 @@ class Application:
         return out + delta * (weight if scale is None else weight * scale)
 
     def _reference_kv(self, kind, key, name, step: Step, like: torch.Tensor):
-        memo_sigma, memo = self._kv_memo
-        if memo_sigma != step.sigma:
+        memo_features, memo = self._kv_memo
+        if memo_features is not step.features:
             memo = {}
-            self._kv_memo = (step.sigma, memo)
+            self._kv_memo = (step.features, memo)
         if (kind, name) in memo:
             return memo[(kind, name)]
         adapter = self._adapter_on(like.device, like.dtype)
@@ -238,6 +255,9 @@ class Application:
     def _adapter_on(self, device, dtype) -> InvAdapter:
         if self.adapter.self_from_base and not self.adapter.has_cross:
             return self.adapter  # nothing of its own to move
+        first = next(self.adapter.parameters())
+        if first.device == device and first.dtype == dtype:
+            return self.adapter  # used as is (the trainer's gradients flow into these parameters)
         key = (str(device), dtype)
         if key not in self._adapter_copies:
             self._adapter_copies[key] = copy.deepcopy(self.adapter).to(device=device, dtype=dtype)
@@ -270,11 +290,8 @@ def install(model, app: Application):
     if _remove_application(m, app.key):
         log.warning("Inv-Adapter: this reference and adapter were already applied to the model; the later "
                     "InvAdapterApply replaces the earlier one")
-    m.set_model_attn1_patch(app.stash_self)
-    m.set_model_attn1_output_patch(app.add_self)
-    if app.uses_cross:
-        m.set_model_attn2_patch(app.stash_cross)
-        m.set_model_attn2_output_patch(app.add_cross)
+    for name, fn in app.patches().items():
+        m.set_model_patch(fn, name)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, app.key, app.apply_model_wrapper)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, app.key, app.outer_sample_wrapper)
     return m
