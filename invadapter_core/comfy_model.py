@@ -23,6 +23,8 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 import comfy.patcher_extension as ext
 
+from .attention_maps import RECORDER_KEY
+from .block_weights import BlockWeights, call_level
 from .blocks import block_key, block_name
 from .eaa import InvAdapter, output_projection_delta, reference_attention
 from .reference import Features, Reference
@@ -131,15 +133,19 @@ class Step:
 class Application:
     """One InvAdapterApply on one cloned model: adapter + reference + strengths, as ComfyUI patches."""
 
+    # The trainer sets this: always use the adapter's own (float32, trainable) parameters, even when the UNet runs in
+    # half precision or under autocast; the EAA layers cast their inputs, so gradients still reach the parameters.
+    adapter_as_is = False
+
     def __init__(self, adapter: InvAdapter, reference: Reference, blocks: dict[str, torch.nn.Module],
                  weight_self: float, weight_cross: float, sigma_start: float, sigma_end: float,
                  combine: str = "concat", apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
-                 block_scale: Optional[Callable[[str, str], float]] = None):
+                 block_weights: Optional[BlockWeights] = None):
         self.adapter, self.reference, self.blocks = adapter, reference, blocks
         self.weight_self, self.weight_cross = float(weight_self), float(weight_cross)
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.combine, self.apply_to, self.mask = combine, apply_to, mask
-        self.block_scale = block_scale or (lambda name, kind: 1.0)
+        self.block_weights = block_weights or BlockWeights()
         self.key = f"invadapter:{reference.uid}:{id(adapter):x}"
         self._kv_memo: tuple = (None, {})  # (features, {(kind, block): (k, v)}): shared by a step's batch chunks
         self._adapter_copies: dict = {}
@@ -216,17 +222,24 @@ class Application:
         n = step.pending.pop(kind, None)
         key = block_key(extra_options)
         name = block_name(key)
-        weight = (self.weight_self if kind == "self" else self.weight_cross) * self.block_scale(name, kind)
+        level = call_level(extra_options)
+        weight = (self.weight_self if kind == "self" else self.weight_cross) * self.block_weights.scale(kind, level)
         if n is None or weight == 0:
             return out
         kv = self._reference_kv(kind, key, name, step, out)
         if kv is None:
             return out
         attn = self.blocks[name].attn1 if kind == "self" else self.blocks[name].attn2
-        e = reference_attention(attn.to_q(n), kv[0], kv[1], extra_options["n_heads"], comfy_attention.optimized_attention)
+        q = attn.to_q(n)
+        e = reference_attention(q, kv[0], kv[1], extra_options["n_heads"], comfy_attention.optimized_attention)
         delta = output_projection_delta(attn.to_out, e)
         scale = self._row_scale(extra_options, delta)
-        return out + delta * (weight if scale is None else weight * scale)
+        delta = delta * (weight if scale is None else weight * scale)
+        recorder = extra_options.get(RECORDER_KEY)
+        if recorder is not None and kind == "self" and recorder.wants(level, step.sigma):
+            recorder.record(self.key, q, kv[0], extra_options["n_heads"], delta,
+                            extra_options["activations_shape"][-2:], extra_options.get("cond_or_uncond") or [0])
+        return out + delta
 
     def _reference_kv(self, kind, key, name, step: Step, like: torch.Tensor):
         memo_features, memo = self._kv_memo
@@ -253,7 +266,7 @@ class Application:
         return kv
 
     def _adapter_on(self, device, dtype) -> InvAdapter:
-        if self.adapter.self_from_base and not self.adapter.has_cross:
+        if self.adapter_as_is or (self.adapter.self_from_base and not self.adapter.has_cross):
             return self.adapter  # nothing of its own to move
         first = next(self.adapter.parameters())
         if first.device == device and first.dtype == dtype:

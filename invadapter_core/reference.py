@@ -160,3 +160,44 @@ def load_reference(path: str) -> Reference:
                          context=tensors["caption.context"], features=cache, uid=meta.get(META + "uid", uuid.uuid4().hex))
     except KeyError as e:
         raise ReferenceFileError(f"reference file {path} is incomplete (missing {e}); save it again") from None
+
+
+def combine_references(refs: list[Reference]) -> Reference:
+    """Several references of one identity -> one reference holding all their images (IDAdapter's mixed features).
+
+    They must come from the same model family, resolution and inversion sigmas. Features are kept for the sigmas
+    every reference holds; cross-attention features only where all have them.
+    """
+    if not refs:
+        raise ReferenceFileError("no reference to combine")
+    if len(refs) == 1:
+        return refs[0]
+    first = refs[0]
+    for i, r in enumerate(refs[1:], start=2):
+        if r.family != first.family:
+            raise ReferenceFileError(f"reference {i} was encoded with a {r.family} model, reference 1 with "
+                                     f"{first.family}: encode every photo with the same checkpoint")
+        if tuple(r.resolution) != tuple(first.resolution) or r.states.shape[2:] != first.states.shape[2:]:
+            raise ReferenceFileError(f"reference {i} has resolution {r.resolution}, reference 1 {first.resolution}: "
+                                     f"encode every photo at the same resolution")
+        if r.sigmas.shape != first.sigmas.shape or not torch.allclose(r.sigmas.double(), first.sigmas.double()):
+            raise ReferenceFileError(f"reference {i} was inverted with other steps/scheduler than reference 1: "
+                                     f"use the same steps and scheduler in every InvAdapterEncodeReference")
+        if r.context.shape[1:] != first.context.shape[1:]:
+            raise ReferenceFileError(f"the caption of reference {i} has {r.context.shape[1]} tokens, reference 1's "
+                                     f"{first.context.shape[1]}: keep the captions under 75 tokens")
+    context = torch.cat([r.context.expand(r.images, *r.context.shape[1:]) for r in refs])
+    cache = FeatureCache()
+    for s in first.features.sigmas():
+        found = [r.features.get(s) for r in refs]
+        if any(f is None for f in found):
+            continue
+        self_attn = {k: torch.cat([f.self_attn[k].to(found[0].self_attn[k].device) for f in found])
+                     for k in found[0].self_attn}
+        cross = None
+        if all(f.cross_attn is not None for f in found):
+            cross = {k: torch.cat([f.cross_attn[k].to(found[0].cross_attn[k].device) for f in found])
+                     for k in found[0].cross_attn}
+        cache.put(s, Features(self_attn, cross))
+    return Reference(first.family, first.resolution, first.sigmas, torch.cat([r.states for r in refs], dim=1),
+                     context, cache)

@@ -4,7 +4,7 @@ from invadapter_core.comfy_model import (APPLY_TO, COMBINE_MODES, Application, b
                                          model_family, transformer_blocks)
 from invadapter_core.weights import check_adapter_fits
 
-from .types import CATEGORY, InvAdapterType, ReferenceType
+from .types import CATEGORY, BlockWeightsType, InvAdapterType, ReferenceType
 
 
 class InvAdapterApply(io.ComfyNode):
@@ -32,13 +32,15 @@ class InvAdapterApply(io.ComfyNode):
                                tooltip="'cond only' leaves the negative pass untouched: CFG then amplifies identity."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Confine this identity to a region of the generated image (soft masks ok)."),
+                BlockWeightsType.Input("block_weights", optional=True,
+                                       tooltip="Per-level strengths from InvAdapterBlockWeights (coarse/fine)."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, invadapter, reference, weight_self, weight_cross, start_percent, end_percent, combine,
-                apply_to, mask=None) -> io.NodeOutput:
+                apply_to, mask=None, block_weights=None) -> io.NodeOutput:
         check_family(model, reference)
         blocks = transformer_blocks(model)
         check_adapter_fits(invadapter, model_family(model), block_dims(blocks))
@@ -49,7 +51,7 @@ class InvAdapterApply(io.ComfyNode):
         ms = model.get_model_object("model_sampling")
         app = Application(invadapter, reference, blocks, weight_self, weight_cross,
                           sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
-                          combine=combine, apply_to=apply_to, mask=mask)
+                          combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)
         return io.NodeOutput(install(model, app))
 
 

@@ -1,0 +1,141 @@
+"""Command line: ``python -m invadapter_core.train {config,preprocess,train,export,count}`` (run from the repo root).
+
+ComfyUI is imported only after the arguments are parsed (``bootstrap``), so ``--help`` is instant and ComfyUI
+never sees these arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+Train Inv-Adapter EAA weights for an SD 1.5 checkpoint (method.md section 5).
+
+  1. python -m invadapter_core.train config > train.toml      # every option, with its default and help
+  2. edit train.toml: model.checkpoint, data.source, data.cache_dir, train.output_dir
+  3. python -m invadapter_core.train preprocess --config train.toml
+       face crop, VAE latents, caption encodings and DDIM inversion trajectories -> shards in data.cache_dir
+  4. python -m invadapter_core.train train --config train.toml
+       only the EAA parameters train; checkpoints, log.jsonl and samples/ in train.output_dir; the final
+       train.output_dir/invadapter.safetensors goes into ComfyUI/models/invadapter/
+  Several GPUs / nodes: torchrun --nproc_per_node=N -m invadapter_core.train {preprocess,train} --config ...
+
+Data: a folder of images with a caption .txt beside each (same name), or a .jsonl manifest of
+{"image": "relative/or/absolute.png", "caption": "..."} lines. Unreadable images, missing captions and images
+without a face are reported (data.cache_dir/report-r*.jsonl) and skipped.
+ComfyUI is found through $COMFYUI_PATH or the repo's .host/comfyui_path. See docs/training.md.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m invadapter_core.train", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def with_config(p):
+        p.add_argument("--config", "-c", help="TOML or JSON config file (sections model, data, train, optim, "
+                                              "validation; see the `config` command)")
+        p.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (JSON value or bare string); repeatable, "
+                            "e.g. --set train.max_steps=100")
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        return p
+
+    with_config(sub.add_parser("config", help="print the config (defaults, or --config with --set applied) as "
+                                              "commented TOML"))
+    with_config(sub.add_parser("preprocess", help="face crop, encode, invert: write the training shards"))
+    with_config(sub.add_parser("train", help="train the EAA on the shards (resumes from the latest checkpoint)"))
+    with_config(sub.add_parser("count", help="print the adapter's parameter count for the configured checkpoint"))
+    export = sub.add_parser("export", help="a checkpoint folder's weights -> one weights file (another dtype)")
+    export.add_argument("checkpoint", help="checkpoints/step-N folder (or any Inv-Adapter weights file)")
+    export.add_argument("output", help="the .safetensors file to write")
+    export.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError, dump_toml, load_config
+
+    try:
+        cfg = load_config(args.config, args.set) if args.command != "export" else None
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(dump_toml(cfg))
+        return 0
+    from .bootstrap import setup_comfy
+    from .distributed import env_info
+
+    setup_comfy()
+    info = env_info()
+    logging.basicConfig(level=logging.INFO, format=f"[r{info.rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](cfg, args, info)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_preprocess(cfg, args, info) -> int:
+    from .config import require
+    from .model import load_base
+    from .preprocess import preprocess
+
+    model, clip, vae = load_base(require(cfg.model.checkpoint, "model.checkpoint"), "auto", True, True)
+    preprocess(cfg, model, clip, vae, info, progress=not args.quiet)
+    return 0
+
+
+def run_train(cfg, args, info) -> int:
+    import comfy.model_management
+
+    from .config import require
+    from .loop import train
+    from .model import load_base, resolve_precision
+
+    precision = resolve_precision(cfg.train.mixed_precision, comfy.model_management.get_torch_device())
+    model, clip, vae = load_base(require(cfg.model.checkpoint, "model.checkpoint"), precision,
+                                 need_clip=bool(cfg.validation.prompts), need_vae=cfg.validation.every > 0)
+    try:
+        train(cfg, model, vae, clip, progress=not args.quiet)
+    finally:
+        from .distributed import cleanup
+
+        cleanup()
+    return 0
+
+
+def run_count(cfg, args, info) -> int:
+    from .config import require
+    from .model import build_adapter, count_parameters, load_base
+
+    model, _, _ = load_base(require(cfg.model.checkpoint, "model.checkpoint"), "auto", False, False)
+    adapter = build_adapter(model, cfg.data.resolution, cfg.model.tokens_m, "random", cfg.model.train_self,
+                            cfg.model.train_cross)
+    for kind, n in count_parameters(adapter).items():
+        print(f"{kind:10s} {n:>14,}")
+    return 0
+
+
+def run_export(cfg, args, info) -> int:
+    import os
+
+    import torch
+
+    from ..weights import load_adapter, save_adapter
+
+    source = args.checkpoint
+    if os.path.isdir(source):
+        source = os.path.join(source, "adapter.safetensors")
+    save_adapter(load_adapter(source), args.output, getattr(torch, args.dtype))
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"preprocess": run_preprocess, "train": run_train, "count": run_count, "export": run_export}
+
+if __name__ == "__main__":
+    sys.exit(main())

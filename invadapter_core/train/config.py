@@ -1,0 +1,215 @@
+"""The trainer's configuration: one TOML or JSON file with the sections below, plus ``--set section.key=value``.
+
+Every field carries its help text, so ``python -m invadapter_core.train config`` prints a commented TOML file with
+all defaults. Relative paths in a config file are taken relative to that file's folder (a config and its data can
+move together); paths given with ``--set`` are relative to the current directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def opt(default, help: str, path: bool = False):
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "path": path}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str = opt("", "SD 1.5 checkpoint (.safetensors/.ckpt), loaded with ComfyUI's own loader; frozen",
+                          path=True)
+    tokens_m: int = opt(256, "M: reference tokens after the cross-attention token aggregation (paper: 256 or 512)")
+    train_self: bool = opt(True, "train the self-attention EAA (W'k, W'v)")
+    train_cross: bool = opt(True, "train the cross-attention EAA (W_agg, W''k, W''v)")
+    init: str = opt("base", "'base': W'k, W'v copied from the model's own attn1 (the training-free adapter), cross "
+                            "EAA a no-op (W''v = 0, W_agg = average pooling); 'random'; or a weights file to "
+                            "continue from (the loader's format)", path=True)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("", "a folder of images with a caption .txt beside each, or a .jsonl manifest of "
+                          "{\"image\": path, \"caption\": text} lines (paths relative to the manifest)", path=True)
+    cache_dir: str = opt("", "where `preprocess` writes its shards and `train` reads them", path=True)
+    resolution: int = opt(512, "reference resolution in pixels (512 for SD 1.5); training uses the same size")
+    face_crop: str = opt("auto", "'detect': crop the face (images without one are skipped); 'center': centre "
+                                 "square; 'auto': detect when a detector is installed, else centre")
+    face_detector: str = opt("auto", "invadapter_core.face detector: auto, insightface or mtcnn")
+    insightface_root: str = opt("", "folder holding models/<antelopev2|buffalo_l>/ for the InsightFace detector",
+                                path=True)
+    face_margin: float = opt(0.5, "square side = face box side x (1 + 2 x margin), as in the face crop node")
+    min_face_size: int = opt(40, "faces smaller than this (pixels) are not faces")
+    inversion_steps: int = opt(20, "DDIM inversion steps per image (paper: 50); the reference latent at any "
+                                   "training sigma is interpolated from this trajectory")
+    inversion_scheduler: str = opt("simple", "ComfyUI scheduler of the inversion sigmas (as in the encode node)")
+    shard_size: int = opt(256, "images per shard file")
+    batch_size: int = opt(8, "images per VAE/inversion batch while preprocessing")
+    storage_dtype: str = opt("float16", "dtype of stored latents and captions: float16 (half the disk) or float32")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("", "run folder: checkpoints/, samples/, log.jsonl and the final invadapter.safetensors",
+                          path=True)
+    max_steps: int = opt(10000, "optimizer steps")
+    batch_size: int = opt(4, "images per process per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x accum x processes)")
+    seed: int = opt(0, "seed of data order, timesteps, noise and caption dropout")
+    caption_dropout: float = opt(0.1, "probability of training a sample on the empty prompt (for CFG)")
+    min_timestep: int = opt(0, "timesteps are drawn uniformly from [min_timestep, max_timestep]")
+    max_timestep: int = opt(999, "timesteps are drawn uniformly from [min_timestep, max_timestep]")
+    mixed_precision: str = opt("auto", "'auto' (bf16 on CUDA with bf16 support, else fp16; none on CPU), 'bf16', "
+                                       "'fp16' or 'no'")
+    log_every: int = opt(10, "steps between log lines (log.jsonl and stdout)")
+    checkpoint_every: int = opt(500, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = opt(3, "newest checkpoints kept (older ones are deleted)")
+    resume: str = opt("auto", "'auto' (latest checkpoint in output_dir, if any), 'no', or a checkpoint folder",
+                      path=True)
+    export_dtype: str = opt("float16", "dtype of the final weights file: float16, bfloat16 or float32")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-4, "AdamW learning rate (paper: 1e-4)")
+    weight_decay: float = opt(1e-2, "AdamW weight decay (paper: 1e-2)")
+    betas: list = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up steps, then constant")
+    grad_clip: float = opt(1.0, "max global gradient norm (0: no clipping)")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = opt(500, "steps between validation images (0: none); also at step 0 and at the end")
+    images: int = opt(2, "references to sample with (the first cached images)")
+    prompts: list = opt([], "prompts to generate (empty: each reference's own caption)")
+    steps: int = opt(20, "sampling steps")
+    cfg: float = opt(5.0, "classifier-free guidance scale")
+    sampler: str = opt("euler", "ComfyUI sampler name")
+    scheduler: str = opt("normal", "ComfyUI scheduler name")
+    size: int = opt(0, "generated image size in pixels (0: the reference resolution)")
+    seed: int = opt(0, "sampling seed (fixed, so images are comparable across steps)")
+    baseline: bool = opt(True, "also save the same images without the adapter (once, at the first validation)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section(cfg: Config, name: str):
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown config section [{name}]; sections: {', '.join(SECTIONS)}")
+    return getattr(cfg, name)
+
+
+def _coerce(section, key: str, value: Any, base_dir: Optional[str], where: str):
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(f"{where}: unknown key '{key}' in [{type(section).__name__}]; keys: {', '.join(fields)}")
+    current = getattr(section, key)
+    f = fields[key]
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    elif isinstance(current, int) and not isinstance(value, bool) and isinstance(value, (int, float)):
+        if int(value) != value:
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        value = int(value)
+    elif isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    elif isinstance(current, list) and isinstance(value, list):
+        pass
+    elif isinstance(current, str) and isinstance(value, str):
+        if f.metadata.get("path") and value and base_dir is not None and value not in ("auto", "no", "base",
+                                                                                       "random"):
+            value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+    else:
+        raise ConfigError(f"{where}: {key} must be a {type(current).__name__}, got {value!r}")
+    setattr(section, key, value)
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path:
+        raw = _read(path)
+        base = os.path.dirname(os.path.abspath(path))
+        for name, values in raw.items():
+            section = _section(cfg, name)
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: [{name}] must be a table of keys")
+            for key, value in values.items():
+                _coerce(section, key, value, base, path)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=100")
+        dotted, text = item.split("=", 1)
+        name, key = dotted.split(".", 1)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text  # a bare string
+        _coerce(_section(cfg, name), key, value, os.getcwd(), f"--set {dotted}")
+    return cfg
+
+
+def _read(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            return tomllib.loads(data.decode("utf-8"))
+        return json.loads(data)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file: say which and why
+        raise ConfigError(f"cannot parse {path} ({'TOML' if path.endswith('.toml') else 'JSON'}): {e}") from None
+
+
+def require(value: str, name: str) -> str:
+    if not value:
+        raise ConfigError(f"{name} is not set: put it in the config file or pass --set {name}=...")
+    return value
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # a TOML basic string is a JSON string
+
+
+def dump_toml(cfg: Config) -> str:
+    """The config as TOML, every key with its help text as a comment."""
+    lines = []
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            lines.append(f"# {f.metadata.get('help', '')}")
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Training data: the raw items (image + caption), the preprocessed shards, and a resumable sample order.
+
+A shard is one safetensors file holding, for S images of one reference resolution:
+    states   [S, n+1, 4, h, w]  the DDIM inversion trajectory in sampler space (states[:, 0] = the clean latent)
+    context  [S, 77, 768]       the caption's CLIP encoding (first 77 tokens)
+    sigmas   [n+1]              the trajectory's sigmas (ascending), the same for every image
+with metadata ``invadapter.kind`` = "training shard", ``captions`` / ``images`` (JSON lists) and ``layout`` (JSON:
+resolution, inversion steps/scheduler, base family) so `train` can refuse shards made with other settings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+SHARD_KIND = "training shard"
+EMPTY_CONTEXT_FILE = "empty_context.safetensors"
+
+
+class DataError(ValueError):
+    """A data set that cannot be used at all (as opposed to single bad items, which are skipped)."""
+
+
+class SkipItem(Exception):
+    """One item that cannot be used; the reason is reported and preprocessing goes on."""
+
+
+@dataclass
+class Item:
+    image: str
+    caption: Optional[str]  # None: no caption found
+    problem: Optional[str] = None  # set when the item is already known to be unusable (bad manifest line)
+
+
+# ------------------------------------------------------------------------------------------------ raw items
+def list_items(source: str) -> list[Item]:
+    if not source:
+        raise DataError("data.source is not set: a folder of images + .txt captions, or a .jsonl manifest")
+    if os.path.isdir(source):
+        return _folder_items(Path(source))
+    if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
+        return _manifest_items(Path(source))
+    raise DataError(f"data.source {source} is neither a folder nor a .jsonl manifest")
+
+
+def _folder_items(folder: Path) -> list[Item]:
+    items = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8", errors="replace") if caption_file.is_file() else None
+        items.append(Item(str(path), caption))
+    if not items:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    return items
+
+
+def _manifest_items(manifest: Path) -> list[Item]:
+    items = []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{manifest.name} line {number}"
+        try:
+            entry = json.loads(line)
+            image = entry["image"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            items.append(Item(where, None, problem=f"bad manifest line ({type(e).__name__}: {e})"))
+            continue
+        caption = entry.get("caption") if isinstance(entry, dict) else None
+        items.append(Item(str(manifest.parent / image), caption if isinstance(caption, str) else None))
+    if not items:
+        raise DataError(f"the manifest {manifest} lists no images")
+    return items
+
+
+def load_image(path: str) -> torch.Tensor:
+    """RGB float [H, W, 3] in 0..1 (EXIF orientation applied); SkipItem when the file cannot be decoded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise SkipItem(f"unreadable image ({type(e).__name__}: {e})") from None
+    if rgb.ndim != 3 or rgb.shape[0] < 8 or rgb.shape[1] < 8:
+        raise SkipItem(f"image too small ({rgb.shape[1]}x{rgb.shape[0]} px)")
+    return torch.from_numpy(rgb.copy()).float() / 255.0
+
+
+def clean_caption(caption: Optional[str]) -> str:
+    if caption is None:
+        raise SkipItem("no caption (expected a .txt file beside the image, or a \"caption\" in the manifest)")
+    caption = " ".join(caption.split())
+    if not caption:
+        raise SkipItem("empty caption")
+    return caption
+
+
+# ------------------------------------------------------------------------------------------------ shards
+def shard_name(rank: int, world_size: int, index: int) -> str:
+    return f"shard-r{rank:03d}of{world_size:03d}-{index:05d}.safetensors"
+
+
+def write_shard(path: str, states: torch.Tensor, context: torch.Tensor, sigmas: torch.Tensor, captions: list[str],
+                images: list[str], layout: dict) -> None:
+    meta = {"invadapter.kind": SHARD_KIND, "captions": json.dumps(captions), "images": json.dumps(images),
+            "layout": json.dumps(layout, sort_keys=True)}
+    tmp = path + ".partial"
+    save_file({"states": states.contiguous(), "context": context.contiguous(), "sigmas": sigmas.contiguous()},
+              tmp, metadata=meta)
+    os.replace(tmp, path)  # an interrupted preprocess never leaves a half shard under the real name
+
+
+@dataclass
+class Sample:
+    states: torch.Tensor   # [n+1, 4, h, w] float32
+    context: torch.Tensor  # [77, 768] float32
+    caption: str
+
+
+class ShardSet:
+    """Every shard of a cache folder, indexed by a global sample number; tensors are read lazily (memory-mapped)."""
+
+    def __init__(self, cache_dir: str):
+        if not cache_dir or not os.path.isdir(cache_dir):
+            raise DataError(f"data.cache_dir {cache_dir!r} does not exist: run `preprocess` first")
+        self.files = sorted(str(p) for p in Path(cache_dir).glob("shard-*.safetensors"))
+        if not self.files:
+            raise DataError(f"no shards in {cache_dir}: run `preprocess` first")
+        self.layout: Optional[dict] = None
+        self.index: list[tuple[int, int]] = []  # global sample -> (file number, row)
+        self.captions: list[str] = []
+        sigmas = None
+        worlds = set()
+        for number, path in enumerate(self.files):
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("invadapter.kind") != SHARD_KIND:
+                    raise DataError(f"{path} is not a training shard; remove it from {cache_dir}")
+                layout = json.loads(meta["layout"])
+                s = f.get_tensor("sigmas")
+                rows = f.get_slice("states").get_shape()[0]
+            if self.layout is None:
+                self.layout, sigmas = layout, s
+            elif layout != self.layout or not torch.equal(s, sigmas):
+                raise DataError(f"{path} was preprocessed with other settings ({layout}) than {self.files[0]} "
+                                f"({self.layout}): clear {cache_dir} and preprocess again")
+            worlds.add(Path(path).name.split("of")[1][:3])
+            self.captions += json.loads(meta["captions"])
+            self.index += [(number, row) for row in range(rows)]
+        if len(worlds) > 1:
+            raise DataError(f"{cache_dir} holds shards of preprocess runs with different process counts "
+                            f"({sorted(worlds)}): some images would be there twice; clear it and preprocess again")
+        self.sigmas = sigmas.double()
+        empty = Path(cache_dir) / EMPTY_CONTEXT_FILE
+        if not empty.is_file():
+            raise DataError(f"{empty} is missing (rank 0 of `preprocess` writes it): run `preprocess` again")
+        with safe_open(str(empty), framework="pt") as f:
+            self.empty_context = f.get_tensor("context").float()
+        self._open: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _handle(self, number: int):
+        if number not in self._open:
+            if len(self._open) > 64:  # bound the open file handles on huge data sets
+                self._open.clear()
+            self._open[number] = safe_open(self.files[number], framework="pt")
+        return self._open[number]
+
+    def __getitem__(self, i: int) -> Sample:
+        number, row = self.index[i]
+        f = self._handle(number)
+        return Sample(f.get_slice("states")[row].float(), f.get_slice("context")[row].float(), self.captions[i])
+
+
+# ------------------------------------------------------------------------------------------------ order
+class SampleOrder:
+    """Which samples each process trains on at micro-step k: a pure function of (seed, k, rank), so a resumed run
+    continues exactly where it stopped. Each epoch is a seeded permutation; process r of W takes positions
+    r, r+W, r+2W, ... so W processes with batch B see exactly what one process with batch W*B would.
+    """
+
+    def __init__(self, size: int, batch: int, rank: int, world_size: int, seed: int):
+        self.size, self.batch, self.rank, self.world = size, batch, rank, world_size
+        self.seed = seed
+        self.global_batch = batch * world_size
+        self.batches_per_epoch = size // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{size} training images are fewer than one global batch ({batch} per process x "
+                            f"{world_size} processes): lower train.batch_size or add data")
+        self._perm: tuple[int, Optional[torch.Tensor]] = (-1, None)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.size, generator=gen))
+        return self._perm[1]
+
+    def draw(self, micro_step: int) -> list[tuple[int, int]]:
+        """[(sample index, draw id)] for this process; the draw id (unique per epoch and position) seeds the
+        sample's own noise, timestep and caption dropout, independent of the number of processes."""
+        epoch, b = divmod(micro_step, self.batches_per_epoch)
+        perm = self.permutation(epoch)
+        start = b * self.global_batch
+        positions = [start + j * self.world + self.rank for j in range(self.batch)]
+        return [(int(perm[p]), epoch * self.size + p) for p in positions]
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

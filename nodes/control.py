@@ -1,0 +1,60 @@
+"""Nodes that shape how references act: several photos of one identity, per-level strengths."""
+from comfy_api.latest import io
+
+from invadapter_core.block_weights import LEVELS, PRESETS, BlockWeights
+from invadapter_core.reference import combine_references
+
+from .types import CATEGORY, BlockWeightsType, ReferenceType
+
+
+class InvAdapterCombineReferences(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InvAdapterCombineReferences",
+            display_name="Inv-Adapter Combine References",
+            category=CATEGORY,
+            description="Several encoded photos of the same person as one reference; InvAdapterApply's 'combine' "
+                        "chooses how their features mix (token concat or average).",
+            inputs=[ReferenceType.Input("reference_1"), ReferenceType.Input("reference_2"),
+                    ReferenceType.Input("reference_3", optional=True),
+                    ReferenceType.Input("reference_4", optional=True)],
+            outputs=[ReferenceType.Output(display_name="reference")],
+        )
+
+    @classmethod
+    def execute(cls, reference_1, reference_2, reference_3=None, reference_4=None) -> io.NodeOutput:
+        refs = [r for r in (reference_1, reference_2, reference_3, reference_4) if r is not None]
+        return io.NodeOutput(combine_references(refs))
+
+
+class InvAdapterBlockWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        level_inputs = []
+        for kind in ("self", "cross"):
+            for level in LEVELS:
+                level_inputs.append(io.Float.Input(f"{kind}_{level}", default=1.0, min=-2.0, max=5.0, step=0.05,
+                                                   tooltip=f"{kind}-attention EAA strength at {level} "
+                                                           f"(used when preset is 'custom')"))
+        return io.Schema(
+            node_id="InvAdapterBlockWeights",
+            display_name="Inv-Adapter Block Weights",
+            category=CATEGORY,
+            description="Per-level strengths. 'coarse' keeps the low-resolution blocks (face shape, layout), "
+                        "'fine' the high-resolution blocks (texture, skin, eyes); 'custom' uses the sliders.",
+            inputs=[io.Combo.Input("preset", options=list(PRESETS) + ["custom"], default="all")] + level_inputs,
+            outputs=[BlockWeightsType.Output(display_name="block_weights"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, preset, **levels) -> io.NodeOutput:
+        if preset == "custom":
+            weights = BlockWeights({lv: levels[f"self_{lv}"] for lv in LEVELS},
+                                   {lv: levels[f"cross_{lv}"] for lv in LEVELS})
+        else:
+            weights = BlockWeights.preset(preset)
+        return io.NodeOutput(weights, weights.describe())
+
+
+NODES = [InvAdapterCombineReferences, InvAdapterBlockWeights]

@@ -1,0 +1,93 @@
+"""InvAdapterFaceCrop: one square face crop per image of a batch (the reference image's first step).
+
+The logic lives in ``invadapter_core.face``; this node only maps widgets to it, registers the "insightface" model
+folder (``models/insightface``, plus any ``insightface:`` entry of extra_model_paths.yaml) and reports progress.
+"""
+import json
+import os
+
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from invadapter_core import face as face_core
+
+INSIGHTFACE_FOLDER = "insightface"
+# The custom type's value: a tuple of dicts, one per source image (see the `boxes_json` output for the fields).
+FaceBoxesType = io.Custom("INVADAPTER_FACE_BOXES")
+
+
+def register_insightface_folder() -> None:
+    # Appended (is_default=False): folders that extra_model_paths.yaml or another pack registered stay first.
+    folder_paths.add_model_folder_path(INSIGHTFACE_FOLDER, os.path.join(folder_paths.models_dir, "insightface"))
+
+
+register_insightface_folder()
+
+
+class InvAdapterFaceCrop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InvAdapterFaceCrop",
+            display_name="Inv-Adapter Face Crop",
+            category="InvAdapter",
+            search_aliases=["face crop", "face detect", "crop face", "insightface", "mtcnn"],
+            description="Finds a face in each image of the batch and cuts a square around it (box side times "
+                        "1 + 2 x margin), resized to the adapter's reference resolution. Detectors: InsightFace "
+                        "(antelopev2 / buffalo_l in models/insightface/models/<name>/, optional) or the built-in "
+                        "MTCNN (weights from the facenet-pytorch package). Also outputs each face's box as a mask on "
+                        "its source image and the boxes as data / JSON.",
+            inputs=[
+                io.Image.Input("image"),
+                io.Combo.Input("detector", options=list(face_core.DETECTORS), default="auto",
+                               tooltip="auto: InsightFace when the insightface package and the chosen model pack are "
+                                       "installed, otherwise MTCNN (always available)."),
+                io.Combo.Input("insightface_model", options=list(face_core.INSIGHTFACE_MODELS), default="antelopev2",
+                               tooltip="InsightFace model pack, in models/insightface/models/<name>/*.onnx."),
+                io.Combo.Input("device", options=["cpu", "gpu"], default="cpu",
+                               tooltip="gpu: ComfyUI's torch device for MTCNN, the CUDA provider for InsightFace."),
+                io.Combo.Input("face", options=list(face_core.SELECT_MODES), default="largest",
+                               tooltip="Which face to crop when an image has several."),
+                io.Int.Input("face_index", default=0, min=0, max=255,
+                             tooltip="With face = index: 0 is the leftmost face (by box centre)."),
+                io.Float.Input("margin", default=0.5, min=0.0, max=4.0, step=0.05,
+                               tooltip="Added on each side, as a fraction of the face box's longer side: the crop "
+                                       "square's side is box x (1 + 2 x margin), kept inside the image."),
+                io.Int.Input("min_face_size", default=40, min=12, max=8192,
+                             tooltip="Faces whose box is smaller than this (longer side, source pixels) are ignored."),
+                io.Int.Input("size", default=512, min=64, max=4096, step=8,
+                             tooltip="Side of the output crops (512 = the adapter's reference resolution)."),
+                io.Combo.Input("on_no_face", options=list(face_core.ON_NO_FACE), default="error",
+                               tooltip="error: stop and list the batch indices without a face. center crop: keep "
+                                       "every image, the centre square for those (a warning). skip: leave them out "
+                                       "of the crops (the mask and boxes still cover every image)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="crops"),
+                io.Mask.Output(display_name="face_mask"),
+                FaceBoxesType.Output(display_name="boxes"),
+                io.String.Output(display_name="boxes_json"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, detector, insightface_model, device, face, face_index, margin, min_face_size, size,
+                on_no_face) -> io.NodeOutput:
+        torch_device = comfy.model_management.get_torch_device() if device == "gpu" else "cpu"
+        det = face_core.get_detector(detector, insightface_roots=folder_paths.get_folder_paths(INSIGHTFACE_FOLDER),
+                                 insightface_model=insightface_model, device=torch_device)
+        total = image.shape[0] if getattr(image, "ndim", 0) == 4 else 1
+        pbar = comfy.utils.ProgressBar(total)
+        result = face_core.crop_faces(
+            image, det, size=size, margin=margin, select=face, index=face_index, min_face_size=min_face_size,
+            on_no_face=on_no_face,
+            before_image=lambda i: comfy.model_management.throw_exception_if_processing_interrupted(),
+            after_image=lambda i: pbar.update(1),
+        )
+        records = tuple(result.records)
+        return io.NodeOutput(result.crops, result.masks, records, json.dumps(list(records), indent=1))
+
+
+NODES = [InvAdapterFaceCrop]
