@@ -140,12 +140,13 @@ class Application:
     def __init__(self, adapter: InvAdapter, reference: Reference, blocks: dict[str, torch.nn.Module],
                  weight_self: float, weight_cross: float, sigma_start: float, sigma_end: float,
                  combine: str = "concat", apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
-                 block_weights: Optional[BlockWeights] = None):
+                 block_weights: Optional[BlockWeights] = None, reuse_features: bool = True):
         self.adapter, self.reference, self.blocks = adapter, reference, blocks
         self.weight_self, self.weight_cross = float(weight_self), float(weight_cross)
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.combine, self.apply_to, self.mask = combine, apply_to, mask
         self.block_weights = block_weights or BlockWeights()
+        self.reuse_features = reuse_features  # False: the paper's pipeline, a fresh reference pass at every call
         self.key = f"invadapter:{reference.uid}:{id(adapter):x}"
         self._kv_memo: tuple = (None, {})  # (features, {(kind, block): (k, v)}): shared by a step's batch chunks
         self._adapter_copies: dict = {}
@@ -160,12 +161,13 @@ class Application:
     # --- per UNet call -------------------------------------------------------------------------------------------
     def features_at(self, base_model, sigma: float, device) -> Features:
         cache = self.reference.features
-        found = cache.get(sigma, need_cross=self.uses_cross)
+        found = cache.get(sigma, need_cross=self.uses_cross) if self.reuse_features else None
         if found is None:
             x_ref = self.reference.latent_at(sigma).to(device)
             _, found = reference_pass(base_model, x_ref, sigma, self.reference.context, cross=self.uses_cross)
-            cache.put(sigma, found)
             cache.passes += 1
+            if self.reuse_features:
+                cache.put(sigma, found)
         return found
 
     def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):

@@ -12,7 +12,7 @@ from invadapter_core.comfy_model import (Application, ModelFamilyError, applicat
 from invadapter_core.ddim import ddim_step
 from invadapter_core.encode import invert_latent, prepare_images
 from invadapter_core.weights import init_from_model
-from support.models import tiny_sd15_model
+from support.models import tiny_sd15_model  # noqa: E402
 
 STEPS = 6
 
@@ -179,3 +179,19 @@ def test_images_are_validated_and_normalised():
                      (torch.rand(1, 8, 8, 2), "channels"), ("x", "IMAGE tensor")):
         with pytest.raises(ValueError, match=msg):
             prepare_images(bad, 64)
+
+
+def test_the_cache_keeps_the_inference_dtype_goes_to_the_offload_device_and_does_not_grow(model, caption):
+    import comfy.model_management as mm
+
+    ref = encode(model, caption)
+    m, _ = applied(model, ref)
+    sample(m, caption)
+    entries, size = len(ref.features.entries), ref.features.nbytes()
+    for _ in range(5):
+        sample(m, caption)
+    assert (len(ref.features.entries), ref.features.nbytes()) == (entries, size)
+    for f in ref.features.entries.values():
+        for t in f.self_attn.values():
+            assert t.dtype == model.model.get_dtype_inference()
+            assert t.device == mm.unet_offload_device()
