@@ -1,0 +1,36 @@
+"""Shared pytest fixtures (loaded by tests/conftest.py as a plugin)."""
+from __future__ import annotations
+
+import pytest
+
+from . import models
+from .server import ComfyServer
+
+CHECKPOINT = "invadapter-test-sd15-shallow.safetensors"
+CONTROLNET = "invadapter-test-controlnet-sd15-shallow.safetensors"
+LORA = "invadapter-test-lora-sd15-shallow.safetensors"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: generates or loads the full-size SD1.5 test checkpoint (deselect "
+                                       "with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def sd15_test_files() -> dict:
+    """The shallow SD1.5 checkpoint, its ControlNet and LoRA (generated once, then cached), by model folder."""
+    return models.server_models("shallow")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(sd15_test_files, tmp_path_factory):
+    """A real headless ComfyUI (subprocess) with the pack and the test models; fails if the pack didn't load."""
+    server = ComfyServer(models=sd15_test_files, base_dir=tmp_path_factory.mktemp("comfyui"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_client(comfy_server):
+    return comfy_server.client
