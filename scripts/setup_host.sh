@@ -60,7 +60,18 @@ if [ ! -f "${STAMP}" ] || [ "$(cat "${STAMP}")" != "${WANT}" ]; then
   echo "${WANT}" > "${STAMP}"
 fi
 
-# 3. Link this pack into the host's custom_nodes (skipped for a user's own ComfyUI unless asked).
+# 3. A browser for the workflow tests (Debian's chromium; playwright drives it, never downloads its own).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's chromium for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+      || log "could not install chromium: the browser tests will be skipped"
+  else
+    log "chromium not found: the browser tests will be skipped (install it with your package manager)"
+  fi
+fi
+
+# 4. Link this pack into the host's custom_nodes (skipped for a user's own ComfyUI unless asked).
 if [ -z "${COMFYUI_PATH:-}" ] || [ -n "${INVADAPTER_LINK:-}" ]; then
   LINK="${COMFY}/custom_nodes/ComfyUI-InvAdapter"
   if [ ! -e "${LINK}" ]; then ln -s "${ROOT}" "${LINK}"; fi

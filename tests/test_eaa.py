@@ -36,7 +36,7 @@ def block():
 def run_block(tb, app, step, x, text):
     options = {"patches": {"attn1_patch": [app.stash_self], "attn1_output_patch": [app.add_self],
                            "attn2_patch": [app.stash_cross], "attn2_output_patch": [app.add_cross]},
-               "block": ("input", 1), "block_index": 0, "cond_or_uncond": [0], "activations_shape": [2, DIM, 6, 6],
+               "block": ("input", 1), "block_index": 0, "cond_or_uncond": [0], "activations_shape": [2, DIM, 6, 6], "original_shape": [2, 4, 6, 6],
                app.key: step}
     return tb(x, context=text, transformer_options=options)
 

@@ -194,17 +194,19 @@ class Trainer:
         self._validate_if_due()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", disable=not (self.progress and info.is_main),
                    dynamic_ncols=True)
-        window, started, window_start = [], time.time(), time.time()
+        window, started, window_seconds = [], time.time(), 0.0  # throughput counts training steps only
         try:
             while self.step < t.max_steps:
+                step_start = time.time()
                 loss, norm = self.train_step()
+                window_seconds += time.time() - step_start
                 result.losses.append(loss)
                 window.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    self._log(bar, window, norm, time.time() - window_start, time.time() - started)
-                    window, window_start = [], time.time()
+                    self._log(bar, window, norm, window_seconds, time.time() - started)
+                    window, window_seconds = [], 0.0
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self._checkpoint()
                 self._validate_if_due()

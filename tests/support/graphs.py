@@ -1,6 +1,11 @@
 """API-format graphs (what POST /prompt takes) for plain SD1.5 runs, small enough for CPU tests."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+
 
 def sd15_txt2img(ckpt_name: str, *, seed: int = 0, steps: int = 2, cfg: float = 2.0, size: int = 64,
                  positive: str = "a photo of a face", negative: str = "blurry", prefix: str = "invadapter-test",
@@ -31,3 +36,39 @@ def sd15_txt2img(ckpt_name: str, *, seed: int = 0, steps: int = 2, cfg: float = 
     g["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}}
     g["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}}
     return g
+
+
+# Inputs replaced for the random-checkpoint smoke run, only where a node already has them (64 px, few steps: the
+# inversion and the sampler keep the same step count so the reference features are reused).
+SMOKE_INPUTS = {
+    "KSampler": {"steps": 4},
+    "InvAdapterAttentionMaps": {"steps": 4},
+    "InvAdapterEncodeReference": {"steps": 4, "resolution": 64},
+    "InvAdapterFaceCrop": {"size": 64},
+}
+# Pixel sizes and positions divided by SMOKE_SHRINK (512 px graphs become 64 px, masks keep their layout).
+SMOKE_SHRINK = 8
+SMOKE_SCALED = {"EmptyLatentImage": ("width", "height"), "SolidMask": ("width", "height"), "MaskComposite": ("x", "y")}
+
+
+def set_inputs(prompt: dict, class_type: str, values: dict, only_existing: bool = False) -> None:
+    for node in prompt.values():
+        if node.get("class_type") == class_type:
+            for key, value in values.items():
+                if key in node["inputs"] or not only_existing:
+                    node["inputs"][key] = value
+
+
+def shrink_for_smoke_run(prompt: dict) -> dict:
+    for class_type, values in SMOKE_INPUTS.items():
+        set_inputs(prompt, class_type, values, only_existing=True)
+    for node in prompt.values():
+        for key in SMOKE_SCALED.get(node["class_type"], ()):
+            node["inputs"][key] = max(node["inputs"][key] // SMOKE_SHRINK, 1 if key in ("width", "height") else 0)
+    return prompt
+
+
+def load_workflow(name: str, smoke: bool = True) -> dict:
+    """workflows/<name>_api.json, shrunk for a CPU smoke run when ``smoke``."""
+    prompt = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    return shrink_for_smoke_run(prompt) if smoke else prompt

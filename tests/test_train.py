@@ -1,0 +1,318 @@
+"""Issue 5: the trainer (`python -m invadapter_core.train`), on CPU.
+
+The training-loop properties run on the in-process tiny SD1.5-shaped UNet (fast); the text encoder and VAE come
+from the shallow random SD1.5 checkpoint. The command line runs end to end on that checkpoint, and its weights file
+goes through the real ComfyUI server (InvAdapterLoader -> Encode -> Apply -> KSampler).
+"""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import comfy.sd
+from invadapter_core.comfy_model import block_dims, model_family, reference_pass, transformer_blocks
+from invadapter_core.train.__main__ import main as cli
+from invadapter_core.train.config import Config, dump_toml, load_config
+from invadapter_core.train.data import ShardSet
+from invadapter_core.train.distributed import DistInfo
+from invadapter_core.train.loop import train
+from invadapter_core.train.model import build_adapter, count_parameters, pooling_matrix, tokens_per_block
+from invadapter_core.train.preprocess import preprocess
+from invadapter_core.weights import check_adapter_fits, load_adapter
+from support import models
+from support.fixtures import CHECKPOINT
+from support.host import python_exe
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 64  # reference resolution of every test here: 8x8 latents
+
+
+def astronaut_images(folder: Path, bad: bool = True) -> None:
+    """Three crops of skimage's astronaut with captions; with ``bad``: an unreadable file, an image without a
+    caption and a face-free noise image (with a caption)."""
+    import skimage.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    astro = skimage.data.astronaut()
+    good = {"astro-full": astro, "astro-crop": astro[20:320, 60:360], "astro-mirror": np.ascontiguousarray(astro[:, ::-1])}
+    for name, img in good.items():
+        Image.fromarray(img).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a photo of a woman, {name}\n")
+    if bad:
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        (folder / "broken.txt").write_text("a broken file")
+        Image.fromarray(astro).save(folder / "no-caption.png")
+        noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / "noise.png")
+        (folder / "noise.txt").write_text("static")
+
+
+def overrides(data: Path, cache: Path, out: Path, **extra) -> list[str]:
+    values = {"data.source": str(data), "data.cache_dir": str(cache), "train.output_dir": str(out),
+              "data.resolution": RES, "data.inversion_steps": 4, "data.shard_size": 2, "model.tokens_m": 16,
+              "train.batch_size": 2, "train.max_steps": 3, "train.log_every": 1, "train.checkpoint_every": 0,
+              "train.caption_dropout": 0.5, "validation.every": 0, "train.export_dtype": "float32"}
+    values.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are small, and on a shared 2-core machine two threads spin-wait on each
+    other (measured: a tiny-model step 0.37 s with one thread, 7 s with two under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """One tiny UNet for every test here: training leaves it bit-identical (which a test checks)."""
+    return models.tiny_sd15_model()
+
+
+@pytest.fixture(scope="module")
+def clip_vae():
+    _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(models.shallow_sd15_checkpoint()), output_vae=True,
+                                                            output_clip=True, output_model=False)
+    return clip, vae
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, clip_vae, tiny_model):
+    """Images (three good, three bad) preprocessed with the tiny UNet: (data folder, cache folder, summary)."""
+    base = tmp_path_factory.mktemp("tiny-data")
+    astronaut_images(base / "images")
+    cfg = load_config(None, overrides(base / "images", base / "cache", base / "unused"))
+    summary = preprocess(cfg, tiny_model, *clip_vae, DistInfo(), progress=False)
+    return base / "images", base / "cache", summary
+
+
+def tiny_config(tiny_data, out: Path, **extra) -> Config:
+    data, cache, _ = tiny_data
+    return load_config(None, overrides(data, cache, out, **extra))
+
+
+def adapter_tensors(adapter) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in adapter.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_help_and_config_round_trip(tmp_path):
+    done = subprocess.run([python_exe(), "-m", "invadapter_core.train", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "preprocess" in done.stdout and "torchrun" in done.stdout
+    text = dump_toml(load_config(None, ["train.max_steps=7", "optim.lr=3e-5"]))
+    (tmp_path / "c.toml").write_text(text)
+    assert tomllib.loads(text)["train"]["max_steps"] == 7
+    again = load_config(str(tmp_path / "c.toml"))
+    assert again.train.max_steps == 7 and again.optim.lr == 3e-5 and again.optim.weight_decay == 1e-2
+    (tmp_path / "bad.json").write_text(json.dumps({"train": {"max_stepz": 1}}))
+    assert cli(["config", "--config", str(tmp_path / "bad.json")]) == 2  # a typo is an error, not ignored
+
+
+def test_token_counts_match_a_real_reference_pass(tiny_model):
+    model = tiny_model
+    for res in (64, 48):
+        x = torch.randn(1, 4, res // 8, res // 8)
+        _, features = reference_pass(model.model, x, 1.0, models.text_context(), cross=True)
+        assert tokens_per_block(model, res) == {k: v.shape[1] for k, v in features.cross_attn.items()}
+
+
+def test_pooling_init_averages_tokens():
+    w = pooling_matrix(64, 16)  # 8x8 -> 4x4: 2x2 windows
+    assert torch.allclose(w.sum(1), torch.ones(16)) and w.max() == 0.25
+    assert torch.equal(pooling_matrix(4, 16).sum(0), torch.full((4,), 4.0))  # upsampling repeats each token 4 times
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_bad_items_are_reported_and_skipped(tiny_data):
+    _, cache, summary = tiny_data
+    assert summary["kept"] == 3 and summary["skipped"] == 3
+    assert summary["skip_reasons"] == {"unreadable image": 1, "no caption": 1, "no face found": 1}
+    report = [json.loads(line) for line in (cache / "report-r000.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["image"]).name for r in report) == ["broken.png", "no-caption.png", "noise.png"]
+    shards = ShardSet(str(cache))
+    assert len(shards) == 3 and all("astro" in c for c in shards.captions)
+    sample = shards[0]
+    # "simple" at 4 steps: 4 non-zero sigmas, the clean latent at the smallest, 3 inversion steps
+    assert shards.sigmas.shape == (4,) and torch.all(shards.sigmas[1:] > shards.sigmas[:-1])
+    assert sample.states.shape == (4, 4, RES // 8, RES // 8) and sample.context.shape == (77, 768)
+    assert torch.isfinite(sample.states).all()
+
+
+def test_manifest_with_bad_lines_is_reported_and_skipped(tmp_path, clip_vae, tiny_model):
+    astronaut_images(tmp_path / "img", bad=False)
+    lines = [json.dumps({"image": "img/astro-full.png", "caption": "a woman"}), "{not json",
+             json.dumps({"image": "img/missing.png", "caption": "gone"}), json.dumps({"image": "img/astro-crop.png"})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, overrides(tmp_path / "m.jsonl", tmp_path / "cache", tmp_path / "out"))
+    summary = preprocess(cfg, tiny_model, *clip_vae, DistInfo(), progress=False)
+    assert summary["kept"] == 1 and summary["skip_reasons"] == {"bad manifest line": 1, "unreadable image": 1,
+                                                                 "no caption": 1}
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_steps_change_only_the_eaa(tiny_data, tmp_path, clip_vae, tiny_model):
+    model = tiny_model
+    base_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    cfg = tiny_config(tiny_data, tmp_path, **{"validation.every": 3, "validation.steps": 2, "validation.images": 1})
+    init = adapter_tensors(build_adapter(model, RES, 16))
+    result = train(cfg, model, vae=clip_vae[1], progress=False)
+    assert result.step == 3 and len(result.losses) == 3 and all(np.isfinite(result.losses))
+    after = model.model.state_dict()
+    assert base_before.keys() == after.keys()
+    assert all(torch.equal(base_before[k], after[k]) for k in base_before), "the frozen base model changed"
+    trained = adapter_tensors(result.adapter)
+    assert trained.keys() == init.keys()
+    unchanged = [k for k in init if torch.equal(init[k], trained[k])]
+    assert unchanged == [], unchanged  # every EAA tensor moved (cross to_v started at 0, to_k via it)
+    assert result.parameters["total"] == sum(v.numel() for v in trained.values())
+    samples = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert samples == ["baseline-ref0-p0.png", "reference-0.png", "step-00000000-ref0-p0.png",
+                       "step-00000003-ref0-p0.png"]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3] and all(e["images_per_s"] > 0 for e in log)
+    loaded = load_adapter(str(result.weights))
+    check_adapter_fits(loaded, model_family(model), block_dims(transformer_blocks(model)))
+    assert torch.equal(loaded.cross_layers()["input.1.0"].to_v.weight, trained["cross_eaa.input_1_0.to_v.weight"])
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path, tiny_model):
+    straight = train(tiny_config(tiny_data, tmp_path / "a", **{"train.max_steps": 4}), tiny_model, progress=False)
+    first = train(tiny_config(tiny_data, tmp_path / "b", **{"train.max_steps": 2}), tiny_model, progress=False)
+    resumed = train(tiny_config(tiny_data, tmp_path / "b", **{"train.max_steps": 4}), tiny_model, progress=False)
+    assert first.losses == straight.losses[:2]
+    assert resumed.losses == straight.losses[2:]  # the same next losses, bit for bit
+    a, b = adapter_tensors(straight.adapter), adapter_tensors(resumed.adapter)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_hold_identical_weights_equal_to_one_process(tiny_data, tmp_path, tiny_model):
+    """torchrun, 2 CPU processes (gloo), batch 1 each == one process with batch 2 (same samples, same noise)."""
+    torchrun = Path(python_exe()).with_name("torchrun")
+    settings = tiny_config(tiny_data, tmp_path / "ddp", **{"train.batch_size": 1, "train.max_steps": 2,
+                                                           "train.checkpoint_every": 1})
+    args = [f"{s}.{k}={json.dumps(v)}" for s in ("data", "train", "model", "validation") for k, v in
+            getattr(settings, s).__dict__.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "train_ddp_worker.py"),
+                           str(tmp_path), *args], cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert logs[0]["world_size"] == 2 and logs[0]["losses"] == logs[1]["losses"]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-00000002").iterdir()) == \
+        ["COMPLETE", "adapter.safetensors", "rng-r000.pt", "rng-r001.pt", "trainer.pt"]
+    single = train(tiny_config(tiny_data, tmp_path / "one", **{"train.max_steps": 2}), tiny_model, progress=False)
+    assert np.allclose(single.losses, logs[0]["losses"], rtol=1e-4)
+    one = adapter_tensors(single.adapter)
+    # Adam's first steps are about lr * sign(g): the rare elements whose gradient is ~0 may differ by a fraction of
+    # one step, because a batch of 2 and two batches of 1 sum in another order (measured max 8e-6 with lr 1e-4)
+    for k in one:
+        diff = (one[k] - ranks[0][k]).abs()
+        assert diff.max() < 0.2 * settings.optim.lr and (diff > 1e-6).float().mean() < 1e-3, k
+
+
+# ------------------------------------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """preprocess + train through the command line on the shallow SD1.5 checkpoint (a TOML config file)."""
+    base = tmp_path_factory.mktemp("cli")
+    astronaut_images(base / "images", bad=False)
+    (base / "images" / "astro-mirror.png").unlink()  # two images keep the shallow UNet's CPU time down
+    config = f"""# relative paths are relative to this file
+[model]
+checkpoint = "{models.shallow_sd15_checkpoint()}"
+tokens_m = 16
+
+[data]
+source = "images"
+cache_dir = "cache"
+resolution = {RES}
+inversion_steps = 2
+shard_size = 2
+
+[train]
+output_dir = "run"
+batch_size = 1
+max_steps = 1
+checkpoint_every = 0
+
+[validation]
+every = 0
+"""
+    (base / "train.toml").write_text(config)
+    assert cli(["preprocess", "--config", str(base / "train.toml"), "--quiet"]) == 0
+    assert cli(["train", "--config", str(base / "train.toml"), "--quiet"]) == 0
+    return base
+
+
+def test_cli_writes_weights_for_the_checkpoint(cli_run):
+    weights = cli_run / "run" / "invadapter.safetensors"
+    adapter = load_adapter(str(weights))
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(models.shallow_sd15_checkpoint()), output_vae=False,
+                                                           output_clip=False)
+    check_adapter_fits(adapter, "SD15", block_dims(transformer_blocks(model)))
+    assert adapter.reference_resolution == RES and adapter.tokens_m == 16 and adapter.has_cross
+    assert not adapter.self_from_base
+    assert next(adapter.parameters()).dtype == torch.float16
+    assert any(layer.to_v.weight.abs().sum() > 0 for layer in adapter.cross_layers().values())  # trained from 0
+    assert count_parameters(adapter)["total"] == count_parameters(build_adapter(model, RES, 16))["total"]
+
+
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+
+
+def test_trained_weights_change_the_image_in_comfyui(cli_run, comfy_server):
+    folder = comfy_server.base / "models" / "invadapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(cli_run / "run" / "invadapter.safetensors", folder / "trained-test.safetensors")
+    client = comfy_server.client
+    face = client.upload_image(cli_run / "images" / "astro-crop.png")
+
+    def graph(weight: float) -> dict:
+        return {
+            "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+            "adapter": {"class_type": "InvAdapterLoader", "inputs": {"adapter_name": "trained-test.safetensors"}},
+            "face": {"class_type": "LoadImage", "inputs": {"image": face}},
+            "caption": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a woman", "clip": ["ckpt", 1]}},
+            "encode": {"class_type": "InvAdapterEncodeReference", "inputs": {
+                "model": ["ckpt", 0], "vae": ["ckpt", 2], "image": ["face", 0], "caption": ["caption", 0],
+                "steps": 2, "scheduler": "simple", "resolution": RES, "keep_features": True,
+                "invadapter": ["adapter", 0]}},
+            "apply": {"class_type": "InvAdapterApply", "inputs": {
+                "model": ["ckpt", 0], "invadapter": ["adapter", 0], "reference": ["encode", 0],
+                "weight_self": weight, "weight_cross": weight, "start_percent": 0.0, "end_percent": 1.0,
+                "combine": "concat", "apply_to": "cond and uncond"}},
+            "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a portrait", "clip": ["ckpt", 1]}},
+            "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+            "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": RES, "height": RES, "batch_size": 1}},
+            "sampler": {"class_type": "KSampler", "inputs": {
+                "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+                "seed": 3, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+            "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
+            "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": f"train-{weight}"}},
+        }
+
+    images = {}
+    for weight in (0.0, 1.0):
+        entry = client.run(graph(weight), timeout=600)
+        (png,) = client.images(entry["prompt_id"])
+        images[weight] = _png(png)
+    assert images[0.0].shape == images[1.0].shape == (RES, RES, 3)
+    assert np.abs(images[1.0] - images[0.0]).mean() > 1.0, "the trained adapter did not change the image"
