@@ -1,38 +1,16 @@
 """Test bootstrap: the real ComfyUI host on sys.path, CPU mode, and shared fixtures."""
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def comfyui_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).resolve()
-    marker = ROOT / ".host" / "comfyui_path"
-    if marker.exists():
-        return Path(marker.read_text().strip())
-    raise RuntimeError("ComfyUI host not found: run `make setup` (or set COMFYUI_PATH)")
-
-
-COMFYUI = comfyui_path()
-# ComfyUI first (its top-level `nodes` module must win over our `nodes/` package), then the pack root.
-for p in (str(COMFYUI), str(ROOT)):
-    if p in sys.path:
-        sys.path.remove(p)
-sys.path.insert(0, str(COMFYUI))
-sys.path.insert(1, str(ROOT))
-
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True
-comfy.cli_args.args.disable_api_nodes = True
-
 sys.path.insert(0, str(ROOT / "tests"))
+
+from support.host import import_comfy_cpu  # noqa: E402
+
+import_comfy_cpu()  # ComfyUI's top-level `nodes` module must win over our `nodes/` package
 pytest_plugins = ["support.fixtures"]
 
 

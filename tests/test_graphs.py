@@ -51,7 +51,7 @@ def test_shipped_api_workflow_runs(client, name):
     if name == "coarse_vs_fine":
         assert images[0].shape[1] > images[0].shape[0]  # the two results side by side
     if name == "attention_maps":
-        assert len(images) == 2
+        assert len(images) == 3  # the generated image and its two overlays
 
 
 def test_save_a_reference_then_generate_from_the_file(client, comfy_server):

@@ -137,6 +137,26 @@ def test_pooling_init_averages_tokens():
     assert torch.equal(pooling_matrix(4, 16).sum(0), torch.full((4,), 4.0))  # upsampling repeats each token 4 times
 
 
+def test_gradients_reach_float32_eaa_through_a_half_precision_unet():
+    """The GPU path (UNet weights in bf16/fp16, the EAA trained in float32), here on the CPU: the Application must
+    use the adapter's own parameters instead of a cast copy, or nothing would train."""
+    from invadapter_core.train.model import GenerationPass
+
+    model = models.tiny_sd15_model()
+    model.model.diffusion_model.to(torch.bfloat16)
+    model.model.diffusion_model.dtype = torch.bfloat16
+    model.model.requires_grad_(False)
+    adapter = build_adapter(model, 128, 16)  # 128 px: the middle block has 4 tokens (with 1, keys get no gradient)
+    generation = GenerationPass(adapter, model)
+    x, sigmas, context = torch.randn(2, 4, 16, 16), torch.tensor([0.5, 3.0]), models.text_context(batch=2)
+    features = generation.reference_features(x, sigmas, context)
+    assert next(iter(features.self_attn.values())).dtype == torch.bfloat16
+    denoised = generation(x, sigmas, context, features.self_attn, features.cross_attn)
+    denoised.square().mean().backward()
+    trained = {n: p for n, p in adapter.named_parameters() if "self_eaa" in n or n.endswith("to_v.weight")}
+    assert [n for n, p in trained.items() if p.dtype != torch.float32 or p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
 # ------------------------------------------------------------------------------------------------ data
 def test_bad_items_are_reported_and_skipped(tiny_data):
     _, cache, summary = tiny_data

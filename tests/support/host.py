@@ -1,22 +1,14 @@
-"""Where the ComfyUI host and its venv live, for code that runs outside pytest (scripts/demo.py) as well as in it.
-
-Mirrors tests/conftest.py: COMFYUI_PATH wins, else the path `make setup` wrote to .host/comfyui_path.
-"""
+"""Host helpers for code that runs outside pytest (scripts/demo.py) as well as in it; ComfyUI discovery itself
+lives in invadapter_core.host (shared with the trainer and the benchmark)."""
 import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
-
-def comfyui_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env).resolve()
-    marker = ROOT / ".host" / "comfyui_path"
-    if marker.exists():
-        return Path(marker.read_text().strip())
-    raise RuntimeError("ComfyUI host not found: run `make setup` (or set COMFYUI_PATH)")
+from invadapter_core.host import comfyui_path, use_comfyui  # noqa: E402,F401
 
 
 def python_exe() -> str:
@@ -27,13 +19,8 @@ def python_exe() -> str:
 
 
 def import_comfy_cpu() -> None:
-    """Put ComfyUI first on sys.path (its top-level `nodes` must win over our `nodes/`) and force CPU mode,
-    which has to happen before anything imports comfy.model_management."""
-    path = str(comfyui_path())
-    if path in sys.path:
-        sys.path.remove(path)
-    sys.path.insert(0, path)
+    """ComfyUI first on sys.path and CPU mode (before anything imports comfy.model_management)."""
+    use_comfyui(cpu=True)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
     comfy.cli_args.args.disable_api_nodes = True
