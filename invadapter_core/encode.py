@@ -15,6 +15,7 @@ import comfy.utils
 
 from .comfy_model import ModelFamilyError, model_family, reference_pass
 from .ddim import invert, inversion_sigmas
+from .images import to_rgb
 from .reference import FeatureCache, Reference
 
 log = logging.getLogger("InvAdapter")
@@ -24,20 +25,7 @@ SUPPORTED_FAMILIES = ("SD15", "SD20", "SD21UnclipL", "SD21UnclipH")  # UNets who
 def prepare_images(image: torch.Tensor, resolution: int) -> torch.Tensor:
     """IMAGE [B, H, W, C] in 0..1 -> RGB [B, res, res, 3]: centre square crop, then resize (the face crop node
     already makes square crops; this keeps any other image usable)."""
-    if not torch.is_tensor(image) or image.ndim not in (3, 4):
-        raise ValueError(f"expected an IMAGE tensor [batch, height, width, channels], got "
-                         f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}")
-    if image.ndim == 3:
-        image = image[None]
-    b, h, w, c = image.shape
-    if b == 0 or h == 0 or w == 0:
-        raise ValueError(f"the reference image is empty (shape {tuple(image.shape)}): connect a loaded face image")
-    if c not in (1, 3, 4):
-        raise ValueError(f"the reference image has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
-    if c == 1:
-        image = image.expand(b, h, w, 3)
-    elif c == 4:
-        image = image[..., :3]
+    image = to_rgb(image)
     pixels = comfy.utils.common_upscale(image.movedim(-1, 1).float(), resolution, resolution, "bicubic", "center")
     return pixels.movedim(1, -1).clamp(0.0, 1.0)
 

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import to_rgb as images_to_rgb
+
 log = logging.getLogger("InvAdapter")
 
 DETECTORS = ("auto", "insightface", "mtcnn")
@@ -311,23 +313,7 @@ def _cached(key: tuple, build: Callable[[], FaceDetector]) -> FaceDetector:
 # --------------------------------------------------------------------------------------------------- geometry
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
-    """IMAGE [B, H, W, C] (C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA) -> float32 RGB [B, H, W, 3] on the CPU."""
-    if not torch.is_tensor(images) or images.ndim not in (3, 4):
-        raise FaceCropError(f"expected an IMAGE tensor [batch, height, width, channels], got "
-                            f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}")
-    if images.ndim == 3:
-        images = images[None]
-    b, h, w, c = images.shape
-    if b == 0 or h == 0 or w == 0:
-        raise FaceCropError(f"the image batch is empty (shape {tuple(images.shape)})")
-    if c not in (1, 2, 3, 4):
-        raise FaceCropError(f"the images have {c} channels; expected 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA)")
-    images = images.detach().to("cpu", torch.float32)
-    if c in (1, 2):
-        images = images[..., :1].expand(b, h, w, 3)
-    elif c == 4:
-        images = images[..., :3]
-    return images
+    return images_to_rgb(images, error=FaceCropError)
 
 
 def resize_hwc(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -10,17 +10,15 @@ with metadata ``invadapter.kind`` = "reference", format_version, base_family, re
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import FORMAT_VERSION
 from .ddim import latent_at
+from .safetensors_io import read_checked, save_atomic
 
 META = "invadapter."
 
@@ -127,25 +125,14 @@ def save_reference(ref: Reference, path: str, with_features: bool = True) -> Non
         META + "feature_sigmas": json.dumps(feature_sigmas),
         META + "uid": ref.uid,
     }
-    tmp = path + ".partial"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_atomic(tensors, path, meta)
 
 
 def load_reference(path: str) -> Reference:
-    if not os.path.isfile(path):
-        raise ReferenceFileError(f"reference file not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise ReferenceFileError(f"reference file {path} is empty (0 bytes): save the reference again")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get(META + "kind") != "reference":
-                raise ReferenceFileError(f"{path} is not an Inv-Adapter reference (no '{META}kind=reference' "
-                                         f"metadata); save one with InvAdapterSaveReference")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ReferenceFileError(f"reference file {path} is truncated or corrupt ({e}); save it again") from None
+    tensors, meta = read_checked(path, "reference file", ReferenceFileError, "save the reference again")
+    if meta.get(META + "kind") != "reference":
+        raise ReferenceFileError(f"{path} is not an Inv-Adapter reference (no '{META}kind=reference' metadata); "
+                                 f"save one with InvAdapterSaveReference")
     if int(meta.get(META + "format_version", "0")) > FORMAT_VERSION:
         raise ReferenceFileError(f"{path} was written by a newer ComfyUI-InvAdapter: update the pack")
     try:

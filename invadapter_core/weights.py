@@ -18,12 +18,11 @@ import os
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from . import FORMAT_VERSION
 from .blocks import parse_block_name
 from .eaa import CrossEAA, InvAdapter, SelfEAA
+from .safetensors_io import read_checked, save_atomic
 
 META_PREFIX = "invadapter."
 
@@ -61,25 +60,7 @@ def save_adapter(adapter: InvAdapter, path: str, dtype: Optional[torch.dtype] = 
     tensors, meta = adapter_state(adapter)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    tmp = path + ".partial"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
-
-
-def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not os.path.isfile(path):
-        raise AdapterFileError(f"Inv-Adapter weights file not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise AdapterFileError(f"Inv-Adapter weights file {path} is empty (0 bytes): re-download or re-train it")
-    try:
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"Inv-Adapter weights file {path} is truncated or not a safetensors file ({e}); "
-                               f"re-download it or re-run the trainer's export") from None
-    return tensors, meta
+    save_atomic(tensors, path, meta)
 
 
 def adapter_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str = "") -> InvAdapter:
@@ -125,7 +106,8 @@ def adapter_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], s
 
 
 def load_adapter(path: str) -> InvAdapter:
-    tensors, meta = _read(path)
+    tensors, meta = read_checked(path, "Inv-Adapter weights file", AdapterFileError,
+                                 "re-download it or re-run the trainer's export")
     try:
         return adapter_from_state(tensors, meta, source=path)
     except KeyError as e:

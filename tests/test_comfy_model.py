@@ -12,19 +12,8 @@ from invadapter_core.comfy_model import (Application, ModelFamilyError, applicat
 from invadapter_core.ddim import ddim_step
 from invadapter_core.encode import invert_latent, prepare_images
 from invadapter_core.weights import init_from_model
-from support.models import tiny_sd15_model  # noqa: E402
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_sd15_model()
-
-
-@pytest.fixture(scope="module")
-def caption():
-    return torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(11))
 
 
 def face_latent(batch=1, seed=12):
@@ -176,7 +165,7 @@ def test_images_are_validated_and_normalised():
     assert prepare_images(torch.rand(2, 30, 50, 1), 64).shape == (2, 64, 64, 3)
     assert prepare_images(torch.rand(1, 64, 64, 4), 32).shape == (1, 32, 32, 3)
     for bad, msg in ((torch.rand(0, 64, 64, 3), "empty"), (torch.rand(1, 0, 64, 3), "empty"),
-                     (torch.rand(1, 8, 8, 2), "channels"), ("x", "IMAGE tensor")):
+                     (torch.rand(1, 8, 8, 5), "channels"), ("x", "IMAGE tensor")):
         with pytest.raises(ValueError, match=msg):
             prepare_images(bad, 64)
 

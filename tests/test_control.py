@@ -11,17 +11,6 @@ from invadapter_core.encode import invert_latent
 from invadapter_core.reference import combine_references
 from invadapter_core.weights import init_from_model
 from test_comfy_model import STEPS, face_latent, sample
-from support.models import tiny_sd15_model
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_sd15_model()
-
-
-@pytest.fixture(scope="module")
-def caption():
-    return torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(11))
 
 
 def encode(model, caption, seed=12, images=1):

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -44,7 +43,8 @@ def astronaut_images(folder: Path, bad: bool = True) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     astro = skimage.data.astronaut()
-    good = {"astro-full": astro, "astro-crop": astro[20:320, 60:360], "astro-mirror": np.ascontiguousarray(astro[:, ::-1])}
+    good = {"astro-full": astro, "astro-crop": astro[20:320, 60:360],
+            "astro-mirror": np.ascontiguousarray(astro[:, ::-1])}
     for name, img in good.items():
         Image.fromarray(img).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text(f"a photo of a woman, {name}\n")
@@ -154,7 +154,8 @@ def test_gradients_reach_float32_eaa_through_a_half_precision_unet():
     denoised = generation(x, sigmas, context, features.self_attn, features.cross_attn)
     denoised.square().mean().backward()
     trained = {n: p for n, p in adapter.named_parameters() if "self_eaa" in n or n.endswith("to_v.weight")}
-    assert [n for n, p in trained.items() if p.dtype != torch.float32 or p.grad is None or not p.grad.abs().sum() > 0] == []
+    no_gradient = [n for n, p in trained.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_gradient == [] and all(p.dtype == torch.float32 for p in trained.values())
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -228,8 +229,9 @@ def test_two_processes_hold_identical_weights_equal_to_one_process(tiny_data, tm
     args = [f"{s}.{k}={json.dumps(v)}" for s in ("data", "train", "model", "validation") for k, v in
             getattr(settings, s).__dict__.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "train_ddp_worker.py"),
-                           str(tmp_path), *args], cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    worker = str(ROOT / "tests" / "train_ddp_worker.py")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", worker, str(tmp_path), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
@@ -326,7 +328,8 @@ def test_trained_weights_change_the_image_in_comfyui(cli_run, comfy_server):
                 "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
                 "seed": 3, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
             "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
-            "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": f"train-{weight}"}},
+            "save": {"class_type": "SaveImage",
+                     "inputs": {"images": ["decode", 0], "filename_prefix": f"train-{weight}"}},
         }
 
     images = {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -66,7 +65,8 @@ def make_cropper(cfg: Config) -> Callable[[torch.Tensor], torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ encoding
 def encode_caption(clip, caption: str) -> tuple[torch.Tensor, bool]:
     """[77, 768] float32, and whether the caption was longer than one CLIP window (then cut)."""
-    context = clip.encode_from_tokens(clip.tokenize(caption))
+    with torch.no_grad():
+        context = clip.encode_from_tokens(clip.tokenize(caption))
     return context[0, :CONTEXT_TOKENS].float().cpu(), context.shape[1] > CONTEXT_TOKENS
 
 
@@ -135,7 +135,8 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     summary = {"rank": info.rank, "items": len(mine), "kept": 0, "skipped": 0, "truncated_captions": 0,
                "shards_written": 0, "shards_kept": 0}
     start = time.time()
-    bar = tqdm(total=len(mine), desc=f"preprocess r{info.rank}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(mine), desc=f"preprocess r{info.rank}", disable=not (progress and info.is_main),
+               dynamic_ncols=True)
     for shard in range((len(mine) + size - 1) // size):
         chunk = mine[shard * size:(shard + 1) * size]
         path = out / shard_name(info.rank, info.world_size, shard)

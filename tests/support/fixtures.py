@@ -34,3 +34,15 @@ def comfy_server(sd15_test_files, tmp_path_factory):
 @pytest.fixture(scope="session")
 def comfy_client(comfy_server):
     return comfy_server.client
+
+
+@pytest.fixture(scope="session")
+def model():
+    """The small in-process SD1.5-shaped ModelPatcher (tiny_sd15_model), shared by the math tests."""
+    return models.tiny_sd15_model()
+
+
+@pytest.fixture(scope="session")
+def caption():
+    """A fixed random caption context [1, 77, 768] for the tiny model."""
+    return models.text_context(seed=11)
