@@ -116,6 +116,8 @@ def main() -> int:
         t_naive, naive_ref = timed(lambda: (lambda r: (sample(apply(r, reuse=False)), r)[1])(encode(False)))
         times["naive"].append(t_naive)
         passes["naive"] = naive_ref.features.passes
+        print(f"repeat {len(times['plain'])}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()),
+              file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     entries = max(len(ref.features.entries), 1)
     per_step_mb = ref.features.nbytes() / entries / 2**20

@@ -70,6 +70,18 @@ def check_family(model, reference: Reference) -> None:
                                f"a {family} model: encode the face again with this checkpoint (InvAdapterEncodeReference)")
 
 
+def model_key(model) -> tuple:
+    """In-process identity of a model's weights: the BaseModel and its weight patches (LoRA)."""
+    return (id(model.model), model.patches_uuid)
+
+
+def warn_if_features_from_another_model(model, reference: Reference) -> None:
+    if reference.model_key is not None and reference.features.entries and reference.model_key != model_key(model):
+        log.warning("Inv-Adapter: the reference's kept features were computed with another model or LoRA than the "
+                    "one it is applied to; they are used as they are (re-encode the face with this model for "
+                    "features of its own)")
+
+
 class FeatureCapture:
     """attn1_patch / attn2_patch for a reference pass: records the block inputs, changes nothing."""
 

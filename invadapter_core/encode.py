@@ -13,7 +13,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
-from .comfy_model import ModelFamilyError, model_family, reference_pass
+from .comfy_model import ModelFamilyError, model_family, model_key, reference_pass
 from .ddim import invert, inversion_sigmas
 from .images import to_rgb
 from .reference import FeatureCache, Reference
@@ -77,4 +77,4 @@ def invert_latent(model, latent: torch.Tensor, context: torch.Tensor, steps: int
     cache.to_(comfy.model_management.unet_offload_device())
     return Reference(family=model_family(model), resolution=resolution,
                      sigmas=torch.tensor(sigmas, dtype=torch.float64), states=states.float().cpu(),
-                     context=context.cpu(), features=cache, model_key=(id(base), model.patches_uuid))
+                     context=context.cpu(), features=cache, model_key=model_key(model))

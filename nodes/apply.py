@@ -1,7 +1,7 @@
 from comfy_api.latest import io
 
 from invadapter_core.comfy_model import (APPLY_TO, COMBINE_MODES, Application, block_dims, check_family, install,
-                                         model_family, transformer_blocks)
+                                         model_family, transformer_blocks, warn_if_features_from_another_model)
 from invadapter_core.weights import check_adapter_fits
 
 from .types import CATEGORY, BlockWeightsType, InvAdapterType, ReferenceType
@@ -42,6 +42,7 @@ class InvAdapterApply(io.ComfyNode):
     def execute(cls, model, invadapter, reference, weight_self, weight_cross, start_percent, end_percent, combine,
                 apply_to, mask=None, block_weights=None) -> io.NodeOutput:
         check_family(model, reference)
+        warn_if_features_from_another_model(model, reference)
         blocks = transformer_blocks(model)
         check_adapter_fits(invadapter, model_family(model), block_dims(blocks))
         if weight_self == 0 and weight_cross == 0:
