@@ -162,6 +162,7 @@ class Application:
         self.key = f"invadapter:{reference.uid}:{id(adapter):x}"
         self._kv_memo: tuple = (None, {})  # (features, {(kind, block): (k, v)}): shared by a step's batch chunks
         self._adapter_copies: dict = {}
+        self._scales: dict = {}  # batch layout -> per-row/per-token scale (mask, cond only)
 
     @property
     def uses_cross(self) -> bool:
@@ -291,20 +292,28 @@ class Application:
         return self._adapter_copies[key]
 
     def _row_scale(self, extra_options: dict, like: torch.Tensor) -> Optional[torch.Tensor]:
-        """Per-row (and with a mask, per-token) scale: 0 for uncond rows in "cond only" mode, the mask elsewhere."""
-        chunks = extra_options.get("cond_or_uncond") or [0]
-        batch = like.shape[0]
+        """Per-row (and with a mask, per-token) scale: 0 for uncond rows in "cond only" mode, the mask elsewhere.
+        It depends only on the batch layout and the block's grid, so it is built once per layout, not per call."""
+        if self.mask is None and self.apply_to != "cond only":
+            return None
+        chunks = tuple(extra_options.get("cond_or_uncond") or [0])
+        h, w = extra_options["activations_shape"][-2:]
+        layout = (chunks, like.shape[0], h, w, like.device, like.dtype)
+        if layout not in self._scales:
+            self._scales[layout] = self._build_scale(chunks, like.shape[0], h, w, like.device, like.dtype)
+        return self._scales[layout]
+
+    def _build_scale(self, chunks, batch, h, w, device, dtype) -> Optional[torch.Tensor]:
         per_chunk = max(batch // len(chunks), 1)
         scale = None
         if self.mask is not None:
-            h, w = extra_options["activations_shape"][-2:]
-            m = torch.nn.functional.interpolate(self.mask[:, None].to(like.device, torch.float32), size=(h, w),
+            m = torch.nn.functional.interpolate(self.mask[:, None].to(device, torch.float32), size=(h, w),
                                                 mode="bilinear", align_corners=False)
             m = m.reshape(m.shape[0], h * w, 1)
             m = m.repeat((per_chunk + m.shape[0] - 1) // m.shape[0], 1, 1)[:per_chunk]
-            scale = m.repeat(len(chunks), 1, 1).to(like.dtype)
+            scale = m.repeat(len(chunks), 1, 1).to(dtype)
         if self.apply_to == "cond only" and any(c == 1 for c in chunks):
-            rows = torch.tensor([0.0 if c == 1 else 1.0 for c in chunks], device=like.device, dtype=like.dtype)
+            rows = torch.tensor([0.0 if c == 1 else 1.0 for c in chunks], device=device, dtype=dtype)
             rows = rows.repeat_interleave(per_chunk)[:, None, None]
             scale = rows if scale is None else scale * rows
         return scale

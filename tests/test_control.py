@@ -123,3 +123,25 @@ def test_attention_maps_have_the_reference_shape_and_sum_to_one(model, caption):
     assert torch.allclose(rendered.sum(dim=(1, 2)), torch.ones(2), atol=1e-4)
     (out_maps,) = recorder.output.values()
     assert out_maps[0].shape[0] == 2 and out_maps[0].ndim == 3
+
+
+def test_cond_only_leaves_the_negative_rows_untouched(model, caption):
+    ref = encode(model, caption)
+    blocks = transformer_blocks(model)
+    app = Application(init_from_model(""), ref, blocks, 1.0, 1.0, 1e9, 0.0, apply_to="cond only")
+    name, tb = next(iter(blocks.items()))
+    n = torch.randn(4, 64, tb.attn1.to_q.in_features)
+    features = ref.features.get(ref.features.sigmas()[0])
+    for layout in ([0, 1], [1, 0]):
+        opts = {"block": ("input", int(name.split(".")[1])), "block_index": 0, "cond_or_uncond": layout,
+                "activations_shape": [4, 0, 8, 8], "original_shape": [4, 4, 8, 8], "n_heads": tb.attn1.heads,
+                app.key: Step(0.5, features)}
+        app.stash_self(n, n, n, opts)
+        delta = app.add_self(torch.zeros_like(n), opts)
+        uncond = slice(2, 4) if layout == [0, 1] else slice(0, 2)
+        cond = slice(0, 2) if layout == [0, 1] else slice(2, 4)
+        assert delta[uncond].abs().max() == 0 and delta[cond].abs().max() > 0
+    both = apply(model, ref)
+    cond_only = apply(model, ref, apply_to="cond only")
+    assert torch.equal(sample(cond_only, caption, cfg=1.0), sample(both, caption, cfg=1.0))  # no negative pass
+    assert not torch.equal(sample(cond_only, caption), sample(both, caption))
