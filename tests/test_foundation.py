@@ -159,3 +159,22 @@ def test_shallow_checkpoint_is_sd15_with_a_matching_lora_and_controlnet(caplog):
 @pytest.mark.slow
 def test_full_checkpoint_is_standard_sd15():
     _load_and_check(models.full_sd15_checkpoint(), n_transformer_blocks=16)
+
+
+# ---------------------------------------------------------------- packaging
+def test_registry_metadata_matches_the_runtime_requirements():
+    """pyproject.toml (Comfy Registry) declares exactly requirements.txt, pins no torch, and ships the web folder."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    lines = [line.split("#")[0].strip() for line in (root / "requirements.txt").read_text().splitlines()]
+    assert sorted(meta["project"]["dependencies"]) == sorted(line for line in lines if line)
+    assert not any(d.split("=")[0].split(">")[0].strip() in ("torch", "torchvision", "torchaudio")
+                   for d in meta["project"]["dependencies"]), "the host owns torch"
+    comfy = meta["tool"]["comfy"]
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(comfy)
+    for folder in comfy["includes"]:
+        assert (root / folder).is_dir(), folder
+    assert (root / meta["project"]["license"]["file"]).is_file()

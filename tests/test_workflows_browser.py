@@ -26,6 +26,9 @@ def page(comfy_server):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run", "--disable-quic"])
         page = browser.new_page()
+        page.errors = []  # uncaught errors and console errors, for the extension test
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
         page.goto(comfy_server.url, timeout=180_000)
         page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=180_000)
         yield page
@@ -53,3 +56,42 @@ def test_ui_workflow_loads_in_the_browser_and_matches_its_api_twin(page, ui_file
     assert result["missing"] == []
     api = json.loads(ui_file.with_name(ui_file.name.replace("_ui.json", "_api.json")).read_text())
     assert strip(result["output"]) == strip(api)
+
+
+def test_frontend_extension_colours_links_and_hides_unused_sliders(page, comfy_server):
+    """web/js/invadapter.js is served and loaded; the block-weight sliders show only for preset 'custom', and hiding
+    them changes nothing in the prompt the graph produces."""
+    import requests
+
+    served = requests.get(f"{comfy_server.url}/extensions/ComfyUI-InvAdapter/js/invadapter.js", timeout=30)
+    assert served.status_code == 200 and "registerExtension" in served.text
+    result = page.evaluate("""async () => {
+        const app = window.app;
+        await app.loadGraphData({nodes: [], links: [], version: 0.4});  // an empty graph
+        const names = app.extensions.map(e => e.name);
+        const node = window.LiteGraph.createNode("InvAdapterBlockWeights");
+        app.graph.add(node);
+        const sliders = () => node.widgets.filter(w => /^(self|cross)_/.test(w.name));
+        const hidden = () => sliders().map(w => !!w.hidden);
+        const heightAll = node.size[1];
+        const atStart = hidden();
+        const preset = node.widgets.find(w => w.name === "preset");
+        preset.value = "custom";
+        preset.callback(preset.value);
+        const custom = hidden();
+        const heightCustom = node.size[1];
+        const prompt = await app.graphToPrompt();
+        preset.value = "fine";
+        preset.callback(preset.value);
+        const colors = app.canvas.default_connection_color_byType;
+        return {names, count: sliders().length, atStart, custom, back: hidden(), heightAll, heightCustom,
+                inputs: Object.values(prompt.output)[0].inputs,
+                color: colors["INVADAPTER_REFERENCE"]};
+    }""")
+    assert "InvAdapter.Frontend" in result["names"], page.errors
+    assert not [e for e in page.errors if "invadapter" in e.lower()]
+    assert result["count"] == 14
+    assert all(result["atStart"]) and not any(result["custom"]) and all(result["back"])
+    assert result["heightCustom"] > result["heightAll"]
+    assert len(result["inputs"]) == 15, "hidden sliders must still reach the prompt"
+    assert result["color"] == "#F4A261"
