@@ -193,10 +193,12 @@ class Application:
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
+        self.reference.features.start_run()
         try:
             return executor(*args, **kwargs)
         finally:
             self._kv_memo = (None, {})
+            self.reference.features.end_run()
             offload = comfy.model_management.unet_offload_device()
             self.reference.features.to_(offload)  # the cache waits on the offload device between runs
 

@@ -70,7 +70,7 @@ def invert_latent(model, latent: torch.Tensor, context: torch.Tensor, steps: int
         comfy.model_management.throw_exception_if_processing_interrupted()
         denoised, features = reference_pass(base, x, sigma, context, cross)
         if keep_features:
-            cache.put(sigma, features)
+            cache.put(sigma, features, pin=True)
         return denoised
 
     states = invert(denoise, x0, sigmas, on_step=lambda i, x: progress.update(1))

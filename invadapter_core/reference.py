@@ -43,12 +43,21 @@ class Features:
 
 
 class FeatureCache:
-    """Features per sigma, matched with a relative tolerance (sigmas pass through float32 tensors)."""
+    """Features per sigma, matched with a relative tolerance (sigmas pass through float32 tensors).
+
+    Entries put with ``pin=True`` (the inversion's sigmas, a saved file's) live as long as the reference. Entries a
+    generation adds (sigmas off the inversion schedule: another step count, heun's midpoints, sigma_max) are kept
+    while sampling runs use them: ``end_run`` drops those the run just ended did not touch, so changing steps or
+    sampler never piles up features, and repeating the same settings never recomputes any.
+    """
 
     def __init__(self, rel_tol: float = 1e-5):
         self.rel_tol = rel_tol
         self.entries: dict[float, Features] = {}
+        self.pinned: set[float] = set()
         self.passes = 0  # reference UNet passes that produced entries (tests and the benchmark read it)
+        self._run = 0  # sampling-run counter: the run in which each unpinned entry was last used
+        self._last_used: dict[float, int] = {}
 
     def _match(self, sigma: float) -> Optional[float]:
         for s in self.entries:
@@ -63,11 +72,27 @@ class FeatureCache:
         found = self.entries[s]
         if need_cross and found.cross_attn is None:
             return None
+        self._last_used[s] = self._run
         return found
 
-    def put(self, sigma: float, features: Features) -> None:
+    def put(self, sigma: float, features: Features, pin: bool = False) -> None:
         s = self._match(sigma)
-        self.entries[s if s is not None else float(sigma)] = features
+        s = s if s is not None else float(sigma)
+        self.entries[s] = features
+        self._last_used[s] = self._run
+        if pin:
+            self.pinned.add(s)
+
+    def start_run(self) -> None:
+        self._run += 1
+
+    def end_run(self) -> None:
+        """Drop the unpinned entries the current run did not use (several applications of one reference in one
+        run all start it before any of them uses an entry, so none prunes another's)."""
+        for s in list(self.entries):
+            if s not in self.pinned and self._last_used.get(s, -1) < self._run:
+                del self.entries[s]
+                self._last_used.pop(s, None)
 
     def sigmas(self) -> list[float]:
         return sorted(self.entries)
@@ -141,7 +166,7 @@ def load_reference(path: str) -> Reference:
             prefix = f"features.{i}."
             self_attn = {k[len(prefix) + 5:]: v for k, v in tensors.items() if k.startswith(prefix + "self.")}
             cross = {k[len(prefix) + 6:]: v for k, v in tensors.items() if k.startswith(prefix + "cross.")}
-            cache.put(float(s), Features(self_attn, cross or None))
+            cache.put(float(s), Features(self_attn, cross or None), pin=True)
         return Reference(family=meta[META + "base_family"], resolution=tuple(json.loads(meta[META + "resolution"])),
                          sigmas=tensors["trajectory.sigmas"], states=tensors["trajectory.states"],
                          context=tensors["caption.context"], features=cache, uid=meta.get(META + "uid", uuid.uuid4().hex))
@@ -185,6 +210,6 @@ def combine_references(refs: list[Reference]) -> Reference:
         if all(f.cross_attn is not None for f in found):
             cross = {k: torch.cat([f.cross_attn[k].to(found[0].cross_attn[k].device) for f in found])
                      for k in found[0].cross_attn}
-        cache.put(s, Features(self_attn, cross))
+        cache.put(s, Features(self_attn, cross), pin=True)
     return Reference(first.family, first.resolution, first.sigmas, torch.cat([r.states for r in refs], dim=1),
                      context, cache)

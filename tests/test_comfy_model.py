@@ -58,6 +58,31 @@ def test_features_from_the_inversion_are_reused_and_a_second_run_costs_no_pass(m
     assert ref.features.passes == 1 and torch.equal(first, second)
 
 
+def test_changing_steps_does_not_pile_up_features_and_repeating_recomputes_none(model, caption):
+    ref = encode(model, caption)
+    pinned = set(ref.features.pinned)
+    assert pinned == set(ref.features.entries)  # everything the inversion captured stays for good
+    m, _ = applied(model, ref)
+    for steps in (4, 5, 7, 9, 9):
+        passes = ref.features.passes
+        sample(m, caption, steps=steps)
+        extra = set(ref.features.entries) - pinned
+        assert pinned <= set(ref.features.entries)
+        assert len(extra) <= steps, "features of earlier runs' sigmas were kept"
+    assert ref.features.passes == passes, "the same settings again recomputed features"
+
+
+def test_two_applications_of_one_reference_in_one_run_keep_each_others_features(model, caption):
+    ref = encode(model, caption)
+    m, _ = applied(model, ref)
+    m, _ = applied(m, ref, 0.5)  # another adapter object: a second application, not a replacement
+    assert len(applications(m)) == 2
+    sample(m, caption, steps=4)
+    passes = ref.features.passes
+    sample(m, caption, steps=4)
+    assert ref.features.passes == passes
+
+
 def test_one_reference_pass_per_sigma_however_many_batch_chunks(model, caption):
     ref = encode(model, caption, keep=False)
     m, _ = applied(model, ref)
