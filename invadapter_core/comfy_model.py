@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+import comfy.cli_args
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 import comfy.patcher_extension as ext
@@ -37,6 +38,18 @@ APPLY_TO = ("cond and uncond", "cond only")
 
 class ModelFamilyError(ValueError):
     """A model of a family the reference or the adapter was not made for."""
+
+
+def eaa_attention(device: torch.device):
+    """The attention kernel for the EAA term: ComfyUI's own choice (SDPA, xformers, sage, ... as the user set it),
+    except where ComfyUI only fell back to chunked sub-quadratic attention because the device is the CPU and no
+    flag chose: there torch's SDPA (which has a memory-efficient CPU kernel) was 3x faster on the reference
+    attention's shapes (benchmarks/overhead.py)."""
+    args = comfy.cli_args.args
+    chosen = args.use_split_cross_attention or args.use_quad_cross_attention
+    if device.type == "cpu" and not chosen and comfy_attention.optimized_attention is comfy_attention.attention_sub_quad:
+        return comfy_attention.attention_pytorch
+    return comfy_attention.optimized_attention
 
 
 def model_family(model) -> str:
@@ -248,7 +261,7 @@ class Application:
             return out
         attn = self.blocks[name].attn1 if kind == "self" else self.blocks[name].attn2
         q = attn.to_q(n)
-        e = reference_attention(q, kv[0], kv[1], extra_options["n_heads"], comfy_attention.optimized_attention)
+        e = reference_attention(q, kv[0], kv[1], extra_options["n_heads"], eaa_attention(q.device))
         delta = output_projection_delta(attn.to_out, e)
         scale = self._row_scale(extra_options, delta)
         delta = delta * (weight if scale is None else weight * scale)

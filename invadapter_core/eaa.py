@@ -41,9 +41,12 @@ def reference_attention(q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tenso
                         attention: Attention = sdpa_attention) -> torch.Tensor:
     """E = softmax(q k_ref^T / sqrt(d)) v_ref, with the reference keys/values shared over the batch."""
     b = q.shape[0]
-    k_ref = match_batch(k_ref.to(q.dtype), b).contiguous()
-    v_ref = match_batch(v_ref.to(q.dtype), b).contiguous()
-    return attention(q, k_ref, v_ref, heads)
+    k_ref, v_ref = k_ref.to(q.dtype), v_ref.to(q.dtype)
+    if k_ref.shape[0] == 1 and b > 1:
+        # One reference for every sample: attention is row-wise in the queries, so the batch folds into the query
+        # tokens (one call, larger matrix products, no per-sample copies of K/V).
+        return attention(q.reshape(1, -1, q.shape[-1]), k_ref, v_ref, heads).reshape(q.shape)
+    return attention(q, match_batch(k_ref, b).contiguous(), match_batch(v_ref, b).contiguous(), heads)
 
 
 def output_projection_delta(to_out: nn.Module, e: torch.Tensor) -> torch.Tensor:

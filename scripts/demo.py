@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--workflow", type=Path, default=WORKFLOW, help="API-format workflow JSON")
     parser.add_argument("--image", type=Path, help=f"input image for LoadImage (default: {INPUT_IMAGE.name})")
     parser.add_argument("--checkpoint", type=Path, help="SD1.5 checkpoint file (default: the random test one)")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help=f"where the image goes (default: {OUT_DIR})")
     args = parser.parse_args()
 
     host.import_comfy_cpu()  # only used if the test checkpoint has to be generated
@@ -58,10 +59,10 @@ def main() -> int:
     if not images:
         print("the workflow produced no image (does it end in SaveImage?)", file=sys.stderr)
         return 1
-    OUT_DIR.mkdir(exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, data in enumerate(images):
-        path = OUT_DIR / (f"demo_{i}.png" if len(images) > 1 else "demo.png")
+        path = args.out_dir / (f"demo_{i}.png" if len(images) > 1 else "demo.png")
         path.write_bytes(data)
         paths.append(path)
     for path in paths:

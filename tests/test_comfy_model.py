@@ -209,3 +209,18 @@ def test_the_cache_keeps_the_inference_dtype_goes_to_the_offload_device_and_does
         for t in f.self_attn.values():
             assert t.dtype == model.model.get_dtype_inference()
             assert t.device == mm.unet_offload_device()
+
+
+def test_eaa_attention_follows_comfyui_except_its_implicit_cpu_fallback(monkeypatch):
+    import comfy.cli_args
+    import comfy.ldm.modules.attention as ca
+    from invadapter_core.comfy_model import eaa_attention
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(ca, "optimized_attention", ca.attention_sub_quad)
+    assert eaa_attention(cpu) is ca.attention_pytorch  # ComfyUI's no-flag CPU default is replaced
+    assert eaa_attention(gpu) is ca.attention_sub_quad  # elsewhere ComfyUI's choice stands
+    monkeypatch.setattr(comfy.cli_args.args, "use_quad_cross_attention", True)
+    assert eaa_attention(cpu) is ca.attention_sub_quad  # a user's explicit choice stands everywhere
+    monkeypatch.setattr(ca, "optimized_attention", ca.attention_pytorch)
+    assert eaa_attention(gpu) is ca.attention_pytorch

@@ -178,3 +178,21 @@ def test_registry_metadata_matches_the_runtime_requirements():
     for folder in comfy["includes"]:
         assert (root / folder).is_dir(), folder
     assert (root / meta["project"]["license"]["file"]).is_file()
+
+
+# ---------------------------------------------------------------- the demo (`make demo` = setup + this script)
+def test_demo_runs_the_shipped_workflow_and_ends_with_the_image_path(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from support import host
+
+    done = subprocess.run([host.python_exe(), str(host.ROOT / "scripts" / "demo.py"), "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, cwd=host.ROOT)
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert "workflows/basic_api.json" in done.stderr  # the shipped face crop -> reference -> generation graph
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("Output image: "), done.stdout
+    path = Path(last[len("Output image: "):])
+    assert path.parent == tmp_path and path.is_file()
+    assert png_array(path.read_bytes()).shape == (64, 64, 3)
