@@ -1,0 +1,27 @@
+"""benchmarks/overhead.py runs end to end and prints the JSON line the performance issue specifies (a tiny run on the
+shallow checkpoint: this checks the script and its bookkeeping, not the timings)."""
+import json
+import subprocess
+
+from support import host, models
+
+KEYS = {"plain_s", "cold_s", "warm_s", "naive_s", "ratio_cold", "ratio_warm", "ratio_naive", "encode_s",
+        "ref_cache_mb", "ref_cache_mb_per_step_512_fp16_formula", "peak_rss_mb", "rss_first_mb", "rss_last_mb",
+        "reference_passes", "settings"}
+
+
+def test_overhead_benchmark_prints_its_json_line():
+    cmd = [host.python_exe(), str(host.ROOT / "benchmarks" / "overhead.py"),
+           "--checkpoint", str(models.shallow_sd15_checkpoint()), "--size", "64", "--ref-size", "64",
+           "--steps", "3", "--repeats", "1", "--rss-runs", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=host.ROOT)
+    assert done.returncode == 0, done.stderr[-6000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(result), KEYS - set(result)
+    # warm reuses every feature; naive recomputes one per step; cold adds only sigma_max to the inversion's
+    assert result["reference_passes"] == {"cold": 1, "warm": 0, "naive": 3}
+    assert 0 < result["encode_s"] < result["cold_s"]
+    assert result["settings"]["steps"] == 3 and result["settings"]["cfg"] == 7.0
+    # the cache formula at 512 px in half precision, for the shallow UNet's 10 blocks (3 per resolution + middle):
+    # 2 B x (3*4096*320 + 3*1024*640 + 3*256*1280 + 64*1280) = 13.28 MiB (the full UNet's 16 blocks: 22.03 MiB)
+    assert result["ref_cache_mb_per_step_512_fp16_formula"] == 13.28
