@@ -14,18 +14,25 @@ class InvAdapterApply(io.ComfyNode):
             node_id="InvAdapterApply",
             display_name="Inv-Adapter Apply",
             category=CATEGORY,
+            search_aliases=["identity", "face id", "faceid", "likeness", "instantid", "pulid", "ipadapter",
+                            "face swap", "reference", "character consistency", "same face", "inv-adapter"],
             description="Injects the reference's diffusion features into the model's self- and cross-attention "
                         "through the Embedded Attention Adapter. Chain several for several identities (with masks).",
             inputs=[
-                io.Model.Input("model"),
-                InvAdapterType.Input("invadapter"),
-                ReferenceType.Input("reference"),
+                io.Model.Input("model", tooltip="The model to sample with (LoRA and other patches may be on it)."),
+                InvAdapterType.Input("invadapter", tooltip="The adapter from Inv-Adapter Loader."),
+                ReferenceType.Input("reference",
+                                    tooltip="The identity: from Encode Reference, Load Reference or Combine "
+                                            "References."),
                 io.Float.Input("weight_self", default=1.0, min=-2.0, max=5.0, step=0.05,
                                tooltip="lambda_s: strength of the self-attention EAA (identity detail)."),
                 io.Float.Input("weight_cross", default=1.0, min=-2.0, max=5.0, step=0.05,
                                tooltip="lambda_c: strength of the cross-attention EAA (needs trained weights)."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Where in sampling the adapter starts acting (0 = the first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Where it stops (1 = the last step); outside the range the model is "
+                                       "untouched."),
                 io.Combo.Input("combine", options=list(COMBINE_MODES), default="concat",
                                tooltip="Several reference photos: concatenate their tokens, or average them."),
                 io.Combo.Input("apply_to", options=list(APPLY_TO), default="cond and uncond",
@@ -35,7 +42,7 @@ class InvAdapterApply(io.ComfyNode):
                 BlockWeightsType.Input("block_weights", optional=True,
                                        tooltip="Per-level strengths from InvAdapterBlockWeights (coarse/fine)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model with the identity applied: connect it to KSampler.")],
         )
 
     @classmethod

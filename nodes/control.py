@@ -14,12 +14,18 @@ class InvAdapterCombineReferences(io.ComfyNode):
             node_id="InvAdapterCombineReferences",
             display_name="Inv-Adapter Combine References",
             category=CATEGORY,
+            search_aliases=["combine references", "multiple photos", "several photos", "merge identity",
+                            "average faces", "identity", "inv-adapter"],
             description="Several encoded photos of the same person as one reference; InvAdapterApply's 'combine' "
                         "chooses how their features mix (token concat or average).",
-            inputs=[ReferenceType.Input("reference_1"), ReferenceType.Input("reference_2"),
-                    ReferenceType.Input("reference_3", optional=True),
-                    ReferenceType.Input("reference_4", optional=True)],
-            outputs=[ReferenceType.Output(display_name="reference")],
+            inputs=[ReferenceType.Input("reference_1", tooltip="A reference of the person."),
+                    ReferenceType.Input("reference_2", tooltip="Another photo of the same person, encoded the "
+                                                               "same way (model, resolution, steps)."),
+                    ReferenceType.Input("reference_3", optional=True, tooltip="Optional third photo."),
+                    ReferenceType.Input("reference_4", optional=True, tooltip="Optional fourth photo.")],
+            outputs=[ReferenceType.Output(display_name="reference",
+                                          tooltip="One reference holding every photo: connect to Inv-Adapter "
+                                                  "Apply.")],
         )
 
     @classmethod
@@ -41,10 +47,16 @@ class InvAdapterBlockWeights(io.ComfyNode):
             node_id="InvAdapterBlockWeights",
             display_name="Inv-Adapter Block Weights",
             category=CATEGORY,
+            search_aliases=["block weights", "coarse", "fine", "layer weights", "unet levels", "identity strength",
+                            "inv-adapter"],
             description="Per-level strengths. 'coarse' keeps the low-resolution blocks (face shape, layout), "
                         "'fine' the high-resolution blocks (texture, skin, eyes); 'custom' uses the sliders.",
-            inputs=[io.Combo.Input("preset", options=list(PRESETS) + ["custom"], default="all")] + level_inputs,
-            outputs=[BlockWeightsType.Output(display_name="block_weights"), io.String.Output(display_name="summary")],
+            inputs=[io.Combo.Input("preset", options=list(PRESETS) + ["custom"], default="all",
+                                   tooltip="all: every level at 1. coarse: face shape and layout. fine: texture, "
+                                           "skin, eyes. custom: the sliders below.")] + level_inputs,
+            outputs=[BlockWeightsType.Output(display_name="block_weights",
+                                             tooltip="Connect to Inv-Adapter Apply's block_weights."),
+                     io.String.Output(display_name="summary", tooltip="The strengths per level, as text.")],
         )
 
     @classmethod

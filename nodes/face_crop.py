@@ -33,14 +33,15 @@ class InvAdapterFaceCrop(io.ComfyNode):
             node_id="InvAdapterFaceCrop",
             display_name="Inv-Adapter Face Crop",
             category="InvAdapter",
-            search_aliases=["face crop", "face detect", "crop face", "insightface", "mtcnn"],
+            search_aliases=["face crop", "face detect", "crop face", "insightface", "mtcnn", "face", "identity",
+                            "face id", "face swap", "inv-adapter"],
             description="Finds a face in each image of the batch and cuts a square around it (box side times "
                         "1 + 2 x margin), resized to the adapter's reference resolution. Detectors: InsightFace "
                         "(antelopev2 / buffalo_l in models/insightface/models/<name>/, optional) or the built-in "
                         "MTCNN (weights from the facenet-pytorch package). Also outputs each face's box as a mask on "
                         "its source image and the boxes as data / JSON.",
             inputs=[
-                io.Image.Input("image"),
+                io.Image.Input("image", tooltip="Photo(s) with a face: each image of the batch gives one crop."),
                 io.Combo.Input("detector", options=list(face_core.DETECTORS), default="auto",
                                tooltip="auto: InsightFace when the insightface package and the chosen model pack are "
                                        "installed, otherwise MTCNN (always available)."),
@@ -65,10 +66,12 @@ class InvAdapterFaceCrop(io.ComfyNode):
                                        "of the crops (the mask and boxes still cover every image)."),
             ],
             outputs=[
-                io.Image.Output(display_name="crops"),
-                io.Mask.Output(display_name="face_mask"),
-                FaceBoxesType.Output(display_name="boxes"),
-                io.String.Output(display_name="boxes_json"),
+                io.Image.Output(display_name="crops",
+                                tooltip="One square face crop per image: connect to Encode Reference's image."),
+                io.Mask.Output(display_name="face_mask", tooltip="Each face's box as a mask on its source image."),
+                FaceBoxesType.Output(display_name="boxes", tooltip="The face boxes as data, one per source image."),
+                io.String.Output(display_name="boxes_json",
+                                 tooltip="The same boxes as JSON text (box, score, crop square, detector)."),
             ],
         )
 

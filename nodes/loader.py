@@ -16,13 +16,17 @@ class InvAdapterLoader(io.ComfyNode):
             node_id="InvAdapterLoader",
             display_name="Inv-Adapter Loader",
             category=CATEGORY,
+            search_aliases=["load adapter", "identity", "face id", "faceid", "instantid", "pulid", "ipadapter",
+                            "eaa", "inv-adapter"],
             description="Loads Embedded Attention Adapter weights from models/invadapter, or the training-free "
                         "default that reuses the model's own self-attention projections.",
             inputs=[io.Combo.Input("adapter_name",
                                    options=[INIT_FROM_MODEL] + folder_paths.get_filename_list(folders.ADAPTERS),
                                    default=INIT_FROM_MODEL,
                                    tooltip="A .safetensors file in models/invadapter, or 'init from model'.")],
-            outputs=[InvAdapterType.Output(display_name="invadapter")],
+            outputs=[InvAdapterType.Output(display_name="invadapter",
+                                           tooltip="The adapter: connect to Inv-Adapter Apply (and optionally "
+                                                   "Encode Reference).")],
         )
 
     @classmethod

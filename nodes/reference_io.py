@@ -17,16 +17,21 @@ class InvAdapterSaveReference(io.ComfyNode):
             node_id="InvAdapterSaveReference",
             display_name="Inv-Adapter Save Reference",
             category=CATEGORY,
+            search_aliases=["save identity", "save reference", "save face", "identity", "reference",
+                            "inv-adapter"],
             description="Saves an encoded identity (trajectory, caption, features) to models/invadapter_references "
                         "so later graphs can use it without inverting again.",
             inputs=[
-                ReferenceType.Input("reference"),
-                io.String.Input("name", default="identity"),
+                ReferenceType.Input("reference", tooltip="The identity to save (from Encode Reference)."),
+                io.String.Input("name", default="identity",
+                                tooltip="File name in models/invadapter_references (.safetensors is added)."),
                 io.Boolean.Input("with_features", default=True,
                                  tooltip="Store the captured features too (bigger file, no recomputation)."),
-                io.Boolean.Input("overwrite", default=False),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace a file of the same name (otherwise the node stops with an error)."),
             ],
-            outputs=[ReferenceType.Output(display_name="reference"), io.String.Output(display_name="path")],
+            outputs=[ReferenceType.Output(display_name="reference", tooltip="The same reference, passed through."),
+                     io.String.Output(display_name="path", tooltip="Where the file was written.")],
             is_output_node=True,
         )
 
@@ -51,8 +56,14 @@ class InvAdapterLoadReference(io.ComfyNode):
             node_id="InvAdapterLoadReference",
             display_name="Inv-Adapter Load Reference",
             category=CATEGORY,
-            inputs=[io.Combo.Input("reference_name", options=folder_paths.get_filename_list(folders.REFERENCES))],
-            outputs=[ReferenceType.Output(display_name="reference")],
+            search_aliases=["load identity", "load reference", "load face", "identity", "reference",
+                            "inv-adapter"],
+            description="Loads an identity saved by Inv-Adapter Save Reference from models/invadapter_references: "
+                        "no face photo and no inversion needed. Use the same model family it was encoded with.",
+            inputs=[io.Combo.Input("reference_name", options=folder_paths.get_filename_list(folders.REFERENCES),
+                                   tooltip="A file in models/invadapter_references (written by Save Reference).")],
+            outputs=[ReferenceType.Output(display_name="reference",
+                                          tooltip="The identity: connect to Inv-Adapter Apply.")],
         )
 
     @classmethod
