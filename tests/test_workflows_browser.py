@@ -1,38 +1,12 @@
 """Every shipped UI workflow loads in the real ComfyUI frontend (headless Chromium) with no missing node, and
 the frontend turns it into exactly the shipped API workflow."""
 import json
-import os
-import shutil
 
 import pytest
 
 from support.graphs import WORKFLOWS
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-REQUIRED = os.environ.get("INVADAPTER_REQUIRE_BROWSER") == "1"
 UI_FILES = sorted(WORKFLOWS.glob("*_ui.json"))
-
-
-@pytest.fixture(scope="module")
-def page(comfy_server):
-    if CHROMIUM is None:
-        if REQUIRED:
-            pytest.fail("chromium is not installed (make setup installs it as root: apt-get install chromium)")
-        pytest.skip("chromium is not installed: `apt-get install chromium` to run the browser tests")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        page = browser.new_page()
-        page.errors = []  # uncaught errors and console errors, for the extension test
-        page.on("pageerror", lambda e: page.errors.append(str(e)))
-        page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
-        page.goto(comfy_server.url, timeout=180_000)
-        page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=180_000)
-        yield page
-        browser.close()
 
 
 def strip(prompt: dict) -> dict:
@@ -45,8 +19,8 @@ def test_every_api_workflow_has_a_ui_twin():
 
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
-def test_ui_workflow_loads_in_the_browser_and_matches_its_api_twin(page, ui_file):
-    result = page.evaluate("""async (workflow) => {
+def test_ui_workflow_loads_in_the_browser_and_matches_its_api_twin(frontend, ui_file):
+    result = frontend.evaluate("""async (workflow) => {
         await window.app.loadGraphData(workflow);
         const graph = window.app.graph;
         const missing = graph._nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type);
@@ -58,14 +32,14 @@ def test_ui_workflow_loads_in_the_browser_and_matches_its_api_twin(page, ui_file
     assert strip(result["output"]) == strip(api)
 
 
-def test_frontend_extension_colours_links_and_hides_unused_sliders(page, comfy_server):
+def test_frontend_extension_colours_links_and_hides_unused_sliders(frontend, comfy_server):
     """web/js/invadapter.js is served and loaded; the block-weight sliders show only for preset 'custom', and hiding
     them changes nothing in the prompt the graph produces."""
     import requests
 
     served = requests.get(f"{comfy_server.url}/extensions/ComfyUI-InvAdapter/js/invadapter.js", timeout=30)
     assert served.status_code == 200 and "registerExtension" in served.text
-    result = page.evaluate("""async () => {
+    result = frontend.evaluate("""async () => {
         const app = window.app;
         await app.loadGraphData({nodes: [], links: [], version: 0.4});  // an empty graph
         const names = app.extensions.map(e => e.name);
@@ -88,8 +62,8 @@ def test_frontend_extension_colours_links_and_hides_unused_sliders(page, comfy_s
                 inputs: Object.values(prompt.output)[0].inputs,
                 color: colors["INVADAPTER_REFERENCE"]};
     }""")
-    assert "InvAdapter.Frontend" in result["names"], page.errors
-    assert not [e for e in page.errors if "invadapter" in e.lower()]
+    assert "InvAdapter.Frontend" in result["names"], frontend.errors
+    assert not [e for e in frontend.errors if "invadapter" in e.lower()]
     assert result["count"] == 14
     assert all(result["atStart"]) and not any(result["custom"]) and all(result["back"])
     assert result["heightCustom"] > result["heightAll"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from . import models
+from . import browser, models
 from .server import ComfyServer
 
 CHECKPOINT = "invadapter-test-sd15-shallow.safetensors"
@@ -34,6 +34,19 @@ def comfy_server(sd15_test_files, tmp_path_factory):
 @pytest.fixture(scope="session")
 def comfy_client(comfy_server):
     return comfy_server.client
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy_server):
+    """The real ComfyUI frontend of ``comfy_server`` in headless Chromium (a playwright page; skipped without
+    chromium unless INVADAPTER_REQUIRE_BROWSER=1)."""
+    if browser.CHROMIUM is None:
+        message = "chromium is not installed: `apt-get install chromium` (make setup does it as root)"
+        if browser.REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    with browser.frontend_page(comfy_server.url) as page:
+        yield page
 
 
 @pytest.fixture(scope="session")
