@@ -2,25 +2,30 @@
 // the API behave the same without it (headless users never load this file).
 import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
-// One colour per custom type, so an identity's path through a big graph is easy to follow.
+// One colour per custom type, so an identity's path through a big graph is easy to follow. Each is far from every
+// core type's colour in every palette the frontend ships (CIEDE2000 > 10; tests/test_workflows_browser.py checks it).
 export const LINK_COLORS = {
-  INVADAPTER: "#B39DDB",
-  INVADAPTER_REFERENCE: "#F4A261",
-  INVADAPTER_BLOCK_WEIGHTS: "#90BE6D",
-  INVADAPTER_FACE_BOXES: "#4CC9F0",
+  INVADAPTER: "#C871F4",
+  INVADAPTER_REFERENCE: "#F471A5",
+  INVADAPTER_BLOCK_WEIGHTS: "#38EE2B",
+  INVADAPTER_FACE_BOXES: "#4DCBBB",
 };
 
 const BLOCK_WEIGHTS_NODE = "InvAdapterBlockWeights";
 const isLevelSlider = (widget) => /^(self|cross)_/.test(widget.name);
 
 function applyLinkColors() {
-  // A colour palette change resets every type's colour, so this runs again after each graph load.
+  // Loading a colour palette resets every type's colour, ours included: this runs again after each palette change
+  // and each graph load.
   const byType = app.canvas?.default_connection_color_byType;
   const linkTypeColors = window.LGraphCanvas?.link_type_colors ?? window.LiteGraph?.LGraphCanvas?.link_type_colors;
+  const style = document.documentElement?.style;  // the slot colours of the "Nodes 2.0" (Vue) node design
   for (const [type, color] of Object.entries(LINK_COLORS)) {
     if (byType && !byType[type]) byType[type] = color;
     if (linkTypeColors && !linkTypeColors[type]) linkTypeColors[type] = color;
+    style?.setProperty(`--color-datatype-${type}`, color);
   }
+  app.canvas?.setDirty?.(true, true);
 }
 
 // The 14 per-level sliders only matter with preset "custom": hide them otherwise. Hidden widgets keep their values,
@@ -54,6 +59,8 @@ app.registerExtension({
   name: "InvAdapter.Frontend",
   setup() {
     applyLinkColors();
+    // the palette is loaded after the setting changes: apply ours once that has happened
+    app.ui?.settings?.addEventListener?.("Comfy.ColorPalette.change", () => setTimeout(applyLinkColors, 0));
   },
   afterConfigureGraph() {
     applyLinkColors();

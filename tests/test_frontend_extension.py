@@ -1,0 +1,103 @@
+"""web/js/invadapter.js in the real frontend (headless Chromium): it loads, the pack's link colours stand apart from
+every core type's colour in every colour palette the frontend ships, and the block-weight sliders show only when
+used."""
+import itertools
+
+import pytest
+import requests
+
+from support.colours import colour_distance, delta_e2000, frontend_palette_ids
+
+# CIEDE2000: about 1 is just noticeable; above 10 two link colours read as different at a glance.
+MIN_DISTANCE_TO_CORE = 10.0
+MIN_DISTANCE_BETWEEN_OURS = 15.0
+
+
+@pytest.mark.parametrize("lab1, lab2, expected", [
+    ((50, 2.6772, -79.7751), (50, 0, -82.7485), 2.0425),  # Sharma, Wu and Dalal (2005), test pairs 1, 7, 17, 25
+    ((50, 0, 0), (50, -1, 2), 2.3669),
+    ((50, 2.5, 0), (73, 25, -18), 27.1492),
+    ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644),
+])
+def test_colour_distance_is_ciede2000(lab1, lab2, expected):
+    assert delta_e2000(lab1, lab2) == pytest.approx(expected, abs=1e-4)
+
+
+def pack_types(object_info: dict) -> set[str]:
+    """The custom types the pack's nodes take or give (INVADAPTER*), whatever nodes it registers."""
+    found = set()
+    for info in object_info.values():
+        if not info["name"].startswith("InvAdapter"):
+            continue
+        specs = [s for group in ("required", "optional") for s in info["input"].get(group, {}).values()]
+        types = [s[0] for s in specs if isinstance(s[0], str)] + list(info.get("output", []))
+        found.update(t for t in types if t.startswith("INVADAPTER"))
+    return found
+
+
+def test_link_colours_differ_from_every_core_type_in_every_palette(frontend, comfy_client):
+    ours = pack_types(comfy_client.object_info())
+    assert {"INVADAPTER", "INVADAPTER_REFERENCE"} <= ours
+    problems = []
+    palettes = frontend_palette_ids()
+    assert {"dark", "light"} <= set(palettes), palettes
+    for palette in palettes:
+        colours = frontend.evaluate("""async (palette) => {
+            await window.app.extensionManager.setting.set('Comfy.ColorPalette', palette);
+            await new Promise(r => setTimeout(r, 300));
+            return {...window.app.canvas.default_connection_color_byType};
+        }""", palette)
+        core = {t: c for t, c in colours.items() if c and t not in ours}
+        assert len(core) >= 10, f"palette {palette}: only {core} have colours"
+        for ours_type in sorted(ours):
+            colour = colours.get(ours_type)
+            if not colour:
+                problems.append(f"palette {palette}: {ours_type} has no colour (add it to LINK_COLORS in "
+                                f"web/js/invadapter.js)")
+                continue
+            for core_type, core_colour in core.items():
+                distance = colour_distance(colour, core_colour)
+                if distance <= MIN_DISTANCE_TO_CORE:
+                    problems.append(f"palette {palette}: {ours_type} {colour} is {distance:.1f} from {core_type} "
+                                    f"{core_colour} (needs > {MIN_DISTANCE_TO_CORE})")
+        for a, b in itertools.combinations(sorted(t for t in ours if colours.get(t)), 2):
+            if colour_distance(colours[a], colours[b]) <= MIN_DISTANCE_BETWEEN_OURS:
+                problems.append(f"palette {palette}: {a} and {b} look alike ({colours[a]}, {colours[b]})")
+    frontend.evaluate("() => window.app.extensionManager.setting.set('Comfy.ColorPalette', 'dark')")
+    assert not problems, "\n".join(problems)
+
+
+def test_extension_hides_unused_block_weight_sliders(frontend, comfy_server):
+    """web/js/invadapter.js is served and loaded; the block-weight sliders show only for preset 'custom', and hiding
+    them changes nothing in the prompt the graph produces."""
+    import requests
+
+    served = requests.get(f"{comfy_server.url}/extensions/ComfyUI-InvAdapter/js/invadapter.js", timeout=30)
+    assert served.status_code == 200 and "registerExtension" in served.text
+    result = frontend.evaluate("""async () => {
+        const app = window.app;
+        await app.loadGraphData({nodes: [], links: [], version: 0.4});  // an empty graph
+        const names = app.extensions.map(e => e.name);
+        const node = window.LiteGraph.createNode("InvAdapterBlockWeights");
+        app.graph.add(node);
+        const sliders = () => node.widgets.filter(w => /^(self|cross)_/.test(w.name));
+        const hidden = () => sliders().map(w => !!w.hidden);
+        const heightAll = node.size[1];
+        const atStart = hidden();
+        const preset = node.widgets.find(w => w.name === "preset");
+        preset.value = "custom";
+        preset.callback(preset.value);
+        const custom = hidden();
+        const heightCustom = node.size[1];
+        const prompt = await app.graphToPrompt();
+        preset.value = "fine";
+        preset.callback(preset.value);
+        return {names, count: sliders().length, atStart, custom, back: hidden(), heightAll, heightCustom,
+                inputs: Object.values(prompt.output)[0].inputs};
+    }""")
+    assert "InvAdapter.Frontend" in result["names"], frontend.errors
+    assert not [e for e in frontend.errors if "invadapter" in e.lower()]
+    assert result["count"] == 14
+    assert all(result["atStart"]) and not any(result["custom"]) and all(result["back"])
+    assert result["heightCustom"] > result["heightAll"]
+    assert len(result["inputs"]) == 15, "hidden sliders must still reach the prompt"
