@@ -12,6 +12,9 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 
 from .nodes import comfy_entrypoint, InvAdapterExtension  # noqa: F401
+from .example_inputs import install_example_inputs
+
+install_example_inputs()
 
 WEB_DIRECTORY = "./web"
 __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

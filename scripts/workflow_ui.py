@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # nodes the frontend never sends to the server
 
 
 def input_specs(info: dict) -> list[tuple[str, str, dict]]:
@@ -94,6 +95,10 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     links = {l[0]: l for l in ui["links"]}
     api = {}
     for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        if n["type"] not in object_info:
+            raise ValueError(f"node {n['id']} is a {n['type']}, which this server does not have (a missing custom node?)")
         info = object_info[n["type"]]
         values = iter(n.get("widgets_values", []))
         linked = {i["name"]: links[i["link"]] for i in n.get("inputs", []) if i.get("link") is not None}

@@ -1,6 +1,7 @@
 """Test bootstrap: the real ComfyUI host on sys.path, CPU mode, and shared fixtures."""
 import importlib.util
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ def load_pack():
     name = "ComfyUI_InvAdapter_under_test"
     if name in sys.modules:
         return sys.modules[name]
+    import folder_paths
+
+    # importing the pack copies its example images into ComfyUI's input folder: not into the shared host's
+    folder_paths.set_input_directory(tempfile.mkdtemp(prefix="invadapter-input-"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -180,6 +180,33 @@ def test_registry_metadata_matches_the_runtime_requirements():
     assert (root / meta["project"]["license"]["file"]).is_file()
 
 
+def test_registry_icon_classifiers_and_host_version():
+    """The icon URL points at a file of the repo within the registry's limits (PNG, at most 800 x 400); accelerator
+    classifiers are ones comfy-cli accepts (one unknown value makes it drop them all); requires-comfyui starts at the
+    ComfyUI the tests run."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from PIL import Image
+
+    from support import host
+
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    icon_url = meta["tool"]["comfy"]["Icon"]
+    match = re.fullmatch(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/(.+)", icon_url)
+    assert match, f"Icon should be a raw.githubusercontent.com URL of a file in this repository: {icon_url}"
+    icon = Image.open(root / match.group(1))
+    assert icon.format == "PNG" and icon.width <= 800 and icon.height <= 400, (icon.format, icon.size)
+    accelerators = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend",
+                    "GPU :: Apple Metal"}  # comfy_cli/registry/config_parser.py
+    environments = [c[len("Environment :: "):] for c in meta["project"]["classifiers"] if c.startswith("Environment ::")]
+    assert environments and set(environments) <= accelerators, environments
+    version = re.search(r'__version__ = "([^"]+)"', (Path(host.comfyui_path()) / "comfyui_version.py").read_text())
+    assert meta["tool"]["comfy"]["requires-comfyui"] == f">={version.group(1)}"
+
+
 # ---------------------------------------------------------------- the demo (`make demo` = setup + this script)
 def test_demo_runs_the_shipped_workflow_and_ends_with_the_image_path(tmp_path):
     import subprocess
@@ -190,7 +217,7 @@ def test_demo_runs_the_shipped_workflow_and_ends_with_the_image_path(tmp_path):
     done = subprocess.run([host.python_exe(), str(host.ROOT / "scripts" / "demo.py"), "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, cwd=host.ROOT)
     assert done.returncode == 0, done.stderr[-6000:]
-    assert "workflows/basic_api.json" in done.stderr  # the shipped face crop -> reference -> generation graph
+    assert "workflows_api/basic.json" in done.stderr  # the shipped face crop -> reference -> generation graph
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("Output image: "), done.stdout
     path = Path(last[len("Output image: "):])

@@ -1,5 +1,6 @@
 """Inv-Adapter graphs through a real ComfyUI server on the random shallow SD1.5 checkpoint: every shipped API
-workflow, several samplers, ControlNet and LoRA alongside, and the clear errors for bad inputs."""
+workflow (workflows_api/, with the test checkpoint in place of the standard one they name), several samplers,
+ControlNet and LoRA alongside, and the clear errors for bad inputs."""
 import io
 
 import numpy as np
@@ -13,15 +14,11 @@ from support.fixtures import CHECKPOINT, CONTROLNET, LORA
 from support.graphs import load_workflow, set_inputs
 from support.server import ExecutionFailed
 
-FACE = "face.png"
 
 
 @pytest.fixture(scope="module")
 def client(comfy_client):
-    from support.host import ROOT
-
-    for name in (FACE, "face2.png", "person2.png", "pose.png"):
-        comfy_client.upload_image(ROOT / "assets" / "face.png", name=name)
+    """The server's client; the graphs' input images are in its input folder because the pack put them there."""
     return comfy_client
 
 

@@ -1,21 +1,34 @@
-"""Every shipped UI workflow loads in the real ComfyUI frontend (headless Chromium) with no missing node, and
-the frontend turns it into exactly the shipped API workflow."""
+"""Every example workflow in the real ComfyUI frontend (headless Chromium on a real server with the random-weight test
+checkpoint): it loads with no missing node and the frontend turns it into exactly its API twin; after the one edit
+a user makes (picking the checkpoint; the test also shrinks it to a CPU smoke run) it runs from the frontend, and its
+nodes as the frontend draws them then (title bars, widgets, image previews) overlap nowhere and fill no more than
+their saved size; the missing-model panel offers the embedded downloads; the template browser lists every example
+with its thumbnail and opens it."""
+import itertools
 import json
 
 import pytest
 
-from support.graphs import WORKFLOWS
+from support.browser import node_bounds, run_graph
+from support.fixtures import CHECKPOINT, CONTROLNET
+from support.graphs import api_twin, example_files, load_workflow, set_inputs, smoke_edits
+from support.server import PACK_LINK_NAME
 
-UI_FILES = sorted(WORKFLOWS.glob("*_ui.json"))
+UI_FILES = example_files()
+USER_EDITS = {"CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},  # what the note asks a user to pick
+              "ControlNetLoader": {"control_net_name": CONTROLNET}}
+
+
+def load(path):
+    return json.loads(path.read_text())
 
 
 def strip(prompt: dict) -> dict:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
 
 
-def test_every_api_workflow_has_a_ui_twin():
-    api = {p.name.replace("_api.json", "") for p in WORKFLOWS.glob("*_api.json")}
-    assert api == {p.name.replace("_ui.json", "") for p in UI_FILES}
+def overlap(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
@@ -26,7 +39,64 @@ def test_ui_workflow_loads_in_the_browser_and_matches_its_api_twin(frontend, ui_
         const missing = graph._nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type);
         const prompt = await window.app.graphToPrompt();
         return {missing, output: prompt.output};
-    }""", json.loads(ui_file.read_text()))
+    }""", load(ui_file))
     assert result["missing"] == []
-    api = json.loads(ui_file.with_name(ui_file.name.replace("_ui.json", "_api.json")).read_text())
-    assert strip(result["output"]) == strip(api)
+    assert strip(result["output"]) == strip(load(api_twin(ui_file)))
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_runs_after_picking_a_checkpoint_and_nothing_overlaps(frontend, comfy_client, ui_file):
+    ui, api = load(ui_file), load(api_twin(ui_file))
+    if any(n["class_type"] == "InvAdapterLoadReference" for n in api.values()):
+        save = load_workflow("save_reference")  # makes the identity file the graph loads
+        set_inputs(save, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT})
+        comfy_client.run(save, timeout=900)
+    result = run_graph(frontend, ui, smoke_edits(api, USER_EDITS), timeout=900)
+    assert result["status"] == "success", result["error"]
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    live = result["bounds"]
+    name = lambda i: f"'{nodes[i]['title']}' (#{i})"  # noqa: E731
+    problems = []
+    for i, node in nodes.items():
+        saved = [node["pos"][0], node["pos"][1] - 30, node["size"][0], node["size"][1] + 30]
+        if any(abs(a - b) > 1 for a, b in zip(live[i], saved)):
+            problems.append(f"{name(i)} is drawn at {live[i]}, saved as {saved}: the frontend needed more room")
+    for a, b in itertools.combinations(sorted(live), 2):
+        if overlap(live[a], live[b]):
+            problems.append(f"{name(a)} overlaps {name(b)} as drawn")
+    assert not problems, "\n".join(problems)
+
+
+def test_missing_model_panel_offers_the_embedded_downloads(frontend):
+    """Loaded as shipped (the server has none of the standard models), each graph's missing models are listed with
+    the download links the graph embeds."""
+    problems = []
+    for ui_file in UI_FILES:
+        ui = load(ui_file)
+        expected = {m["url"] for n in ui["nodes"] for m in n.get("properties", {}).get("models", [])}
+        frontend.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", ui)
+        details = frontend.get_by_text("View details")
+        details.wait_for(timeout=30_000)
+        details.click()
+        frontend.wait_for_timeout(1000)
+        offered = set(frontend.evaluate("() => [...document.querySelectorAll('a')].map(a => a.href)"))
+        if not expected or not expected <= offered:
+            problems.append(f"{ui_file.name}: offered {sorted(offered & expected)}, expected {sorted(expected)}")
+    assert not problems, "\n".join(problems)
+
+
+def test_template_browser_lists_every_example_with_its_thumbnail(frontend):
+    frontend.evaluate("async () => { await window.app.loadGraphData({nodes: [], links: [], version: 0.4}); }")
+    frontend.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    frontend.get_by_text(PACK_LINK_NAME, exact=True).click()
+    frontend.wait_for_function(f"() => document.querySelectorAll('[data-testid^=template-workflow-]').length >= "
+                               f"{len(UI_FILES)} && [...document.querySelectorAll('[data-testid^=template-workflow-] img')]"
+                               f".every(i => i.complete)", timeout=30_000)
+    cards = frontend.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-testid^=template-workflow-]')]
+        .map(c => [c.dataset.testid.replace('template-workflow-', ''), c.querySelector('img')?.naturalWidth ?? 0]))""")
+    assert set(cards) == {p.stem for p in UI_FILES}
+    assert all(width > 0 for width in cards.values()), f"thumbnails that did not load: {cards}"
+    first = UI_FILES[0]
+    frontend.locator(f"[data-testid='template-workflow-{first.stem}']").click()
+    frontend.wait_for_function(f"() => window.app.graph._nodes.length === {len(load(first)['nodes'])}", timeout=30_000)
+    assert set(node_bounds(frontend)) == {str(n["id"]) for n in load(first)["nodes"]}

@@ -1,10 +1,30 @@
-"""API-format graphs (what POST /prompt takes) for plain SD1.5 runs, small enough for CPU tests."""
+"""API-format graphs (what POST /prompt takes) for plain SD1.5 runs, small enough for CPU tests, and the shipped
+workflows: workflows_api/<name>.json (API format) and example_workflows/NN_<name>.json (the UI graphs the template
+browser lists, NN = the order a newcomer meets them)."""
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+ROOT = Path(__file__).resolve().parents[2]
+API_WORKFLOWS = ROOT / "workflows_api"  # a folder name ComfyUI's template browser does not scan
+EXAMPLE_WORKFLOWS = ROOT / "example_workflows"
+EXAMPLE_NAME = re.compile(r"^(\d\d)_(\w+)\.json$")
+
+
+def example_files() -> list[Path]:
+    """The UI workflows, in their order."""
+    return sorted(EXAMPLE_WORKFLOWS.glob("*.json"))
+
+
+def api_twin(ui_file: Path) -> Path:
+    """workflows_api/<name>.json for example_workflows/NN_<name>.json."""
+    match = EXAMPLE_NAME.match(ui_file.name)
+    if not match:
+        raise ValueError(f"{ui_file.name}: example workflows are named NN_<name>.json (NN = their order)")
+    return API_WORKFLOWS / f"{match.group(2)}.json"
 
 
 def sd15_txt2img(ckpt_name: str, *, seed: int = 0, steps: int = 2, cfg: float = 2.0, size: int = 64,
@@ -69,6 +89,16 @@ def shrink_for_smoke_run(prompt: dict) -> dict:
 
 
 def load_workflow(name: str, smoke: bool = True) -> dict:
-    """workflows/<name>_api.json, shrunk for a CPU smoke run when ``smoke``."""
-    prompt = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    """workflows_api/<name>.json, shrunk for a CPU smoke run when ``smoke``."""
+    prompt = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
     return shrink_for_smoke_run(prompt) if smoke else prompt
+
+
+def smoke_edits(prompt: dict, overrides: dict[str, dict]) -> dict[str, dict]:
+    """{node id: {input: value}}: the widget edits that turn ``prompt`` into its CPU smoke run, with ``overrides``
+    by class type where a node has that input (e.g. the test checkpoint): what a test changes in the frontend."""
+    smoke = shrink_for_smoke_run(copy.deepcopy(prompt))
+    for class_type, values in overrides.items():
+        set_inputs(smoke, class_type, values, only_existing=True)
+    edits = {i: {k: v for k, v in smoke[i]["inputs"].items() if v != prompt[i]["inputs"].get(k)} for i in prompt}
+    return {i: values for i, values in edits.items() if values}

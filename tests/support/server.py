@@ -1,24 +1,27 @@
-"""A real headless ComfyUI server in a subprocess, and a small API client for it. Importable without pytest
-(scripts/demo.py uses it too).
+"""A real headless ComfyUI server in a subprocess, with the pack's API client (scripts/comfy_client.py) for it.
+Importable without pytest (scripts/demo.py uses it too).
 
 The server gets a throw-away base directory: models/<folder>/ hold symlinks to the generated test files,
 custom_nodes/ holds a symlink to this repo (the pack), and the log goes to <base>/server.log.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import requests
 
 from . import host
+
+if str(host.ROOT / "scripts") not in sys.path:
+    sys.path.append(str(host.ROOT / "scripts"))
+from comfy_client import ComfyClient, ExecutionFailed, PromptRejected  # noqa: E402,F401 (re-exported for tests)
 
 # Nodes /object_info must list once the pack has loaded; extend as the pack grows.
 PACK_NODES = ["InvAdapterLoader", "InvAdapterEncodeReference", "InvAdapterApply", "InvAdapterSaveReference",
@@ -30,25 +33,6 @@ STARTUP_TIMEOUT = float(os.environ.get("INVADAPTER_SERVER_STARTUP_TIMEOUT", 120)
 
 class ServerError(RuntimeError):
     """The server did not start, or the pack did not load; the message ends with the server log."""
-
-
-class PromptRejected(RuntimeError):
-    """POST /prompt answered 400: ``body`` is the JSON answer, with ``error`` and ``node_errors``."""
-
-    def __init__(self, body: dict):
-        self.body = body
-        self.node_errors = body.get("node_errors", {})
-        super().__init__(f"prompt rejected: {json.dumps(body, indent=1)[:4000]}")
-
-
-class ExecutionFailed(RuntimeError):
-    """The prompt ran and failed: ``error`` is the execution_error message (exception_message, node_type, ...)."""
-
-    def __init__(self, error: dict, log_tail: str = ""):
-        self.error = error
-        super().__init__(f"execution failed in node {error.get('node_id')} ({error.get('node_type')}): "
-                         f"{error.get('exception_type')}: {error.get('exception_message')}\n"
-                         f"{''.join(error.get('traceback', []))}\n--- server log (tail) ---\n{log_tail}")
 
 
 def free_port() -> int:
@@ -109,7 +93,7 @@ class ComfyServer:
         log.close()
         try:
             self._wait_ready()
-            self.client = ComfyClient(self.url, log_tail=self.log_tail)
+            self.client = ComfyClient(self.url, diagnostics=lambda: f"--- server log (tail) ---\n{self.log_tail()}")
             self._check_pack(self.client.object_info())
         except BaseException:
             self.stop()
@@ -164,75 +148,3 @@ class ComfyServer:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return "(no server log)"
-
-
-class ComfyClient:
-    """The HTTP API, as the browser and API users drive it."""
-
-    def __init__(self, url: str, log_tail=lambda: ""):
-        self.url = url.rstrip("/")
-        self.client_id = uuid.uuid4().hex
-        self.log_tail = log_tail
-
-    def object_info(self) -> dict:
-        r = requests.get(f"{self.url}/object_info", timeout=60)
-        r.raise_for_status()
-        return r.json()
-
-    def queue(self, prompt: dict) -> str:
-        r = requests.post(f"{self.url}/prompt", json={"prompt": prompt, "client_id": self.client_id}, timeout=60)
-        if r.status_code == 400:
-            raise PromptRejected(r.json())
-        r.raise_for_status()
-        return r.json()["prompt_id"]
-
-    def history(self, prompt_id: str) -> dict | None:
-        r = requests.get(f"{self.url}/history/{prompt_id}", timeout=30)
-        r.raise_for_status()
-        return r.json().get(prompt_id)
-
-    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
-        """Poll /history until the prompt is done (no websocket ordering races); return its history entry."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            entry = self.history(prompt_id)
-            status = (entry or {}).get("status") or {}
-            if status.get("completed") or status.get("status_str") == "error":
-                for kind, data in status.get("messages", []):
-                    if kind == "execution_error":
-                        raise ExecutionFailed(data, self.log_tail())
-                if status.get("status_str") == "error":
-                    raise ExecutionFailed({"exception_message": json.dumps(status)[:2000]}, self.log_tail())
-                return entry
-            time.sleep(0.25)
-        raise TimeoutError(f"prompt {prompt_id} not done after {timeout:.0f} s\n{self.log_tail()}")
-
-    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
-        prompt_id = self.queue(prompt)
-        entry = self.wait(prompt_id, timeout)
-        entry["prompt_id"] = prompt_id
-        return entry
-
-    def images(self, prompt_id: str) -> list[bytes]:
-        """Every image the prompt's output nodes produced, as file bytes (PNG for SaveImage), via /view."""
-        entry = self.history(prompt_id) or {}
-        found = []
-        for node_id in sorted(entry.get("outputs", {}), key=str):
-            for image in entry["outputs"][node_id].get("images", []):
-                params = {k: image.get(k, "") for k in ("filename", "subfolder", "type")}
-                r = requests.get(f"{self.url}/view", params=params, timeout=60)
-                r.raise_for_status()
-                found.append(r.content)
-        return found
-
-    def upload_image(self, image, name: str | None = None) -> str:
-        """Upload a path or PNG bytes to the input folder; returns the name LoadImage takes."""
-        if not isinstance(image, (bytes, bytearray)):
-            name = name or Path(image).name
-            image = Path(image).read_bytes()
-        name = name or f"upload-{uuid.uuid4().hex[:8]}.png"
-        r = requests.post(f"{self.url}/upload/image", files={"image": (name, bytes(image), "image/png")},
-                          data={"overwrite": "true"}, timeout=60)
-        r.raise_for_status()
-        body = r.json()
-        return f"{body['subfolder']}/{body['name']}" if body.get("subfolder") else body["name"]

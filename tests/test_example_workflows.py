@@ -1,0 +1,126 @@
+"""The shipped workflows as files: example_workflows/NN_<name>.json (the UI graphs ComfyUI's template browser lists,
+with their thumbnails) stay in sync with workflows_api/<name>.json (what POST /prompt takes), are laid out to be read
+(scripts/workflow_layout.py's checks on the node rectangles), and are ready to run once a checkpoint is picked: a
+note says what to pick and upload, the model links the missing-model dialog offers are embedded, every image they
+name ships with the pack, the face crops are previewed. The frontend side of the same is in
+test_workflows_browser.py."""
+import ast
+import json
+import re
+import sys
+
+import pytest
+from PIL import Image
+
+from support.graphs import API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT, api_twin, example_files
+from support.host import comfyui_path
+
+sys.path.append(str(ROOT / "scripts"))
+from make_examples import EXAMPLES, MODELS, NOTE_TYPE  # noqa: E402
+from workflow_layout import STAGES, layout_problems, stage_of  # noqa: E402
+from workflow_ui import ui_to_api  # noqa: E402
+
+UI_FILES = example_files()
+THUMBNAIL_MAX_BYTES = 150_000
+# where ComfyUI's missing-model dialog may download from, and what it may download (frontend 1.47,
+# missingModelDownload)
+DOWNLOAD_PREFIXES = ("https://civitai.com/", "https://huggingface.co/")
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pth", ".pt")
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def strip(prompt: dict) -> dict:
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+def test_examples_are_numbered_in_order_and_each_has_an_api_twin():
+    names = [p.name for p in UI_FILES]
+    assert names, "example_workflows/ is empty"
+    assert all(EXAMPLE_NAME.match(n) for n in names), names
+    assert [int(n[:2]) for n in names] == list(range(1, len(names) + 1)), f"not numbered 01, 02, ...: {names}"
+    assert [EXAMPLE_NAME.match(n).group(2) for n in names] == [name for name, _ in EXAMPLES], \
+        "example_workflows/ is not what scripts/make_examples.py makes: run it"
+    twins = {api_twin(p).name for p in UI_FILES}
+    assert twins == {p.name for p in API_WORKFLOWS.glob("*.json")}, "every API graph needs exactly one UI graph"
+
+
+def test_only_example_workflows_is_scanned_by_the_template_browser():
+    """The host lists every *.json in any of these folders of a pack as a template (an API graph opens as an empty
+    canvas): only example_workflows/ may exist."""
+    source = (comfyui_path() / "app" / "custom_node_manager.py").read_text()
+    scanned = ast.literal_eval(re.search(r"example_workflow_folder_names = (\[.*?\])", source).group(1))
+    assert "example_workflows" in scanned
+    present = [name for name in scanned if (ROOT / name).exists()]
+    assert present == ["example_workflows"], present
+    assert {p.suffix for p in EXAMPLE_WORKFLOWS.iterdir()} == {".json", ".jpg"}
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_thumbnail_is_a_small_square_jpeg(ui_file):
+    """The frontend asks for <template>.jpg (mediaSubtype 'jpg' for custom nodes) and shows it in a square card."""
+    thumbnail = ui_file.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{thumbnail.name} is missing: run scripts/make_examples.py"
+    assert thumbnail.stat().st_size <= THUMBNAIL_MAX_BYTES
+    image = Image.open(thumbnail)
+    assert image.format == "JPEG" and image.width == image.height >= 256, (image.format, image.size)
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_ui_graph_and_api_graph_are_the_same_graph(ui_file, comfy_client):
+    """Same nodes, same widget values, same links, same titles (the UI graph read as the frontend's Run reads a
+    plain graph; frontend-only nodes such as the note are not part of a prompt)."""
+    ui, api = load(ui_file), load(api_twin(ui_file))
+    object_info = comfy_client.object_info()
+    assert strip(ui_to_api(ui, object_info)) == strip(api)
+    titles = {str(n["id"]): n["title"] for n in ui["nodes"] if n["type"] in object_info}
+    assert titles == {i: n["_meta"]["title"] for i, n in api.items()}
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_layout_is_readable(ui_file):
+    """No overlapping nodes (title bar, widgets and previews included: sizes measured in the frontend, checked live
+    in test_workflows_browser.py), every node in its stage's group, links left to right, distinct titles."""
+    ui = load(ui_file)
+    problems = layout_problems(ui)
+    assert not problems, "\n".join(problems)
+    stages = set(stage_of(load(api_twin(ui_file))).values()) | {"model"}  # the note starts every graph
+    assert [g["title"] for g in ui["groups"]] == [title for stage, (title, _) in STAGES.items() if stage in stages]
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_graph_runs_once_a_checkpoint_is_picked(ui_file):
+    """A note says what to pick and upload; the loaders name the standard files with the links the missing-model
+    dialog downloads from; every image a graph names ships with the pack (and lands in the input folder); every face
+    crop is previewed."""
+    import example_inputs
+
+    ui = load(ui_file)
+    notes = [n for n in ui["nodes"] if n["type"] == NOTE_TYPE]
+    assert len(notes) == 1 and "Load Checkpoint" in notes[0]["widgets_values"][0]
+    for node in ui["nodes"]:
+        if node["type"] in MODELS:
+            (model,) = node["properties"]["models"]
+            assert model == MODELS[node["type"]]
+            assert node["widgets_values"][0] == model["name"]
+            assert model["url"].startswith(DOWNLOAD_PREFIXES), model["url"]
+            assert model["url"].split("?")[0].endswith(MODEL_SUFFIXES), model["url"]
+            assert model["url"].split("?")[0].endswith("/" + model["name"]), model["url"]
+        if node["type"] == "LoadImage":
+            assert node["widgets_values"][0] in example_inputs.EXAMPLE_INPUTS, node["widgets_values"]
+        if node["type"] == "InvAdapterFaceCrop":
+            crops = node["outputs"][0]
+            targets = [next(n for n in ui["nodes"] if any(i.get("link") == link for i in n.get("inputs", [])))
+                       for link in crops["links"]]
+            assert "PreviewImage" in [t["type"] for t in targets], f"{node['title']}: its crops are not previewed"
+    assert "CheckpointLoaderSimple" in [n["type"] for n in ui["nodes"]]
+
+
+def test_shipped_images_are_in_assets():
+    import example_inputs
+
+    for asset in example_inputs.EXAMPLE_INPUTS.values():
+        assert (ROOT / "assets" / asset).is_file(), asset
+        assert asset in (ROOT / "assets" / "README.md").read_text(), f"assets/README.md: say where {asset} comes from"
