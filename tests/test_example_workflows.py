@@ -16,7 +16,7 @@ from support.graphs import API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT,
 from support.host import comfyui_path
 
 sys.path.append(str(ROOT / "scripts"))
-from make_examples import EXAMPLES, MODELS, NOTE_TYPE  # noqa: E402
+from make_examples import EXAMPLES, MODELS, NOTE_TYPE, build, note_text  # noqa: E402
 from workflow_layout import STAGES, layout_problems, stage_of  # noqa: E402
 from workflow_ui import ui_to_api  # noqa: E402
 
@@ -77,6 +77,17 @@ def test_ui_graph_and_api_graph_are_the_same_graph(ui_file, comfy_client):
     assert strip(ui_to_api(ui, object_info)) == strip(api)
     titles = {str(n["id"]): n["title"] for n in ui["nodes"] if n["type"] in object_info}
     assert titles == {i: n["_meta"]["title"] for i, n in api.items()}
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_ui_graph_is_what_the_builder_makes_of_its_api_graph(ui_file, comfy_client):
+    """Nothing in a UI graph is edited by hand (the note, model links, groups and layout come from
+    scripts/make_examples.py), so a change to an API graph shows up here until the examples are rebuilt."""
+    ui, api = load(ui_file), load(api_twin(ui_file))
+    extra = dict(EXAMPLES)[EXAMPLE_NAME.match(ui_file.name).group(2)]
+    sizes = {n["id"]: tuple(n["size"]) for n in ui["nodes"]}
+    assert build(api, comfy_client.object_info(), note_text(api, extra), sizes) == ui, \
+        f"{ui_file.name} is out of date: run scripts/make_examples.py"
 
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
