@@ -1,7 +1,9 @@
 """API workflow JSON <-> UI workflow JSON (the litegraph graph the browser loads), using a server's /object_info.
 
-    python scripts/workflow_ui.py --url http://127.0.0.1:8188 workflows/*_api.json   # writes *_ui.json beside them
-The shipped UI workflows are generated this way so both forms always describe the same graph.
+    python scripts/workflow_ui.py --url http://127.0.0.1:8188 workflows_api/basic.json > basic_ui.json
+prints a plain UI graph (nodes in columns by depth). The shipped UI graphs (example_workflows/) are built on it by
+scripts/make_examples.py, which adds the note, model links, groups and a measured layout; ui_to_api reads a UI graph
+back (tests check the shipped pairs with it; scripts/comfy_client.py runs UI graphs with it).
 """
 from __future__ import annotations
 
@@ -116,17 +118,12 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8188")
-    parser.add_argument("files", nargs="+")
+    parser.add_argument("--url", default="http://127.0.0.1:8188", help="a ComfyUI server with this pack")
+    parser.add_argument("file", type=Path, help="an API workflow")
     args = parser.parse_args()
     with urllib.request.urlopen(args.url + "/object_info") as r:
         object_info = json.load(r)
-    for f in args.files:
-        path = Path(f)
-        ui = api_to_ui(json.loads(path.read_text()), object_info)
-        out = path.with_name(path.name.replace("_api.json", "_ui.json"))
-        out.write_text(json.dumps(ui, indent=1) + "\n")
-        print(out)
+    print(json.dumps(api_to_ui(json.loads(args.file.read_text()), object_info), indent=1))
     return 0
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
-from support.graphs import API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT, api_twin, example_files
+from support.graphs import API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT, api_twin, example_files, strip_meta
 from support.host import comfyui_path
 
 sys.path.append(str(ROOT / "scripts"))
@@ -30,10 +30,6 @@ MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pth", ".pt")
 
 def load(path):
     return json.loads(path.read_text())
-
-
-def strip(prompt: dict) -> dict:
-    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
 
 
 def test_examples_are_numbered_in_order_and_each_has_an_api_twin():
@@ -74,7 +70,7 @@ def test_ui_graph_and_api_graph_are_the_same_graph(ui_file, comfy_client):
     plain graph; frontend-only nodes such as the note are not part of a prompt)."""
     ui, api = load(ui_file), load(api_twin(ui_file))
     object_info = comfy_client.object_info()
-    assert strip(ui_to_api(ui, object_info)) == strip(api)
+    assert ui_to_api(ui, object_info) == strip_meta(api)
     titles = {str(n["id"]): n["title"] for n in ui["nodes"] if n["type"] in object_info}
     assert titles == {i: n["_meta"]["title"] for i, n in api.items()}
 

@@ -4,7 +4,6 @@ used."""
 import itertools
 
 import pytest
-import requests
 
 from support.colours import colour_distance, delta_e2000, frontend_palette_ids
 

@@ -71,6 +71,11 @@ SMOKE_SHRINK = 8
 SMOKE_SCALED = {"EmptyLatentImage": ("width", "height"), "SolidMask": ("width", "height"), "MaskComposite": ("x", "y")}
 
 
+def strip_meta(prompt: dict) -> dict:
+    """A prompt as the server executes it: class types and inputs (no titles)."""
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
 def set_inputs(prompt: dict, class_type: str, values: dict, only_existing: bool = False) -> None:
     for node in prompt.values():
         if node.get("class_type") == class_type:
