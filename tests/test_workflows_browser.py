@@ -100,3 +100,24 @@ def test_template_browser_lists_every_example_with_its_thumbnail(frontend):
     frontend.locator(f"[data-testid='template-workflow-{first.stem}']").click()
     frontend.wait_for_function(f"() => window.app.graph._nodes.length === {len(load(first)['nodes'])}", timeout=30_000)
     assert set(node_bounds(frontend)) == {str(n["id"]) for n in load(first)["nodes"]}
+
+
+def test_the_start_here_note_shows_all_its_text(frontend):
+    """At 100% zoom, the rendered note needs no scrolling (its height is estimated from the text when built)."""
+    problems = []
+    for ui_file in UI_FILES:
+        frontend.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", load(ui_file))
+        sizes = frontend.evaluate("""async () => {
+            const note = window.app.graph._nodes.find(n => n.type === 'MarkdownNote');
+            const canvas = window.app.canvas;
+            canvas.ds.scale = 1;
+            canvas.ds.offset = [100 - note.pos[0], 100 - note.pos[1]];
+            canvas.setDirty(true, true);
+            canvas.draw(true, true);
+            await new Promise(r => setTimeout(r, 800));  // DOM widgets follow the canvas on the next frames
+            const shown = note.widgets[0].element.querySelector(".ProseMirror");  // the rendered markdown
+            return [shown.scrollHeight, shown.clientHeight];
+        }""")
+        if not 0 < sizes[0] <= sizes[1] + 1:
+            problems.append(f"{ui_file.name}: the note's text is {sizes[0]} px high in {sizes[1]} px")
+    assert not problems, "\n".join(problems)
