@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .attention_maps import RECORDER_KEY
 from .block_weights import BlockWeights
-from .eaa import InvAdapter, reference_attention
+from .eaa import InvAdapter, reference_attention, split_heads
 from .reference_pass import Features
 from .unet import block_keys, call_key
 
@@ -34,23 +34,8 @@ COMBINE_MODES = ("concat", "average")
 PER_SAMPLE = "per sample"  # training: reference i serves generation sample i
 APPLY_TO = ("cond and uncond", "cond only")
 KINDS = ("self", "cross")
-KV = dict  # (kind, call key) -> (K [1|B, N, inner], V scaled [1|B, N, inner])
+KV = dict  # (kind, call key) -> (K, V scaled), each [1|B, heads, N, d]
 _ids = itertools.count()
-
-
-def eaa_attention(device: torch.device) -> Callable:
-    """The attention kernel for the EAA term: ComfyUI's own choice (SDPA, xformers, sage, ... as the user set it),
-    except where ComfyUI only fell back to chunked sub-quadratic attention because the device is the CPU and no
-    flag chose: there torch's SDPA (which has a memory-efficient CPU kernel) was 3x faster on the reference
-    attention's shapes (benchmarks/overhead.py)."""
-    import comfy.cli_args
-    import comfy.ldm.modules.attention as comfy_attention
-
-    args = comfy.cli_args.args
-    chosen = args.use_split_cross_attention or args.use_quad_cross_attention
-    if device.type == "cpu" and not chosen and comfy_attention.optimized_attention is comfy_attention.attention_sub_quad:
-        return comfy_attention.attention_pytorch
-    return comfy_attention.optimized_attention
 
 
 def combine_images(t: torch.Tensor, mode: str) -> torch.Tensor:
@@ -69,16 +54,13 @@ class EAAInjection:
 
     def __init__(self, blocks: dict[str, torch.nn.Module], levels: dict[str, str], weight_self: float,
                  weight_cross: float, block_weights: Optional[BlockWeights] = None,
-                 mask: Optional[torch.Tensor] = None, apply_to: str = "cond and uncond",
-                 attention: Optional[Callable] = None):
+                 mask: Optional[torch.Tensor] = None, apply_to: str = "cond and uncond"):
         if apply_to not in APPLY_TO:
             raise ValueError(f"unknown apply_to {apply_to!r}; expected one of {APPLY_TO}")
         block_weights = block_weights or BlockWeights()
         self.uid = next(_ids)
         self.blocks, self.names = blocks, block_keys(blocks)
         self.key_of = {name: key for key, name in self.names.items()}
-        self.attention = attention  # None: eaa_attention(device), chosen once per device
-        self._kernels: dict = {}
         self.mask, self.apply_to = mask, apply_to
         lam = {"self": float(weight_self), "cross": float(weight_cross)}
         # strength of every block, lambda x the level's block weight; zero blocks get no K/V and cost nothing
@@ -119,7 +101,9 @@ class EAAInjection:
                         continue
                     k, v = layer.project(f)  # W_agg is defined on one image's N tokens: aggregate, then combine
                     k, v = combine_images(k, combine), combine_images(v, combine)
-                kv[(kind, self.key_of[name])] = (k, v * scale if scale != 1 else v)
+                heads = self.attn(kind, name).heads
+                kv[(kind, self.key_of[name])] = (split_heads(k, heads), split_heads(v * scale if scale != 1 else v,
+                                                                                   heads))
         return kv
 
     # --- the term added in one block -----------------------------------------------------------------------------
@@ -128,7 +112,7 @@ class EAAInjection:
         name = self.names[key]
         attn = self.attn(kind, name)
         heads = extra_options["n_heads"]
-        e = reference_attention(q, kv[0], kv[1], heads, self.attention or self._kernel(q.device))
+        e = reference_attention(q, kv[0], kv[1], heads)
         out_layer = attn.to_out[0]
         d = out_layer(e) - self._out_bias(out_layer, e)  # W_out E: one matmul, to_out called as ComfyUI calls it
         scale = self._row_scale(extra_options, d)
@@ -136,14 +120,10 @@ class EAAInjection:
             d = d * scale
         recorder = extra_options.get(RECORDER_KEY)
         if recorder is not None and kind == "self" and recorder.wants(self.levels[name], step.sigma):
-            recorder.record(step.key, q, kv[0], heads, d, extra_options["activations_shape"][-2:],
+            k = kv[0].transpose(1, 2).reshape(kv[0].shape[0], kv[0].shape[2], -1)
+            recorder.record(step.key, q, k, heads, d, extra_options["activations_shape"][-2:],
                             extra_options.get("cond_or_uncond") or [0])
         return d
-
-    def _kernel(self, device: torch.device) -> Callable:
-        if device not in self._kernels:
-            self._kernels[device] = eaa_attention(device)
-        return self._kernels[device]
 
     def _out_bias(self, layer: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
         """to_out's bias as the layer applies it (cast, offloaded or patched weights included): to_out(0), once per

@@ -210,18 +210,3 @@ def test_the_cache_keeps_the_inference_dtype_and_does_not_grow(model, caption):
     for s in ref.features.sigmas():
         for t in ref.features.get(s).self_attn.values():
             assert t.dtype == model.model.get_dtype_inference()
-
-
-def test_eaa_attention_follows_comfyui_except_its_implicit_cpu_fallback(monkeypatch):
-    import comfy.cli_args
-    import comfy.ldm.modules.attention as ca
-    from invadapter_core.injection import eaa_attention
-
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    monkeypatch.setattr(ca, "optimized_attention", ca.attention_sub_quad)
-    assert eaa_attention(cpu) is ca.attention_pytorch  # ComfyUI's no-flag CPU default is replaced
-    assert eaa_attention(gpu) is ca.attention_sub_quad  # elsewhere ComfyUI's choice stands
-    monkeypatch.setattr(comfy.cli_args.args, "use_quad_cross_attention", True)
-    assert eaa_attention(cpu) is ca.attention_sub_quad  # a user's explicit choice stands everywhere
-    monkeypatch.setattr(ca, "optimized_attention", ca.attention_pytorch)
-    assert eaa_attention(gpu) is ca.attention_pytorch
