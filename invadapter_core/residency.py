@@ -81,7 +81,7 @@ class TensorPack(torch.nn.Module):
         if self.flat.device == device:
             return {k: self.view(k) for k in keys}
         start, end = self.span(keys)
-        host = self.host_data()
+        host = self._pinned_host()
         chunk = self._copy(host[start:end], device)
         out = {}
         for k in keys:
@@ -98,6 +98,14 @@ class TensorPack(torch.nn.Module):
         if self._host_done is not None:
             self._host_done.synchronize()
             self._host_done = None
+        return data
+
+    def _pinned_host(self) -> torch.Tensor:
+        """The host contents, pinned in place (ComfyUI's pin budget permitting) so per-step copies don't block."""
+        data = self.host_data()
+        if not data.is_pinned() and mm.pin_memory(data):
+            weakref.finalize(self, mm.unpin_memory, data)
+        self._host = data
         return data
 
     # --- moves (ComfyUI calls .to(device) when it loads or evicts the pack) ----------------------------------------
@@ -123,6 +131,8 @@ class TensorPack(torch.nn.Module):
         return self._host
 
     def _copy(self, data: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if data.device == device:
+            return data
         moved = data.to(device, non_blocking=data.is_pinned() and mm.device_supports_non_blocking(device))
         self._count(data)
         return moved
