@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .face_id import FaceScores, to_uint8
+from .face_id import to_uint8
+from .face_scores import FaceScores
 from .images import to_rgb
 
 COLOURS = {"same person": (40, 200, 90), "different": (235, 70, 55), None: (250, 205, 40), "no face": (160, 160, 160)}

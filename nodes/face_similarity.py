@@ -13,13 +13,13 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 from invadapter_core import face as face_core
-from invadapter_core import face_id
+from invadapter_core import face_id, face_scores
 from invadapter_core.score_overlay import draw_scores
 
 from .face_crop import INSIGHTFACE_FOLDER
 from .types import CATEGORY
 
-# The custom type's value: an invadapter_core.face_id.FaceScores (per-image similarity, raw numbers, faces).
+# The custom type's value: an invadapter_core.face_scores.FaceScores (per-image similarity, raw numbers, faces).
 FaceScoresType = io.Custom("INVADAPTER_FACE_SCORES")
 
 SCALES_TOOLTIP = ("dlib: 1 - distance/1.2 (0..1), 0.5 = dlib's same-person threshold (distance 0.6). "
@@ -53,7 +53,7 @@ class InvAdapterFaceSimilarity(io.ComfyNode):
                 io.Combo.Input("device", options=["cpu", "gpu"], default="cpu",
                                tooltip="gpu: ComfyUI's torch device for face detection, the CUDA provider for "
                                        "InsightFace. dlib itself always runs on the CPU."),
-                io.Combo.Input("combine", options=list(face_id.COMBINE), default="mean",
+                io.Combo.Input("combine", options=list(face_scores.COMBINE), default="mean",
                                tooltip="With several reference photos: the mean of the similarities to each, or "
                                        "the best match (max)."),
                 io.Int.Input("min_face_size", default=face_id.MIN_FACE_SIZE, min=12, max=8192,
@@ -85,7 +85,7 @@ class InvAdapterFaceSimilarity(io.ComfyNode):
                                          insightface_model=insightface_model, device=torch_device)
         total = images.shape[0] if getattr(images, "ndim", 0) == 4 else 1
         pbar = comfy.utils.ProgressBar(total)
-        scores = face_id.score_batch(
+        scores = face_scores.score_batch(
             managed.get(), reference, images, combine=combine, min_face_size=min_face_size,
             before_image=lambda i: comfy.model_management.throw_exception_if_processing_interrupted(),
             after_image=lambda i: pbar.update(1))
@@ -131,7 +131,7 @@ class InvAdapterSelectBest(io.ComfyNode):
         if batch != len(scores):
             raise ValueError(f"the scores cover {len(scores)} images but this batch has {batch}: connect the same "
                              f"images to Inv-Adapter Face Similarity and to this node")
-        chosen = face_id.select_best(scores, top_k, skip_no_face)
+        chosen = face_scores.select_best(scores, top_k, skip_no_face)
         picked = (images if images.ndim == 4 else images[None])[torch.tensor(chosen, dtype=torch.long)]
         lines = [f"top {len(chosen)} of {batch} by face similarity ({scores.recognizer}):"]
         lines += [f"{rank + 1}. image {i}: {scores.label(i)}" for rank, i in enumerate(chosen)]
