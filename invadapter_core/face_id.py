@@ -14,8 +14,8 @@ else dlib):
   Euclidean **distance**: below 0.6 = the same person (dlib's own threshold; the network was trained with a margin
   around it). **Similarity = clamp(1 - distance / 1.2, 0, 1)**: a straight line through 1 at distance 0 and 0.5 at
   the 0.6 threshold, so 0.5 is where dlib's "same person" starts. The raw distance is always reported beside it.
-  Measured on the ``face_recognition`` 1.3.0 test photos: distance 0.32-0.46 between three photos of one man
-  (similarity 0.62-0.73), 0.82-0.87 to another man (similarity 0.28-0.32).
+  Measured on the ``face_recognition`` 1.3.0 test photos (tests/test_face_id.py): distance 0.34-0.45 between three
+  photos of one man (similarity 0.62-0.72), 0.82-0.88 to another man (similarity 0.26-0.31).
 
 Only the 5-point dlib model is used (the 68-point one, trained on iBUG 300-W, is not licensed for commercial use).
 ``face_recognition_models/__init__.py`` imports ``pkg_resources`` (gone from current setuptools), so its
