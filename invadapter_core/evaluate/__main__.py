@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -103,14 +104,24 @@ def main(argv=None) -> int:
     from ..train.bootstrap import setup_comfy
 
     setup_comfy()
+    import comfy.model_management as mm
+
     from .run import EvaluationError, evaluate
 
+    def on_ctrl_c(signum, frame):
+        # ComfyUI's own interruption (what its /interrupt does): sampling and the pack's inversion stop at their
+        # next step, the loop before the next image. A KeyboardInterrupt could land inside a finalizer and be lost.
+        # A second Ctrl-C raises KeyboardInterrupt at once.
+        mm.interrupt_current_processing(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         summary = evaluate(args, progress=None if args.quiet else lambda s: print(s, file=sys.stderr, flush=True))
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, mm.InterruptProcessingException):
         print("interrupted: the images done so far are in results.csv; run the same command again to resume",
               file=sys.stderr)
         return 130

@@ -145,6 +145,7 @@ def _evaluate(args, progress: Callable[[str], None]) -> dict:
             for config in dict.fromkeys(job.config for job in mine if job.config.adapter == adapter):
                 model = generator.apply(reference, config)
                 for job in (j for j in mine if j.config == config):
+                    mm.throw_exception_if_processing_interrupted()
                     start = time.perf_counter()
                     image = generator.generate(model, job.prompt, job.seed)
                     path = save_png(image, out / "images" / slug(identity.name) / slug(config.name)
