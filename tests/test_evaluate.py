@@ -9,8 +9,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +113,9 @@ def test_face_metric_copy_paste_indicator(photos):
     assert abs(new_photo["copy_paste"]) < 0.15 and new_photo["face_sim_other_photos"] > 0.5
     other = metric.score(photos["biden"], obama)
     assert other["face_sim"] < 0.5 and other["copy_paste"] < -0.3
+    print(f"\ncopy_paste: the reference itself {copy['copy_paste']:+.3f}, another photo of the person "
+          f"{new_photo['copy_paste']:+.3f}, another person {other['copy_paste']:+.3f} "
+          f"(real_photo_sim {obama.real_photo_sim:.3f})")
     single = metric.identity(photos["biden"], [])
     assert math.isnan(single.real_photo_sim) and math.isnan(metric.score(photos["biden"], single)["copy_paste"])
 
