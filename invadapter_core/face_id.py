@@ -307,8 +307,8 @@ class FaceEmbedding:
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """RGB float [H, W, 3] in 0..1 -> uint8 [H, W, 3]."""
-    return np.ascontiguousarray((image.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy())
+    """RGB float [H, W, 3] in 0..1 (any device) -> uint8 [H, W, 3]."""
+    return np.ascontiguousarray((image.detach().float().clamp(0, 1) * 255.0 + 0.5).to("cpu", torch.uint8).numpy())
 
 
 def embed_image(recognizer: Recognizer, image: torch.Tensor, min_face_size: float = MIN_FACE_SIZE
