@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import face_id
-from .pipeline import Nodes, model_name
+from .pipeline import Nodes, PipelineError, model_name
 
 log = logging.getLogger("InvAdapter.evaluate")
 
@@ -106,7 +106,7 @@ class ClipMetric:
             return
         vision_path = os.path.abspath(clip_vision) if os.path.isfile(clip_vision) else clip_vision
         if not _has(_keys(vision_path) if os.path.isfile(vision_path) else None, "visual_projection.weight", "proj"):
-            raise ValueError(f"{clip_vision} has no visual projection (visual_projection.weight): CLIP-I/CLIP-T need "
+            raise PipelineError(f"{clip_vision} has no visual projection (visual_projection.weight): CLIP-I/CLIP-T need "
                              f"a CLIP vision model with its projection")
         self.vision_name = model_name("clip_vision", clip_vision, "CLIP vision model")
         if clip is None:
