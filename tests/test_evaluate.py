@@ -197,3 +197,35 @@ def test_end_to_end_interrupted_then_resumed(tmp_path, photos):
                                                              abs=1e-4)
     assert (out / "images" / "obama" / "reference.png").is_file()
 
+
+
+def test_settings_grid_with_an_adapter_file_and_presets(tmp_path):
+    from argparse import Namespace
+
+    import torch
+
+    from invadapter_core.eaa import InvAdapter, SelfEAA
+    from invadapter_core.evaluate.pipeline import Nodes, PipelineError
+    from invadapter_core.evaluate.run import EvaluationError, _configs
+    from invadapter_core.weights import save_adapter
+
+    torch.manual_seed(0)
+    path = tmp_path / "weights" / "my-eval-adapter.safetensors"
+    path.parent.mkdir()
+    save_adapter(InvAdapter("SD15", 256, 16, {"input.1.0": SelfEAA(64, 64)}, {}, name="t"), str(path))
+    nodes = Nodes()
+    args = Namespace(adapter=["init from model", str(path)], weight_self=[0.5, 1.0, 0.5], weight_cross=[1.0],
+                     block_weights=["none", "coarse"])
+    configs = _configs(args, nodes)
+    assert len(configs) == 8 and len({c.name for c in configs}) == 8  # repeated values count once
+    assert configs[4].name == "my-eval-adapter.safetensors|ws=0.5|wc=1|bw=none"
+    # the pack's loader node finds the file by the name the grid uses
+    (adapter,) = nodes.pack_node("InvAdapterLoader", adapter_name=configs[4].adapter)
+    assert adapter.reference_resolution == 256
+    with pytest.raises(EvaluationError, match="unknown --block-weights medium; choose from none, all, coarse, fine"):
+        _configs(Namespace(**{**vars(args), "block_weights": ["medium"]}), nodes)
+    with pytest.raises(PipelineError, match="adapter 'gone.safetensors' is neither a file nor a file in ComfyUI's "
+                                            "'invadapter' folders"):
+        _configs(Namespace(**{**vars(args), "adapter": ["gone.safetensors"]}), nodes)
+    with pytest.raises(PipelineError, match="passes no value for InvAdapterApply input.s. weight_cross"):
+        nodes.pack_node("InvAdapterApply", model=None, weight_self=1.0)

@@ -175,3 +175,16 @@ def test_insightface_recognizer_with_a_stand_in_package(tmp_path, monkeypatch):
 
     face_id.get_recognizer("insightface", insightface_roots=[str(root)], device="cuda").get()
     assert calls["session"]["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_recognizers_are_imported_lazily():
+    """Loading the node pack (these modules) imports neither dlib nor InsightFace: only scoring does."""
+    import subprocess
+
+    code = ("import sys, invadapter_core.face_id, invadapter_core.face_scores, invadapter_core.score_overlay; "
+            "print(sorted(m for m in ('dlib', 'insightface', 'onnxruntime', 'face_recognition_models') "
+            "if m in sys.modules))")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
