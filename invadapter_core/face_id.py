@@ -104,7 +104,8 @@ class Recognizer(Protocol):
 
 
 def dlib_available() -> bool:
-    return importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models") is not None
+    find = importlib.util.find_spec
+    return find("dlib") is not None and find("face_recognition_models") is not None
 
 
 def dlib_model_files() -> dict[str, str]:

@@ -81,8 +81,8 @@ class InvAdapterFaceSimilarity(io.ComfyNode):
     def execute(cls, reference, images, recognizer, insightface_model, device, combine,
                 min_face_size) -> io.NodeOutput:
         torch_device = comfy.model_management.get_torch_device() if device == "gpu" else torch.device("cpu")
-        managed = face_id.get_recognizer(recognizer, insightface_roots=folder_paths.get_folder_paths(INSIGHTFACE_FOLDER),
-                                         insightface_model=insightface_model, device=torch_device)
+        managed = face_id.get_recognizer(recognizer, insightface_model=insightface_model, device=torch_device,
+                                         insightface_roots=folder_paths.get_folder_paths(INSIGHTFACE_FOLDER))
         total = images.shape[0] if getattr(images, "ndim", 0) == 4 else 1
         pbar = comfy.utils.ProgressBar(total)
         scores = face_scores.score_batch(

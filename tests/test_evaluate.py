@@ -229,3 +229,11 @@ def test_settings_grid_with_an_adapter_file_and_presets(tmp_path):
         _configs(Namespace(**{**vars(args), "adapter": ["gone.safetensors"]}), nodes)
     with pytest.raises(PipelineError, match="passes no value for InvAdapterApply input.s. weight_cross"):
         nodes.pack_node("InvAdapterApply", model=None, weight_self=1.0)
+    # every setting's choice is checked against the nodes' options before anything loads
+    from invadapter_core.evaluate.pipeline import Generator, Settings
+
+    Generator.validate(nodes, Settings())
+    with pytest.raises(PipelineError, match="KSampler sampler_name 'eulerx' is not one of: euler"):
+        Generator.validate(nodes, Settings(sampler="eulerx"))
+    with pytest.raises(PipelineError, match="InvAdapterEncodeReference inversion 'newest' is not one of"):
+        Generator.validate(nodes, Settings(inversion="newest"))

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m invadapter_core.evaluate", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="a folder of identities (one sub-folder of photos each) or a .jsonl manifest")
-    p.add_argument("--checkpoint", required=True, help="the SD1.x/2.x checkpoint: a path, or a name in models/checkpoints")
+    p.add_argument("--checkpoint", required=True,
+                   help="the checkpoint (SD1.x/2.x): a path, or a name in models/checkpoints")
     p.add_argument("--out", required=True, type=Path, help="output folder (results.csv, images/, summary.json)")
     g = p.add_argument_group("settings grid (every combination is one setting)")
     g.add_argument("--adapter", action="append", default=None,
@@ -72,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default="simple", help="sampler and inversion scheduler (default simple)")
     g.add_argument("--width", type=int, default=512)
     g.add_argument("--height", type=int, default=512)
-    g.add_argument("--resolution", type=int, default=512, help="reference (face crop) resolution (default 512)")
+    g.add_argument("--resolution", type=int, default=0,
+                   help="reference (face crop) resolution; 0 (default): the model family's own, as the node's 0")
+    g.add_argument("--inversion", default="lowest sigma",
+                   help="InvAdapterEncodeReference's inversion convention: 'lowest sigma' (default) or 'classic'")
     g.add_argument("--start-percent", type=float, default=0.0)
     g.add_argument("--end-percent", type=float, default=1.0)
     g.add_argument("--combine", default="concat", choices=["concat", "average"])

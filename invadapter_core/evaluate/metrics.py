@@ -106,8 +106,8 @@ class ClipMetric:
             return
         vision_path = os.path.abspath(clip_vision) if os.path.isfile(clip_vision) else clip_vision
         if not _has(_keys(vision_path) if os.path.isfile(vision_path) else None, "visual_projection.weight", "proj"):
-            raise PipelineError(f"{clip_vision} has no visual projection (visual_projection.weight): CLIP-I/CLIP-T need "
-                             f"a CLIP vision model with its projection")
+            raise PipelineError(f"{clip_vision} has no visual projection (visual_projection.weight): CLIP-I/CLIP-T "
+                                f"need a CLIP vision model with its projection")
         self.vision_name = model_name("clip_vision", clip_vision, "CLIP vision model")
         if clip is None:
             self.skipped["clip_t"] = f"CLIP-T skipped: no CLIP text encoder given; {how}"

@@ -67,15 +67,30 @@ class Nodes:
         self.comfy = comfy_nodes.NODE_CLASS_MAPPINGS
         self.pack = {cls.define_schema().node_id: cls for cls in load_pack().nodes.all_nodes()}
 
-    def pack_node(self, node_id: str, **values) -> tuple:
-        cls = self.pack[node_id]
-        widgets = [i.id for i in cls.define_schema().inputs
-                   if isinstance(i, self._io.WidgetInput) and not i.optional]
-        missing = [w for w in widgets if w not in values]
+    def check(self, node_id: str, **values) -> None:
+        """Every widget of the node given (optional ones too: the front end sends them all), and every choice among
+        the node's options, as ComfyUI's prompt validation checks them."""
+        inputs = {i.id: i for i in self.pack[node_id].define_schema().inputs}
+        missing = [k for k, i in inputs.items() if isinstance(i, self._io.WidgetInput) and k not in values]
         if missing:  # the node gained a widget: say so rather than silently take a default
             raise PipelineError(f"the evaluation passes no value for {node_id} input(s) {', '.join(missing)}: "
                                 f"update invadapter_core/evaluate/pipeline.py for the new node version")
-        return cls.execute(**values).args
+        for key, value in values.items():
+            options = getattr(inputs.get(key), "options", None)
+            if options is not None and value not in options:
+                raise PipelineError(f"{node_id} {key} '{value}' is not one of: {', '.join(map(str, options))}")
+
+    def check_comfy(self, node_id: str, **values) -> None:
+        """Choices of one of ComfyUI's own nodes checked against its INPUT_TYPES lists."""
+        spec = self.comfy[node_id].INPUT_TYPES()["required"]
+        for key, value in values.items():
+            options = spec[key][0]
+            if isinstance(options, list) and value not in options:
+                raise PipelineError(f"{node_id} {key} '{value}' is not one of: {', '.join(map(str, options))}")
+
+    def pack_node(self, node_id: str, **values) -> tuple:
+        self.check(node_id, **values)
+        return self.pack[node_id].execute(**values).args
 
     def comfy_node(self, node_id: str, **values) -> tuple:
         cls = self.comfy[node_id]
@@ -92,8 +107,9 @@ class Settings:
     width: int = 512
     height: int = 512
     negative: str = ""
-    resolution: int = 512
+    resolution: int = 0       # 0: the model family's own
     keep_features: bool = True
+    inversion: str = "lowest sigma"
     start_percent: float = 0.0
     end_percent: float = 1.0
     combine: str = "concat"
@@ -102,6 +118,9 @@ class Settings:
     insightface_model: str = "antelopev2"
     margin: float = 0.5
     min_face_size: int = 40
+
+
+CROP_SIZE_FAMILY_DEFAULT = 1024  # the face crop's size when the reference resolution is the family's own (0)
 
 
 class Generator:
@@ -114,6 +133,30 @@ class Generator:
         self._adapters: dict[str, object] = {}
         self._text: dict[str, object] = {}
 
+    @staticmethod
+    def validate(nodes: Nodes, s: Settings) -> None:
+        """Every widget value the settings give, checked before any model is loaded."""
+        nodes.check_comfy("KSampler", sampler_name=s.sampler, scheduler=s.scheduler)
+        nodes.check("InvAdapterFaceCrop", **Generator._crop_widgets(s))
+        nodes.check("InvAdapterEncodeReference", **Generator._encode_widgets(s))
+        nodes.check("InvAdapterApply", **Generator._apply_widgets(s, Config(INIT_FROM_MODEL, 1.0, 1.0, "none")))
+
+    @staticmethod
+    def _crop_widgets(s: Settings) -> dict:
+        return dict(detector=s.detector, insightface_model=s.insightface_model, device="gpu", face="largest",
+                    face_index=0, margin=s.margin, min_face_size=s.min_face_size,
+                    size=s.resolution or CROP_SIZE_FAMILY_DEFAULT, on_no_face="error")
+
+    @staticmethod
+    def _encode_widgets(s: Settings) -> dict:
+        return dict(steps=s.steps, scheduler=s.scheduler, resolution=s.resolution, keep_features=s.keep_features,
+                    inversion=s.inversion)
+
+    @staticmethod
+    def _apply_widgets(s: Settings, config: Config) -> dict:
+        return dict(weight_self=config.weight_self, weight_cross=config.weight_cross, start_percent=s.start_percent,
+                    end_percent=s.end_percent, combine=s.combine, apply_to=s.apply_to)
+
     def text(self, prompt: str):
         if prompt not in self._text:
             self._text[prompt] = self.nodes.comfy_node("CLIPTextEncode", clip=self.clip, text=prompt)[0]
@@ -125,21 +168,14 @@ class Generator:
         return self._adapters[name]
 
     def face_crop(self, photo: torch.Tensor) -> torch.Tensor:
-        s = self.settings
-        return self.nodes.pack_node(
-            "InvAdapterFaceCrop", image=photo, detector=s.detector, insightface_model=s.insightface_model,
-            device="gpu", face="largest", face_index=0, margin=s.margin, min_face_size=s.min_face_size,
-            size=s.resolution, on_no_face="error")[0]
+        return self.nodes.pack_node("InvAdapterFaceCrop", image=photo, **self._crop_widgets(self.settings))[0]
 
     def encode(self, crop: torch.Tensor, caption: str, adapter: str):
-        s = self.settings
         return self.nodes.pack_node(
             "InvAdapterEncodeReference", model=self.model, vae=self.vae, image=crop, caption=self.text(caption),
-            steps=s.steps, scheduler=s.scheduler, resolution=s.resolution, keep_features=s.keep_features,
-            invadapter=self.adapter(adapter))[0]
+            invadapter=self.adapter(adapter), **self._encode_widgets(self.settings))[0]
 
     def apply(self, reference, config: Config):
-        s = self.settings
         block_weights = None
         if config.block_weights != BLOCK_PRESET_NONE:
             schema = self.nodes.pack["InvAdapterBlockWeights"].define_schema()
@@ -147,8 +183,7 @@ class Generator:
             block_weights = self.nodes.pack_node("InvAdapterBlockWeights", preset=config.block_weights, **levels)[0]
         return self.nodes.pack_node(
             "InvAdapterApply", model=self.model, invadapter=self.adapter(config.adapter), reference=reference,
-            weight_self=config.weight_self, weight_cross=config.weight_cross, start_percent=s.start_percent,
-            end_percent=s.end_percent, combine=s.combine, apply_to=s.apply_to, block_weights=block_weights)[0]
+            block_weights=block_weights, **self._apply_widgets(self.settings, config))[0]
 
     def generate(self, model, prompt: str, seed: int) -> torch.Tensor:
         """One image [1, H, W, 3]."""

@@ -49,9 +49,9 @@ def save_png(image, path: Path) -> str:
 def _settings(args) -> Settings:
     return Settings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, width=args.width,
                     height=args.height, negative=args.negative, resolution=args.resolution,
-                    keep_features=not args.no_keep_features, start_percent=args.start_percent,
-                    end_percent=args.end_percent, combine=args.combine, apply_to=args.apply_to,
-                    detector=args.detector, insightface_model=args.insightface_model, margin=args.margin)
+                    keep_features=not args.no_keep_features, inversion=args.inversion,
+                    start_percent=args.start_percent, end_percent=args.end_percent, combine=args.combine,
+                    apply_to=args.apply_to, detector=args.detector, insightface_model=args.insightface_model, margin=args.margin)
 
 
 def _configs(args, nodes: Nodes) -> list[Config]:
@@ -93,6 +93,7 @@ def _evaluate(args, progress: Callable[[str], None]) -> dict:
     checkpoint = model_name("checkpoints", args.checkpoint, "checkpoint")
     configs = _configs(args, nodes)
     settings = _settings(args)
+    Generator.validate(nodes, settings)
     for root in args.insightface_root:
         folder_paths.add_model_folder_path("insightface", str(Path(root).resolve()), is_default=True)
     check_run(out, {"data": str(Path(args.data).resolve()), "checkpoint": checkpoint,
