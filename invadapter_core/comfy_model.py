@@ -23,6 +23,7 @@ import comfy.patcher_extension as ext
 
 from .block_weights import BlockWeights
 from .eaa import InvAdapter
+from .fit import check_adapter_fits, check_reference_fits, check_served
 from .injection import ADD, CALL, KINDS, SLOTS, STASH, KV, Call, EAAInjection, Step, ordered_patches
 from .notify import notify
 from .reference import FeatureCache, Reference, same_sigma
@@ -141,6 +142,8 @@ class Application:
         cache = ref.features if ref.weights is None else ref.cache_for(weights)  # a file's features: checked later
         self.run = Run(weights, sigmas, cache, checked=ref.weights is not None)
         self._start(cache)
+        if ref.weights is not None and weights != ref.weights and len(ref.features):
+            self._tell_recomputed(weights)
 
     def _start(self, cache: FeatureCache) -> None:
         cache.start_run()
@@ -258,9 +261,9 @@ class Application:
         if weights in self._told:
             return
         self._told.add(weights)
-        notify("the reference's saved features were computed with other weights than this model (another "
-               "checkpoint, or a LoRA); they are computed again for this model. Encode the face with this model "
-               "(or save the reference again from it) to skip the extra UNet passes.")
+        notify("the reference's kept features come from other weights than this model (another checkpoint, or a "
+               "LoRA), so they are computed again for this model (extra UNet passes on first use). Encode the face "
+               "with this model to skip them.")
 
     def _adapter_on(self, device, dtype) -> InvAdapter:
         """The adapter's layers in the UNet's device and dtype (the training-free adapter has none of its own)."""
@@ -282,6 +285,30 @@ def same_features(a: Features, b: Features) -> bool:
         if (x - y).norm() > PROBE_TOLERANCE * y.norm().clamp_min(1e-12):
             return False
     return True
+
+
+def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self: float, weight_cross: float,
+                   start_percent: float, end_percent: float, combine: str = "concat",
+                   apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
+                   block_weights: Optional[BlockWeights] = None):
+    """InvAdapterApply: every fit checked before anything runs, then a clone of ``model`` with the EAA installed
+    (the same clone without it when both strengths are 0)."""
+    check_served(model)
+    check_reference_fits(model, reference)
+    check_adapter_fits(adapter, model, reference)
+    if weight_self == 0 and weight_cross == 0:
+        return model.clone()
+    if start_percent > end_percent:
+        raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): the adapter would "
+                         f"never act; set start_percent below end_percent")
+    if start_percent == end_percent:
+        notify(f"start_percent equals end_percent ({start_percent}): the adapter acts on at most the one step at "
+               f"that point; widen the range to see it")
+    ms = model.get_model_object("model_sampling")
+    app = Application(adapter, reference, model, weight_self, weight_cross,
+                      sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
+                      combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)
+    return install(model, app)
 
 
 def install(model, app: Application):

@@ -61,9 +61,16 @@ def reference_conds(model, context: torch.Tensor, options: dict, x0: torch.Tenso
     return {k: v.cond.float().cpu() for k, v in out.items() if k in COND_KEYS}
 
 
+def sampler_sigmas(model, steps: int, scheduler: str, sampler_name: str = "euler") -> torch.Tensor:
+    """The schedule KSampler runs for these settings, built by KSampler itself (samplers that drop the penultimate
+    sigma, like uni_pc or dpm_2, get theirs): an inversion on it makes every sampler step find its features."""
+    return comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                   scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
+
+
 def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, scheduler: str, resolution: int = 0,
                      keep_features: bool = True, cross: bool = False, convention: str = CONVENTIONS[0],
-                     levels: Optional[set[str]] = None) -> Reference:
+                     levels: Optional[set[str]] = None, sampler_name: str = "euler") -> Reference:
     """Face image(s) + caption -> Reference (the images are one identity: a batch = several photos of it).
     ``resolution`` 0 takes the family's own (1024 for SDXL, 768 for SD2.x v-prediction, else 512)."""
     check_served(model)
@@ -74,12 +81,13 @@ def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, 
     x0 = model.model.process_latent_in(latent)
     conds = reference_conds(model, context, options, x0, (resolution, resolution))
     return invert_latent(model, latent, conds, steps, scheduler, (resolution, resolution), keep_features, cross,
-                         convention, levels)
+                         convention, levels, sampler_name)
 
 
 def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | torch.Tensor, steps: int,
                   scheduler: str, resolution: tuple[int, int], keep_features: bool = True, cross: bool = False,
-                  convention: str = CONVENTIONS[0], levels: Optional[set[str]] = None) -> Reference:
+                  convention: str = CONVENTIONS[0], levels: Optional[set[str]] = None,
+                  sampler_name: str = "euler") -> Reference:
     """DDIM inversion of a VAE latent (unscaled, as in LATENT dicts) with the caption at guidance 1.
 
     ``conds``: apply_model's conditioning (``reference_conds``), or just the caption context. ``levels``: keep only
@@ -93,8 +101,7 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
     on_device = {k: v.to(device) for k, v in conds.items()}
     blocks = transformer_blocks(model)
     names, level_of = block_keys(blocks), block_levels(model)
-    sigmas = inversion_sigmas(comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler,
-                                                              steps), convention)
+    sigmas = inversion_sigmas(sampler_sigmas(model, steps, scheduler, sampler_name), convention)
     # Only at the latent's own sigma is an inversion pass also the reference pass the generation needs.
     keep = keep_features and convention == "lowest sigma"
     cache = FeatureCache()

@@ -2,16 +2,35 @@
 extension listens for ``invadapter.notice``) and, for API clients, the same websocket event."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
 
 log = logging.getLogger("InvAdapter")
 EVENT = "invadapter.notice"
+_collected = threading.local()
+
+
+@contextlib.contextmanager
+def collecting():
+    """The notices raised inside the block, as a list (a node returns them as its UI text, which API users find in
+    /history)."""
+    notes: list[str] = []
+    outer = getattr(_collected, "notes", None)
+    _collected.notes = notes
+    try:
+        yield notes
+    finally:
+        _collected.notes = outer
 
 
 def notify(message: str, level: str = "warning") -> None:
     """Log ``message`` and send it to the connected clients, naming the node that is running (if any)."""
     getattr(log, level)("Inv-Adapter: %s", message)
+    notes = getattr(_collected, "notes", None)
+    if notes is not None:
+        notes.append(message)
     module = sys.modules.get("server")  # loaded only inside a running ComfyUI (not the trainer or in-process tests)
     server = getattr(getattr(module, "PromptServer", None), "instance", None)
     if server is None:

@@ -7,21 +7,20 @@ with a raw shape error or turn the image black (NaN). Model-dependent checks (do
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Optional
 
 import torch
 
 from . import FORMAT_VERSION
 from .blocks import parse_block_name
+from .ddim import CONVENTIONS
 
 META = "invadapter."
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CONVENTIONS = ("lowest sigma", "classic")
 
 
 def _fail(error: type[Exception], path: str, what: str, fix: str):
-    raise error(f"{os.path.basename(path) or path}: {what}; {fix}")
+    raise error(f"{path}: {what}; {fix}")
 
 
 def _int_meta(meta: dict, key: str, default: Optional[str], error, path: str, fix: str) -> int:

@@ -1,9 +1,8 @@
 from comfy_api.latest import io
 
-from invadapter_core.comfy_model import Application, install
-from invadapter_core.fit import check_adapter_fits, check_reference_fits, check_served
+from invadapter_core.comfy_model import apply_identity
 from invadapter_core.injection import APPLY_TO, COMBINE_MODES
-from invadapter_core.notify import notify
+from invadapter_core.notify import collecting
 
 from .types import CATEGORY, BlockWeightsType, InvAdapterType, ReferenceType
 
@@ -42,22 +41,10 @@ class InvAdapterApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, invadapter, reference, weight_self, weight_cross, start_percent, end_percent, combine,
                 apply_to, mask=None, block_weights=None) -> io.NodeOutput:
-        check_served(model)
-        check_reference_fits(model, reference)
-        check_adapter_fits(invadapter, model, reference)
-        if weight_self == 0 and weight_cross == 0:
-            return io.NodeOutput(model.clone())
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): the adapter "
-                             f"would never act; set start_percent below end_percent")
-        if start_percent == end_percent:
-            notify(f"start_percent equals end_percent ({start_percent}): the adapter acts on at most the one step at "
-                   f"that point; widen the range to see it")
-        ms = model.get_model_object("model_sampling")
-        app = Application(invadapter, reference, model, weight_self, weight_cross,
-                          sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
-                          combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)
-        return io.NodeOutput(install(model, app))
+        with collecting() as notices:
+            model = apply_identity(model, invadapter, reference, weight_self, weight_cross, start_percent,
+                                   end_percent, combine, apply_to, mask, block_weights)
+        return io.NodeOutput(model, ui={"text": notices} if notices else None)
 
 
 NODES = [InvAdapterApply]

@@ -33,6 +33,11 @@ class InvAdapterEncodeReference(io.ComfyNode):
                 InvAdapterType.Input("invadapter", optional=True,
                                      tooltip="Optional: the adapter, so its reference resolution and cross-attention "
                                              "features are honoured."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", optional=True,
+                               tooltip="The sampler you will generate with. Samplers that drop the schedule's "
+                                       "penultimate sigma (uni_pc, uni_pc_bh2, dpm_2, dpm_2_ancestral) sample other "
+                                       "sigmas than the rest; with the matching schedule every sampler step finds its "
+                                       "features already computed."),
                 io.Combo.Input("inversion", options=list(CONVENTIONS), default=CONVENTIONS[0], optional=True,
                                tooltip="'lowest sigma': the face latent is taken at the schedule's lowest sigma and "
                                        "each step is evaluated where it starts, so every inversion pass is also a "
@@ -46,7 +51,7 @@ class InvAdapterEncodeReference(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, image, caption, steps, scheduler, resolution, keep_features,
-                invadapter=None, inversion=CONVENTIONS[0]) -> io.NodeOutput:
+                invadapter=None, sampler_name="euler", inversion=CONVENTIONS[0]) -> io.NodeOutput:
         cross = False
         if invadapter is not None:
             wanted = invadapter.reference_resolution
@@ -56,7 +61,7 @@ class InvAdapterEncodeReference(io.ComfyNode):
             resolution = resolution or wanted or 0
             cross = invadapter.has_cross
         reference = encode_reference(model, vae, image, caption, steps, scheduler, resolution, keep_features, cross,
-                                     inversion)
+                                     inversion, sampler_name=sampler_name)
         noise = model.model.process_latent_out(reference.inverted.clone())
         return io.NodeOutput(reference, {"samples": noise})
 

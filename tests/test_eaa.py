@@ -11,13 +11,14 @@ from invadapter_core.reference_pass import Features
 DIM, HEADS, D_HEAD, CTX, N, NREF, M = 64, 4, 16, 768, 36, 49, 8
 
 
-def softmax_attention(q, k, v):
+def softmax_attention(q, k, v, heads=HEADS):
     """Per-head softmax(q k^T / sqrt(d)) v written out: [B, tokens, heads*d]."""
-    b, nq, _ = q.shape
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], HEADS, D_HEAD).permute(0, 2, 1, 3)  # noqa: E731
+    b, nq, inner = q.shape
+    d = inner // heads
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d).permute(0, 2, 1, 3)  # noqa: E731
     qh, kh, vh = split(q), split(k).expand(b, -1, -1, -1), split(v).expand(b, -1, -1, -1)
-    w = torch.softmax(qh @ kh.transpose(-1, -2) / D_HEAD**0.5, dim=-1)
-    return (w @ vh).permute(0, 2, 1, 3).reshape(b, nq, HEADS * D_HEAD)
+    w = torch.softmax(qh @ kh.transpose(-1, -2) / d**0.5, dim=-1)
+    return (w @ vh).permute(0, 2, 1, 3).reshape(b, nq, inner)
 
 
 def seeded(module, seed):
