@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from . import face as face_core
+from .notify import notify
 
 log = logging.getLogger("InvAdapter")
 
@@ -289,8 +290,8 @@ def get_recognizer(choice: str = "auto", *, insightface_roots: Sequence[str] = (
             log.info("InvAdapter face similarity: no InsightFace '%s' recognizer (%s); using dlib",
                      insightface_model, str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 - auto means "the best that works": say why, then fall back
-            log.warning("InvAdapter face similarity: InsightFace '%s' failed to load (%s: %s); using dlib",
-                        insightface_model, type(e).__name__, e)
+            notify(f"face similarity: InsightFace '{insightface_model}' failed to load ({type(e).__name__}: {e}); "
+                   f"using dlib")
     if not dlib_available():
         raise RecognizerUnavailable(
             "no face recognizer is installed: pip install dlib-bin face-recognition-models (dlib, works offline), "

@@ -2,7 +2,6 @@
 face), the text and JSON summaries, and the top-k selection. The recognizers and their scales: ``face_id``."""
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -11,8 +10,7 @@ import numpy as np
 import torch
 
 from .face_id import MIN_FACE_SIZE, FaceEmbedding, FaceIdError, Recognizer, SimilarityScale, embed_batch
-
-log = logging.getLogger("InvAdapter")
+from .notify import notify
 
 COMBINE = ("mean", "max")  # how the similarities to several reference photos become one number
 
@@ -88,8 +86,8 @@ def reference_embeddings(recognizer: Recognizer, references: torch.Tensor, min_f
             f"recognizer {recognizer.name}, min_face_size {min_face_size:g} px): connect a photo where the face is "
             f"visible, or lower min_face_size")
     if missing:
-        log.warning("InvAdapter face similarity: no face in reference image(s) %s; scoring against the other(s)",
-                    ", ".join(str(i) for i in missing))
+        notify(f"face similarity: no face in reference image(s) {', '.join(str(i) for i in missing)} (batch of "
+               f"{len(embedded)}); scoring against the other(s)")
     return [embedded[i].vector for i in used], used, missing
 
 

@@ -14,6 +14,7 @@ import comfy.utils
 import folder_paths
 from invadapter_core import face as face_core
 from invadapter_core import face_id, face_scores
+from invadapter_core.notify import collecting
 from invadapter_core.score_overlay import draw_scores
 
 from .face_crop import INSIGHTFACE_FOLDER
@@ -81,17 +82,18 @@ class InvAdapterFaceSimilarity(io.ComfyNode):
     def execute(cls, reference, images, recognizer, insightface_model, device, combine,
                 min_face_size) -> io.NodeOutput:
         torch_device = comfy.model_management.get_torch_device() if device == "gpu" else torch.device("cpu")
-        managed = face_id.get_recognizer(recognizer, insightface_model=insightface_model, device=torch_device,
-                                         insightface_roots=folder_paths.get_folder_paths(INSIGHTFACE_FOLDER))
         total = images.shape[0] if getattr(images, "ndim", 0) == 4 else 1
         pbar = comfy.utils.ProgressBar(total)
-        scores = face_scores.score_batch(
-            managed.get(), reference, images, combine=combine, min_face_size=min_face_size,
-            before_image=lambda i: comfy.model_management.throw_exception_if_processing_interrupted(),
-            after_image=lambda i: pbar.update(1))
+        with collecting() as notices:
+            managed = face_id.get_recognizer(recognizer, insightface_model=insightface_model, device=torch_device,
+                                             insightface_roots=folder_paths.get_folder_paths(INSIGHTFACE_FOLDER))
+            scores = face_scores.score_batch(
+                managed.get(), reference, images, combine=combine, min_face_size=min_face_size,
+                before_image=lambda i: comfy.model_management.throw_exception_if_processing_interrupted(),
+                after_image=lambda i: pbar.update(1))
         overlay = draw_scores(images, scores)
         return io.NodeOutput(list(scores.similarity), scores.summary(), overlay, scores,
-                             json.dumps(scores.records(), indent=1))
+                             json.dumps(scores.records(), indent=1), ui={"text": notices} if notices else None)
 
 
 class InvAdapterSelectBest(io.ComfyNode):

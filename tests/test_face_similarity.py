@@ -55,6 +55,14 @@ def test_nodes_in_process(node_module, photos):
     assert "image 1: no face" in summary and overlay.shape == (3, 160, 160, 3)
     assert [r["similarity"] is None for r in json.loads(scores_json)] == [False, True, False]
 
+    assert node_module.InvAdapterFaceSimilarity.execute(
+        photos["obama"], batch, "dlib", "antelopev2", "cpu", "mean", 32).ui is None
+    # a reference photo without a face is left out, and the user is told (the node's UI text, /history for API users)
+    reference = torch.cat([face_core.crop_faces(photos["obama"], det, size=160).crops, noise])
+    out = node_module.InvAdapterFaceSimilarity.execute(reference, batch, "dlib", "antelopev2", "cpu", "mean", 32)
+    assert out.args[0][2] == pytest.approx(similarity[2], abs=0.05)
+    assert "no face in reference image(s) 1 (batch of 2)" in out.ui["text"][0]
+
     images, sims, indices, text = node_module.InvAdapterSelectBest.execute(batch, scores, 2, True).args
     assert indices == [2, 0] and sims == [similarity[2], similarity[0]]
     assert torch.equal(images, batch[[2, 0]]) and text.startswith("top 2 of 3")

@@ -150,7 +150,7 @@ class Generator:
     @staticmethod
     def _encode_widgets(s: Settings) -> dict:
         return dict(steps=s.steps, scheduler=s.scheduler, resolution=s.resolution, keep_features=s.keep_features,
-                    inversion=s.inversion)
+                    sampler_name=s.sampler, inversion=s.inversion)
 
     @staticmethod
     def _apply_widgets(s: Settings, config: Config) -> dict:
