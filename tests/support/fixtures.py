@@ -46,3 +46,20 @@ def model():
 def caption():
     """A fixed random caption context [1, 77, 768] for the tiny model."""
     return models.text_context(seed=11)
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real labelled face photos (face_recognition 1.3.0's test photos, fetched once): name -> IMAGE [1, H, W, 3]."""
+    from . import faces
+
+    return {name: faces.load(path) for name, path in faces.labelled_photos().items()}
+
+
+@pytest.fixture(scope="session")
+def dlib_recognizer():
+    """The dlib face recognizer as ComfyUI's model management holds it (skips without dlib-bin installed)."""
+    pytest.importorskip("dlib", reason="pip install dlib-bin face-recognition-models (requirements-dev.txt)")
+    from invadapter_core import face_id
+
+    return face_id.get_recognizer("dlib")

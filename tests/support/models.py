@@ -246,3 +246,34 @@ def server_models(kind: str = "shallow") -> dict[str, dict[str, Path]]:
         "controlnet": {f"invadapter-test-controlnet-sd15-{kind}.safetensors": controlnet_checkpoint(kind)},
         "loras": {f"invadapter-test-lora-sd15-{kind}.safetensors": lora_file(kind)},
     }
+
+
+# ---------------------------------------------------------------- CLIP for the CLIP-T / CLIP-I metrics
+def clip_l_file() -> Path:
+    """A standalone CLIP-L text encoder as CLIPLoader takes it, with its text projection (clip_l.safetensors)."""
+    import comfy.clip_model
+    import comfy.ops
+
+    def build(tmp):
+        config = json.loads((Path(comfy.clip_model.__file__).parent / "sd1_clip_config.json").read_text())
+        with torch.device("meta"):
+            clip = comfy.clip_model.CLIPTextModel(config, torch.float16, "meta", comfy.ops.disable_weight_init)
+        _save_random(tmp, _shapes(clip, ""), "CLIP-L text encoder")
+
+    return _cached(f"invadapter-test-clip-l-{RECIPE}.safetensors", build)
+
+
+def clip_vision_file() -> Path:
+    """A CLIP ViT-L/14 vision model with its projection, as CLIPVisionLoader takes it (the smallest CLIP vision
+    layout ComfyUI detects: 24 layers, 303M parameters)."""
+    import comfy.clip_model
+    import comfy.ops
+
+    def build(tmp):
+        config = json.loads((Path(comfy.clip_model.__file__).parent / "clip_vision_config_vitl.json").read_text())
+        with torch.device("meta"):
+            vision = comfy.clip_model.CLIPVisionModelProjection(config, torch.float16, "meta",
+                                                                 comfy.ops.disable_weight_init)
+        _save_random(tmp, _shapes(vision, ""), "CLIP ViT-L/14 vision model")
+
+    return _cached(f"invadapter-test-clip-vision-vitl-{RECIPE}.safetensors", build)
