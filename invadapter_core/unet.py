@@ -98,10 +98,12 @@ def tokens_per_block(model, resolution: int) -> dict[str, int]:
 
 
 def block_levels(model) -> dict[str, str]:
-    """Each block's level ("input_high" ... "output_low", "middle"): its stage and how far below the latent
-    resolution its token grid is. Fixed by the UNet, so computed once, not per attention call."""
+    """Each block's level ("input_high" ... "output_low", "middle"): its stage and the rank of its token grid among
+    the UNet's transformer resolutions (block_weights). Fixed by the UNet, so computed once, not per call."""
     grids = block_grids(model, (64, 64))
-    return {name: level_of(name.split(".")[0], max(1, round(64 / w))) for name, (h, w) in grids.items()}
+    sides = sorted({w for name, (h, w) in grids.items() if not name.startswith("middle")}, reverse=True)
+    return {name: level_of(name.split(".")[0], sides.index(w) if w in sides else 0, len(sides))
+            for name, (h, w) in grids.items()}
 
 
 def block_keys(blocks: dict[str, torch.nn.Module]) -> dict[tuple, str]:

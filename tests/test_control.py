@@ -103,7 +103,7 @@ def test_a_level_weighted_zero_leaves_its_attention_unchanged(model, caption):
         stage, number, _ = name.split(".")
         f = features.self_attn[name]
         side = int(f.shape[1] ** 0.5)
-        level = level_of(stage, 8 // side)
+        level = level_of(stage, {8: 0, 4: 1, 2: 2}.get(side, 0), 3)
         opts = {"block": (stage, int(number)), "block_index": 0, "cond_or_uncond": [0],
                 "activations_shape": [1, 0, side, side], "original_shape": [1, 4, 8, 8], "n_heads": tb.attn1.heads}
         n = torch.randn(1, side * side, tb.attn1.to_q.in_features)
