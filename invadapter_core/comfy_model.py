@@ -33,7 +33,10 @@ from .unet import block_keys, block_levels, transformer_blocks, weights_key
 
 log = logging.getLogger("InvAdapter")
 HOOK_SLOT = "invadapter_cache"  # a patch list ComfyUI never calls: it only asks its objects for models() and .to()
-PROBE_TOLERANCE = 1e-3  # relative error under which a file's features count as computed by these weights
+# Relative error under which a file's features count as computed by these weights: float rounding of the same
+# computation stays far below 1e-3; an 8-bit store rounds each value by up to 6 % (3.3 % RMS measured).
+PROBE_TOLERANCE = {torch.float8_e4m3fn: 0.06}
+PROBE_TOLERANCE_DEFAULT = 1e-3
 
 
 class KVStore:
@@ -109,8 +112,8 @@ class Application:
                  block_weights: Optional[BlockWeights] = None, reuse_features: bool = True, keep_kv: bool = True):
         blocks = transformer_blocks(model)
         self.adapter, self.reference, self.combine = adapter, reference, combine
-        self.injection = EAAInjection(blocks, block_levels(model), weight_self, weight_cross, block_weights, mask,
-                                      apply_to)
+        self.level_of = block_levels(model)
+        self.injection = EAAInjection(blocks, self.level_of, weight_self, weight_cross, block_weights, mask, apply_to)
         self.names = block_keys(blocks)
         self.kinds = self.injection.active_kinds(adapter.has_cross)
         self.uses_cross = "cross" in self.kinds
@@ -235,8 +238,10 @@ class Application:
         return found
 
     def _reference_pass(self, base_model, sigma: float, device: torch.device) -> Features:
-        x_ref = self.reference.latent_at(sigma).to(device)
-        return reference_pass(base_model, x_ref, sigma, self.reference.conds, self.names, self.uses_cross)[1]
+        ref = self.reference
+        levels = set(ref.levels) if ref.levels is not None else None
+        return reference_pass(base_model, ref.latent_at(sigma).to(device), sigma, ref.conds, self.names,
+                              self.uses_cross, levels, self.level_of)[1]
 
     def _check_kept_features(self, base_model, device: torch.device) -> None:
         """A loaded file's features are used only if these weights reproduce them: one reference pass at the lowest
@@ -248,7 +253,8 @@ class Application:
         s = ref.features.sigmas()[0]
         kept = ref.features.get(s, device=device)
         fresh = self._reference_pass(base_model, s, device)
-        if same_features(kept, fresh):
+        tolerance = PROBE_TOLERANCE.get(ref.features.store_dtype, PROBE_TOLERANCE_DEFAULT)
+        if same_features(kept, fresh, tolerance):
             ref.adopt(run.weights)
             return
         run.cache = ref.cache_for(run.weights)
@@ -275,14 +281,14 @@ class Application:
         return self._adapter_copies[key]
 
 
-def same_features(a: Features, b: Features) -> bool:
-    """Features of the same weights: every block within PROBE_TOLERANCE (relative), the same blocks."""
+def same_features(a: Features, b: Features, tolerance: float = PROBE_TOLERANCE_DEFAULT) -> bool:
+    """Features of the same weights: the same blocks, each within ``tolerance`` (relative L2)."""
     ta, tb = a.tensors(), b.tensors()
     if set(ta) - set(tb) or any(ta[k].shape != tb[k].shape for k in ta):
         return False
     for k in ta:
         x, y = ta[k].float(), tb[k].float()
-        if (x - y).norm() > PROBE_TOLERANCE * y.norm().clamp_min(1e-12):
+        if (x - y).norm() > tolerance * y.norm().clamp_min(1e-12):
             return False
     return True
 
@@ -308,6 +314,13 @@ def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self
     app = Application(adapter, reference, model, weight_self, weight_cross,
                       sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
                       combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)
+    if reference.levels is not None:
+        wanted = {app.level_of[name] for (kind, name), s in app.injection.scales.items() if s != 0}
+        missing = sorted(wanted - set(reference.levels))
+        if missing:
+            notify(f"the reference keeps the features of {', '.join(reference.levels)} only (its capture setting), so "
+                   f"the blocks at {', '.join(missing)} get no EAA: encode with capture 'all levels', or set their "
+                   f"block weights to 0")
     return install(model, app)
 
 

@@ -16,6 +16,7 @@ import comfy.samplers
 import comfy.utils
 from tqdm import tqdm
 
+from .block_weights import PRESETS
 from .ddim import CONVENTIONS, invert, inversion_sigmas
 from .fit import check_served, default_resolution
 from .images import to_rgb
@@ -26,6 +27,12 @@ from .unet import block_keys, block_levels, model_family, transformer_blocks, we
 
 log = logging.getLogger("InvAdapter")
 COND_KEYS = ("c_crossattn", "y", "c_concat")  # what a reference pass gives apply_model
+# What the feature cache keeps (it grows with the reference resolution: SDXL at 1024 px is ~210 MB per step in half
+# precision): every level, or only those a block-weights preset uses; in the model's precision or in 8-bit floats.
+CAPTURE = {"all levels": None,
+           "coarse levels": {lv for lv, w in PRESETS["coarse"].items() if w != 0},
+           "fine levels": {lv for lv, w in PRESETS["fine"].items() if w != 0}}
+FEATURE_PRECISION = {"model": None, "fp8 (half the memory)": torch.float8_e4m3fn}
 
 
 def prepare_images(image: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -70,7 +77,8 @@ def sampler_sigmas(model, steps: int, scheduler: str, sampler_name: str = "euler
 
 def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, scheduler: str, resolution: int = 0,
                      keep_features: bool = True, cross: bool = False, convention: str = CONVENTIONS[0],
-                     levels: Optional[set[str]] = None, sampler_name: str = "euler") -> Reference:
+                     levels: Optional[set[str]] = None, sampler_name: str = "euler",
+                     store_dtype: Optional[torch.dtype] = None) -> Reference:
     """Face image(s) + caption -> Reference (the images are one identity: a batch = several photos of it).
     ``resolution`` 0 takes the family's own (1024 for SDXL, 768 for SD2.x v-prediction, else 512)."""
     check_served(model)
@@ -81,17 +89,18 @@ def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, 
     x0 = model.model.process_latent_in(latent)
     conds = reference_conds(model, context, options, x0, (resolution, resolution))
     return invert_latent(model, latent, conds, steps, scheduler, (resolution, resolution), keep_features, cross,
-                         convention, levels, sampler_name)
+                         convention, levels, sampler_name, store_dtype)
 
 
 def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | torch.Tensor, steps: int,
                   scheduler: str, resolution: tuple[int, int], keep_features: bool = True, cross: bool = False,
                   convention: str = CONVENTIONS[0], levels: Optional[set[str]] = None,
-                  sampler_name: str = "euler") -> Reference:
+                  sampler_name: str = "euler", store_dtype: Optional[torch.dtype] = None) -> Reference:
     """DDIM inversion of a VAE latent (unscaled, as in LATENT dicts) with the caption at guidance 1.
 
     ``conds``: apply_model's conditioning (``reference_conds``), or just the caption context. ``levels``: keep only
-    the features of blocks at these levels (the others are never used when their block weight is zero)."""
+    the features of blocks at these levels (the others are never used when their block weight is zero);
+    ``store_dtype``: keep them in this dtype (e.g. float8: half the memory)."""
     if torch.is_tensor(conds):
         conds = {CONTEXT: conds}
     comfy.model_management.load_models_gpu([model])
@@ -104,7 +113,7 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
     sigmas = inversion_sigmas(sampler_sigmas(model, steps, scheduler, sampler_name), convention)
     # Only at the latent's own sigma is an inversion pass also the reference pass the generation needs.
     keep = keep_features and convention == "lowest sigma"
-    cache = FeatureCache()
+    cache = FeatureCache(store_dtype)
     if keep:
         cache.reserve(sigmas[:-1])
     progress = comfy.utils.ProgressBar(len(sigmas) - 1)
@@ -129,4 +138,4 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
     return Reference(family=model_family(model), resolution=resolution,
                      sigmas=torch.tensor(sigmas, dtype=torch.float64), states=states.float().cpu(),
                      conds={k: v.float().cpu() for k, v in conds.items()}, features=cache,
-                     weights=weights_key(model), convention=convention)
+                     weights=weights_key(model), convention=convention, levels=sorted(levels) if levels else None)

@@ -9,6 +9,7 @@ Saved as one safetensors file (see ``save_reference``).
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Hashable, Optional
@@ -18,7 +19,7 @@ import torch
 from . import FORMAT_VERSION
 from .ddim import latent_at
 from .reference_pass import Features
-from .residency import TensorPack
+from .residency import TensorPack, fits_on_device
 from .safetensors_io import read_checked, save_atomic
 
 META = "invadapter."
@@ -43,7 +44,8 @@ class FeatureCache:
     or sampler never piles up features, and repeating the same settings never recomputes any.
     """
 
-    def __init__(self):
+    def __init__(self, store_dtype: Optional[torch.dtype] = None):
+        self.store_dtype = store_dtype  # None: the features' own dtype (the UNet's); e.g. float8 halves the memory
         self._entries: dict[float, tuple[TensorPack, int, bool]] = {}  # sigma -> (pack, step slot, has cross)
         self._layout: dict[TensorPack, list[tuple[str, str]]] = {}  # pack -> (kind, block) of each step
         self._reserved: list[float] = []
@@ -83,9 +85,13 @@ class FeatureCache:
             self.pinned.add(s)
 
     def _new_pack(self, steps: int, tensors: dict) -> TensorPack:
+        """A pack for ``steps`` steps shaped like ``tensors``: on their device while ComfyUI leaves the room, else
+        in host memory (pinned: the device writes into it and reads from it without blocking)."""
         first = next(iter(tensors.values()))
+        dtype = self.store_dtype or first.dtype
         shapes = {(i, kind, block): t.shape for i in range(steps) for (kind, block), t in tensors.items()}
-        pack = TensorPack(shapes, first.dtype, first.device)
+        size = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
+        pack = TensorPack(shapes, dtype, first.device if fits_on_device(size, first.device) else torch.device("cpu"))
         self._layout[pack] = list(tensors)
         return pack
 
@@ -149,6 +155,7 @@ class Reference:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     weights: Optional[Hashable] = None  # in-process key of the encoding weights; None: unknown (loaded from a file)
     convention: str = "lowest sigma"  # how the trajectory was inverted (ddim.CONVENTIONS)
+    levels: Optional[list[str]] = None  # the block levels whose features are kept (None: every level)
     _other: dict = field(default_factory=dict, repr=False)  # weights key -> FeatureCache of other weights
 
     @property
@@ -171,7 +178,7 @@ class Reference:
         """The features computed with ``weights`` (the encoding model's, or a cache of their own for others)."""
         if weights == self.weights:
             return self.features
-        return self._other.setdefault(weights, FeatureCache())
+        return self._other.setdefault(weights, FeatureCache(self.features.store_dtype))
 
     def adopt(self, weights: Hashable) -> None:
         """The kept features are now known to come from ``weights`` (a file's features, verified by a probe)."""
@@ -208,6 +215,8 @@ def save_reference(ref: Reference, path: str, with_features: bool = True) -> Non
         META + "convention": ref.convention,
         META + "uid": ref.uid,
     }
+    if ref.levels is not None:
+        meta[META + "levels"] = json.dumps(sorted(ref.levels))
     save_atomic(tensors, path, meta)
 
 
@@ -216,7 +225,8 @@ def load_reference(path: str) -> Reference:
 
     tensors, meta = read_checked(path, "reference file", ReferenceFileError, "save the reference again")
     parsed = check_reference_file(path, tensors, meta)
-    cache = FeatureCache()
+    stored = {t.dtype for k, t in tensors.items() if k.startswith("features.")}
+    cache = FeatureCache(stored.pop() if len(stored) == 1 else None)
     cache.reserve(parsed["feature_sigmas"])
     for i, s in enumerate(parsed["feature_sigmas"]):
         prefix = f"features.{i}."
@@ -228,7 +238,8 @@ def load_reference(path: str) -> Reference:
         conds[CONTEXT] = tensors["caption.context"]
     return Reference(family=parsed["family"], resolution=parsed["resolution"], sigmas=tensors["trajectory.sigmas"],
                      states=tensors["trajectory.states"], conds=conds, features=cache,
-                     uid=meta.get(META + "uid") or uuid.uuid4().hex, convention=parsed["convention"])
+                     uid=meta.get(META + "uid") or uuid.uuid4().hex, convention=parsed["convention"],
+                     levels=parsed["levels"])
 
 
 # --------------------------------------------------------------------------------------------------- combining
@@ -263,7 +274,7 @@ def combine_references(refs: list[Reference]) -> Reference:
                                      f"75 tokens and use the same model")
     conds = {k: torch.cat([_per_image(r.conds[k], r.images) for r in refs]) for k in first.conds}
     same_weights = all(r.weights == first.weights for r in refs)
-    cache = FeatureCache()
+    cache = FeatureCache(first.features.store_dtype)
     shared = [s for s in first.features.sigmas() if all(r.features.get(s) is not None for r in refs)]
     cache.reserve(shared if same_weights else [])
     for s in (shared if same_weights else []):
@@ -274,7 +285,8 @@ def combine_references(refs: list[Reference]) -> Reference:
             cross = {k: torch.cat([f.cross_attn[k] for f in found]) for k in found[0].cross_attn}
         cache.put(s, Features(self_attn, cross), pin=True)
     return Reference(first.family, first.resolution, first.sigmas, torch.cat([r.states for r in refs], dim=1),
-                     conds, cache, weights=first.weights if same_weights else None, convention=first.convention)
+                     conds, cache, weights=first.weights if same_weights else None, convention=first.convention,
+                     levels=first.levels)
 
 
 def _per_image(t: torch.Tensor, images: int) -> torch.Tensor:

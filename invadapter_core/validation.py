@@ -16,7 +16,7 @@ from .blocks import parse_block_name
 from .ddim import CONVENTIONS
 
 META = "invadapter."
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn)
 
 
 def _fail(error: type[Exception], path: str, what: str, fix: str):
@@ -53,8 +53,9 @@ def check_tensor(error, path: str, name: str, t: torch.Tensor, ndim: Optional[in
               fix)
     if ndim is not None and t.ndim != ndim:
         _fail(error, path, f"tensor '{name}' has shape {tuple(t.shape)} ({t.ndim}-D), expected {ndim}-D", fix)
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
+    finite = torch.isfinite(t if t.dtype != torch.float8_e4m3fn else t.half())
+    if not finite.all():
+        bad = int((~finite).sum())
         _fail(error, path, f"tensor '{name}' holds {bad} NaN/infinite value(s) (it would turn the image black)", fix)
 
 
@@ -141,6 +142,10 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
     feature_sigmas = _json_meta(meta, "feature_sigmas", E, path, REFERENCE_FIX,
                                 lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and x > 0 for x in v),
                                 "a list of positive numbers")
+    levels = None
+    if META + "levels" in meta:
+        levels = _json_meta(meta, "levels", E, path, REFERENCE_FIX,
+                            lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of levels")
     convention = meta.get(META + "convention", "lowest sigma")
     if convention not in CONVENTIONS:
         _fail(E, path, f"metadata 'invadapter.convention' is {convention!r}, expected one of {CONVENTIONS}",
@@ -189,4 +194,4 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
     if len(blocks_per_step) != len(feature_sigmas) or len(layouts) > 1:
         _fail(E, path, "its features do not cover the same blocks at every listed sigma", REFERENCE_FIX)
     return {"family": family, "resolution": tuple(resolution), "feature_sigmas": feature_sigmas,
-            "convention": convention}
+            "convention": convention, "levels": levels}

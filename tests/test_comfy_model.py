@@ -210,3 +210,28 @@ def test_the_cache_keeps_the_inference_dtype_and_does_not_grow(model, caption):
     for s in ref.features.sigmas():
         for t in ref.features.get(s).self_attn.values():
             assert t.dtype == model.model.get_dtype_inference()
+
+
+def test_capture_and_precision_bound_the_cache_and_still_sample(model, caption, tmp_path):
+    from invadapter_core.encode import CAPTURE
+    from invadapter_core.reference import load_reference, save_reference
+    from invadapter_core.unet import block_levels
+
+    full = encode(model, caption)
+    coarse = invert_latent(model, face_latent(), caption, STEPS, "simple", (64, 64), levels=CAPTURE["coarse levels"])
+    levels = block_levels(model)
+    kept = {name for _, name in coarse.features.shapes()}
+    assert kept == {n for n, lv in levels.items() if lv in CAPTURE["coarse levels"]} and len(kept) < len(levels)
+    assert coarse.features.nbytes() < full.features.nbytes()
+    out = sample(applied(model, coarse)[0], caption)
+    assert torch.isfinite(out).all() and not torch.equal(out, sample(applied(model, full)[0], caption))
+    eight = invert_latent(model, face_latent(), caption, STEPS, "simple", (64, 64), store_dtype=torch.float8_e4m3fn)
+    per_step = lambda r: r.features.nbytes() / len(r.features)  # noqa: E731
+    assert per_step(eight) * 4 == per_step(full)  # fp32 tiny model: a quarter (fp16 UNets: half)
+    assert torch.isfinite(sample(applied(model, eight)[0], caption)).all()
+    path = str(tmp_path / "eight.safetensors")
+    save_reference(eight, path)
+    back = load_reference(path)
+    assert back.features.store_dtype == torch.float8_e4m3fn
+    sample(applied(model, back)[0], caption)
+    assert back.weights is not None  # the probe accepted the 8-bit features as this model's
