@@ -4,39 +4,16 @@ Through a real ComfyUI server: the pack loads, plain SD1.5 / ControlNet / LoRA g
 return PNGs, malformed prompts come back as node_errors. In process: the tiny model and the checkpoint files are
 what ComfyUI takes for SD1.5, and their outputs are finite.
 """
-import io
 import logging
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from support import graphs, models
 from support.fixtures import CHECKPOINT, CONTROLNET, LORA
+from support.images import control_png, png_array, run_image
 from support.server import PACK_NODES, PromptRejected
-
-
-def png_array(data: bytes) -> np.ndarray:
-    image = Image.open(io.BytesIO(data))
-    assert image.format == "PNG"
-    return np.asarray(image.convert("RGB"), dtype=np.float32)
-
-
-def run_image(client, graph) -> np.ndarray:
-    entry = client.run(graph)
-    images = client.images(entry["prompt_id"])
-    assert len(images) == 1, entry.get("outputs")
-    return png_array(images[0])
-
-
-def control_png() -> bytes:
-    """A 64x64 hint image: a white disc on black, like a mask or an edge map."""
-    yy, xx = np.mgrid[:64, :64]
-    disc = (((yy - 32) ** 2 + (xx - 28) ** 2) < 18 ** 2).astype(np.uint8) * 255
-    buf = io.BytesIO()
-    Image.fromarray(np.stack([disc] * 3, -1)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- real server
