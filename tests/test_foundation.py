@@ -12,7 +12,7 @@ import torch
 
 from support import graphs, models
 from support.fixtures import CHECKPOINT, CONTROLNET, LORA
-from support.images import control_png, png_array, run_image
+from support.images import controlnet_image, png_array, run_image
 from support.server import PACK_NODES, PromptRejected
 
 
@@ -50,9 +50,7 @@ def test_malformed_prompt_is_rejected_with_node_errors(comfy_client, break_graph
 
 
 def test_controlnet_graph_runs_and_steers(comfy_client, plain_image):
-    hint = comfy_client.upload_image(control_png(), name="invadapter-test-hint.png")
-    image = run_image(comfy_client, graphs.sd15_txt2img(CHECKPOINT, seed=7, prefix="cn",
-                                                        controlnet=(CONTROLNET, hint, 1.0)))
+    image = controlnet_image(comfy_client, CHECKPOINT, CONTROLNET, seed=7, prefix="cn")
     assert image.shape == (64, 64, 3)
     assert np.abs(image - plain_image).mean() > 1.0, "the ControlNet had no effect"
 

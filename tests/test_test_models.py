@@ -13,7 +13,7 @@ import torch
 
 from support import graphs, models, sdxl_models
 from support.fixtures import SDXL_CHECKPOINT, SDXL_CONTROLNET, SDXL_LORA
-from support.images import control_png, run_image
+from support.images import controlnet_image, run_image
 
 
 def transformer_count(layout: sdxl_models.Layout) -> int:
@@ -153,9 +153,7 @@ def test_plain_sdxl_graph_returns_png(sdxl_plain_image):
 
 
 def test_sdxl_controlnet_graph_runs_and_steers(comfy_client_sdxl, sdxl_plain_image):
-    hint = comfy_client_sdxl.upload_image(control_png(), name="invadapter-test-hint.png")
-    image = run_image(comfy_client_sdxl, graphs.sd15_txt2img(SDXL_CHECKPOINT, seed=7, prefix="sdxl-cn",
-                                                             controlnet=(SDXL_CONTROLNET, hint, 1.0)))
+    image = controlnet_image(comfy_client_sdxl, SDXL_CHECKPOINT, SDXL_CONTROLNET, seed=7, prefix="sdxl-cn")
     assert image.shape == (64, 64, 3)
     assert np.abs(image - sdxl_plain_image).mean() > 1.0, "the ControlNet had no effect"
 

@@ -47,15 +47,10 @@ def comfy_client(comfy_server):
 
 
 @pytest.fixture(scope="session")
-def sdxl_test_files() -> dict:
-    """The Segmind Vega-layout SDXL checkpoint, its ControlNet and LoRA (generated once, then cached)."""
-    return models.server_models("vega")
-
-
-@pytest.fixture(scope="session")
-def comfy_server_sdxl(sdxl_test_files, tmp_path_factory):
-    """A second real server, with the SDXL test files (SDXL_CHECKPOINT, SDXL_CONTROLNET, SDXL_LORA)."""
-    yield from _running_server(sdxl_test_files, tmp_path_factory.mktemp("comfyui-sdxl"))
+def comfy_server_sdxl(tmp_path_factory):
+    """A second real server, with the Segmind Vega-layout SDXL checkpoint, its ControlNet and LoRA
+    (SDXL_CHECKPOINT, SDXL_CONTROLNET, SDXL_LORA; generated once, then cached)."""
+    yield from _running_server(models.server_models("vega"), tmp_path_factory.mktemp("comfyui-sdxl"))
 
 
 @pytest.fixture(scope="session")

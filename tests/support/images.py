@@ -6,6 +6,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from . import graphs
+
 
 def png_array(data: bytes) -> np.ndarray:
     image = Image.open(io.BytesIO(data))
@@ -28,3 +30,10 @@ def control_png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.stack([disc] * 3, -1)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def controlnet_image(client, checkpoint: str, controlnet: str, seed: int, prefix: str) -> np.ndarray:
+    """The plain txt2img graph (graphs.sd15_txt2img) steered by ``controlnet`` at strength 1 on control_png()."""
+    hint = client.upload_image(control_png(), name="invadapter-test-hint.png")
+    return run_image(client, graphs.sd15_txt2img(checkpoint, seed=seed, prefix=prefix,
+                                                 controlnet=(controlnet, hint, 1.0)))
