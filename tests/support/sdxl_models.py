@@ -35,7 +35,8 @@ class Layout(NamedTuple):
     depth_middle: int
 
 
-# Copied from the layouts ComfyUI maps diffusers UNets to (comfy/model_detection.py unet_config_from_diffusers_unet).
+# The real layouts, as ComfyUI lists them for diffusers UNets (comfy/model_detection.py
+# unet_config_from_diffusers_unet); detection itself compares only the input-side depths (supported_models).
 LAYOUTS = {
     "vega": Layout("Segmind_Vega", (0, 0, 1, 1, 2, 2), (0, 0, 0, 1, 1, 1, 2, 2, 2), -1),
     "full": Layout("SDXL", (0, 0, 2, 2, 10, 10), (0, 0, 0, 2, 2, 2, 10, 10, 10), 10),
