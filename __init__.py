@@ -11,10 +11,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)
 
-from .nodes import comfy_entrypoint, InvAdapterExtension  # noqa: F401
-from .example_inputs import install_example_inputs
-
-install_example_inputs()
-
 WEB_DIRECTORY = "./web"
-__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
+
+# ComfyUI imports this folder as a package. A test runner may execute this file as a plain module (pytest collects a
+# repository root that holds an __init__.py, and a clone named "ComfyUI-InvAdapter" is not a valid package name):
+# there is then no package to import the nodes from, and nothing to register.
+if __package__:
+    from .nodes import comfy_entrypoint, InvAdapterExtension  # noqa: F401
+    from .example_inputs import install_example_inputs
+
+    install_example_inputs()
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

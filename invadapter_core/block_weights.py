@@ -1,7 +1,9 @@
 """Per-level EAA strengths (granularity control, as DynaIP's choice of fused feature levels).
 
-A level is a UNet stage at a resolution: the transformer blocks at full latent resolution carry texture, skin and
-eyes ("fine"); the low-resolution ones and the middle block carry face shape and layout ("coarse").
+A level is a UNet stage at a resolution, ranked within the UNet: "high" is the finest resolution that has
+transformer blocks (SD1.x/2.x: the full latent; SDXL: half of it), "low" the coarsest, "mid" any between. The
+high-resolution blocks carry texture, skin and eyes ("fine"); the low-resolution ones and the middle block carry
+face shape and layout ("coarse").
 """
 from __future__ import annotations
 
@@ -17,18 +19,12 @@ PRESETS = {
 }
 
 
-def level_of(stage: str, downscale: int) -> str:
-    """The level of a block from its stage and how much smaller than the latent its token grid is."""
+def level_of(stage: str, rank: int, ranks: int) -> str:
+    """The level of a block from its stage and the rank of its resolution among the UNet's transformer resolutions
+    (0 = finest, ``ranks`` of them in all)."""
     if stage == "middle":
         return "middle"
-    return f"{stage}_{'high' if downscale <= 1 else 'mid' if downscale == 2 else 'low'}"
-
-
-def call_level(extra_options: dict) -> str:
-    """The level of the block a ComfyUI attention patch runs in (from the shapes ComfyUI passes along)."""
-    latent_w = extra_options["original_shape"][-1]
-    grid_w = extra_options["activations_shape"][-1]
-    return level_of(extra_options["block"][0], max(1, round(latent_w / max(grid_w, 1))))
+    return f"{stage}_{'high' if rank == 0 else 'low' if rank == ranks - 1 else 'mid'}"
 
 
 @dataclass

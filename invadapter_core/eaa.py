@@ -9,44 +9,32 @@ attention's output before ``to_out``: ``out = to_out(A + lambda * E)``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .blocks import BlockKey, block_name
 
-Attention = Callable[..., torch.Tensor]  # (q, k, v, heads) -> out, all [B, tokens, heads * dim_head]
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, heads * d] -> [B, heads, N, d], the layout attention kernels take (how reference K/V are kept)."""
+    b, n, inner = t.shape
+    return t.view(b, n, heads, inner // heads).transpose(1, 2)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on [B, tokens, heads*dim] tensors (used outside ComfyUI)."""
+def reference_attention(q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor, heads: int) -> torch.Tensor:
+    """E = softmax(q k_ref^T / sqrt(d)) v_ref with q [B, Nq, heads * d] and the reference's K/V already split into
+    heads ([1 or B, heads, N, d]). torch's scaled-dot-product attention (what ComfyUI itself picks by default on
+    CPUs and current GPUs) is called directly on them: five operators around the kernel, which a launch-bound GPU
+    pays on every call. One reference for every sample folds the batch into the query tokens (attention is
+    row-wise in the queries): one call, no per-sample copies of K/V."""
     b, nq, inner = q.shape
     d = inner // heads
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
-    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    if k_ref.dtype != q.dtype:
+        k_ref, v_ref = k_ref.to(q.dtype), v_ref.to(q.dtype)
+    rows = 1 if k_ref.shape[0] == 1 else b
+    qh = q.reshape(rows, b * nq // rows, heads, d).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(qh, k_ref, v_ref)
     return out.transpose(1, 2).reshape(b, nq, inner)
-
-
-def match_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """Reference tensors have batch 1 (one identity); broadcast them to the generation batch."""
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] != 1:
-        raise ValueError(f"reference batch {t.shape[0]} cannot be matched to generation batch {batch}")
-    return t.expand(batch, *t.shape[1:])
-
-
-def reference_attention(q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor, heads: int,
-                        attention: Attention = sdpa_attention) -> torch.Tensor:
-    """E = softmax(q k_ref^T / sqrt(d)) v_ref, with the reference keys/values shared over the batch."""
-    b = q.shape[0]
-    k_ref, v_ref = k_ref.to(q.dtype), v_ref.to(q.dtype)
-    if k_ref.shape[0] == 1 and b > 1:
-        # One reference for every sample: attention is row-wise in the queries, so the batch folds into the query
-        # tokens (one call, larger matrix products, no per-sample copies of K/V).
-        return attention(q.reshape(1, -1, q.shape[-1]), k_ref, v_ref, heads).reshape(q.shape)
-    return attention(q, match_batch(k_ref, b).contiguous(), match_batch(v_ref, b).contiguous(), heads)
 
 
 def output_projection_delta(to_out: nn.Module, e: torch.Tensor) -> torch.Tensor:
@@ -113,13 +101,14 @@ class InvAdapter(nn.Module):
     def has_cross(self) -> bool:
         return len(self.cross_eaa) > 0
 
-    def self_layer(self, key: BlockKey) -> Optional[SelfEAA]:
+    def self_layer(self, block: str) -> Optional[SelfEAA]:
+        """The self EAA of a block ("input.1.0"); the base model's own projections for the training-free adapter."""
         if self.self_from_base:
             return _BASE_SELF_EAA
-        return self.self_eaa[_module_key(key)] if _module_key(key) in self.self_eaa else None
+        return self.self_eaa[_module_key(block)] if _module_key(block) in self.self_eaa else None
 
-    def cross_layer(self, key: BlockKey) -> Optional[CrossEAA]:
-        return self.cross_eaa[_module_key(key)] if _module_key(key) in self.cross_eaa else None
+    def cross_layer(self, block: str) -> Optional[CrossEAA]:
+        return self.cross_eaa[_module_key(block)] if _module_key(block) in self.cross_eaa else None
 
     def self_layers(self) -> dict[str, SelfEAA]:
         return {k.replace("_", "."): v for k, v in self.self_eaa.items()}
@@ -131,8 +120,8 @@ class InvAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _module_key(key: BlockKey) -> str:
-    return block_name(key).replace(".", "_")
+def _module_key(block: str) -> str:
+    return block.replace(".", "_")
 
 
 _BASE_SELF_EAA = SelfEAA(own_layers=False)

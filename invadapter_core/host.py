@@ -43,3 +43,20 @@ def use_comfyui(cpu: bool | None = None) -> Path:
     if cpu or (cpu is None and no_accelerator()):
         comfy.cli_args.args.cpu = True
     return path
+
+
+PACK_PACKAGE = "ComfyUI_InvAdapter"
+
+
+def load_pack(name: str = PACK_PACKAGE):
+    """Import this node pack as ComfyUI does (a package from the repo's ``__init__.py``), for code that calls the
+    pack's node classes in-process. ComfyUI must be importable first (``use_comfyui``); loaded once per name."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

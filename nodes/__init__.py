@@ -3,9 +3,9 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import loader, encode, apply, reference_io, face_crop, control, attention_maps
+from . import loader, encode, apply, reference_io, face_crop, control, attention_maps, face_similarity
 
-_NODE_MODULES = [loader, encode, apply, reference_io, face_crop, control, attention_maps]
+_NODE_MODULES = [loader, encode, apply, reference_io, face_crop, control, attention_maps, face_similarity]
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:

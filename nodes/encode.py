@@ -1,7 +1,8 @@
 from comfy_api.latest import io
 
 import comfy.samplers
-from invadapter_core.encode import encode_reference
+from invadapter_core.ddim import CONVENTIONS
+from invadapter_core.encode import CAPTURE, FEATURE_PRECISION, encode_reference
 
 from .types import CATEGORY, InvAdapterType, ReferenceType
 
@@ -26,14 +27,33 @@ class InvAdapterEncodeReference(io.ComfyNode):
                              tooltip="Inversion steps. Use the sampler's steps and scheduler to reuse every feature."),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple",
                                tooltip="Inversion schedule: the same as the sampler's, so its features are reused."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="The face is centre-cropped square and resized to this; a trained adapter "
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
+                             tooltip="The face is centre-cropped square and resized to this. 0: the model family's "
+                                     "own (1024 for SDXL, 768 for SD2.x v-prediction, else 512); a trained adapter "
                                      "requires its own reference resolution."),
                 io.Boolean.Input("keep_features", default=True,
                                  tooltip="Keep the features captured during inversion (memory for speed)."),
                 InvAdapterType.Input("invadapter", optional=True,
                                      tooltip="Optional: the adapter, so its reference resolution and cross-attention "
                                              "features are honoured."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", optional=True,
+                               tooltip="The sampler you will generate with. Samplers that drop the schedule's "
+                                       "penultimate sigma (uni_pc, uni_pc_bh2, dpm_2, dpm_2_ancestral) sample other "
+                                       "sigmas than the rest; with the matching schedule every sampler step finds its "
+                                       "features already computed."),
+                io.Combo.Input("inversion", options=list(CONVENTIONS), default=CONVENTIONS[0], optional=True,
+                               tooltip="'lowest sigma': the face latent is taken at the schedule's lowest sigma and "
+                                       "each step is evaluated where it starts, so every inversion pass is also a "
+                                       "reference pass (features for free). 'classic': the first step starts at "
+                                       "sigma 0 and each step is evaluated at its target sigma (diffusers, null-text "
+                                       "inversion); its passes give no reusable features."),
+                io.Combo.Input("capture", options=list(CAPTURE), default="all levels", optional=True,
+                               tooltip="Which block levels' features the reference keeps. 'coarse levels' and 'fine "
+                                       "levels' keep only those the block-weights presets of the same name use "
+                                       "(SDXL at 1024 px: 'coarse' keeps 157 of 209 MB per step)."),
+                io.Combo.Input("feature_precision", options=list(FEATURE_PRECISION), default="model", optional=True,
+                               tooltip="Keep the features in the model's precision, or in 8-bit floats: half the "
+                                       "memory, each value rounded by up to 6 %."),
             ],
             outputs=[ReferenceType.Output(display_name="reference",
                                           tooltip="The identity: connect to Inv-Adapter Apply or Save Reference."),
@@ -44,14 +64,18 @@ class InvAdapterEncodeReference(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, image, caption, steps, scheduler, resolution, keep_features,
-                invadapter=None) -> io.NodeOutput:
+                invadapter=None, sampler_name="euler", inversion=CONVENTIONS[0], capture="all levels",
+                feature_precision="model") -> io.NodeOutput:
         cross = False
         if invadapter is not None:
-            if invadapter.reference_resolution and invadapter.reference_resolution != resolution:
-                raise ValueError(f"the Inv-Adapter '{invadapter.name}' was trained on {invadapter.reference_resolution}"
-                                 f" px references; set resolution to {invadapter.reference_resolution}")
+            wanted = invadapter.reference_resolution
+            if wanted and resolution and wanted != resolution:
+                raise ValueError(f"the Inv-Adapter '{invadapter.name}' was trained on {wanted} px references; set "
+                                 f"resolution to {wanted} (or 0)")
+            resolution = resolution or wanted or 0
             cross = invadapter.has_cross
-        reference = encode_reference(model, vae, image, caption, steps, scheduler, resolution, keep_features, cross)
+        reference = encode_reference(model, vae, image, caption, steps, scheduler, resolution, keep_features, cross,
+                                     inversion, CAPTURE[capture], sampler_name, FEATURE_PRECISION[feature_precision])
         noise = model.model.process_latent_out(reference.inverted.clone())
         return io.NodeOutput(reference, {"samples": noise})
 

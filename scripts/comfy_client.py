@@ -1,5 +1,5 @@
-"""A small client for ComfyUI's HTTP API (standard library only): upload a face photo, set the checkpoint, queue a
-workflow, wait for it, fetch the images it saved.
+"""A small client for ComfyUI's HTTP API (standard library only; run_listening also needs websocket-client):
+upload a face photo, set the checkpoint, queue a workflow, wait for it, fetch the images it saved.
 
     python scripts/comfy_client.py workflows_api/basic.json --face me.jpg \\
         --checkpoint v1-5-pruned-emaonly-fp16.safetensors [--server http://127.0.0.1:8188] [--out out/]
@@ -112,6 +112,33 @@ class ComfyClient:
         entry = self.wait(prompt_id, timeout)
         entry["prompt_id"] = prompt_id
         return entry
+
+    def run_listening(self, prompt: dict, events=("invadapter.notice",), timeout: float = 300.0
+                      ) -> tuple[dict, list[dict]]:
+        """Run a prompt while listening on the websocket as API clients do: (history entry, the data of every
+        message of the given ``events`` types sent for it). Needs the websocket-client package."""
+        import websocket
+
+        ws = websocket.create_connection(f"ws{self.url[len('http'):]}/ws?clientId={self.client_id}", timeout=timeout)
+        seen = []
+        try:
+            prompt_id = self.queue(prompt)
+            while True:
+                message = ws.recv()
+                if not isinstance(message, str):
+                    continue  # binary previews
+                data = json.loads(message)
+                kind, body = data.get("type"), data.get("data") or {}
+                if kind in events:
+                    seen.append(body)
+                done = kind == "executing" and body.get("node") is None and body.get("prompt_id") == prompt_id
+                if done or (kind == "execution_error" and body.get("prompt_id") == prompt_id):
+                    break
+        finally:
+            ws.close()
+        entry = self.wait(prompt_id, timeout)
+        entry["prompt_id"] = prompt_id
+        return entry, seen
 
     def output_images(self, prompt_id: str, kinds=("output",)) -> list[dict]:
         """{filename, subfolder, type} of the images the prompt's nodes produced: by default the saved ones (SaveImage);

@@ -1,5 +1,4 @@
 """Test bootstrap: the real ComfyUI host on sys.path, CPU mode, and shared fixtures."""
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -17,18 +16,14 @@ pytest_plugins = ["support.fixtures"]
 
 def load_pack():
     """Import this node pack as ComfyUI would (a package named after its folder)."""
-    name = "ComfyUI_InvAdapter_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
     import folder_paths
 
-    # importing the pack copies its example images into ComfyUI's input folder: not into the shared host's
-    folder_paths.set_input_directory(tempfile.mkdtemp(prefix="invadapter-input-"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    from invadapter_core.host import load_pack as load
+
+    if "ComfyUI_InvAdapter_under_test" not in sys.modules:
+        # importing the pack copies its example images into ComfyUI's input folder: not into the shared host's
+        folder_paths.set_input_directory(tempfile.mkdtemp(prefix="invadapter-input-"))
+    return load("ComfyUI_InvAdapter_under_test")
 
 
 @pytest.fixture(scope="session")

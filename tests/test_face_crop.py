@@ -500,6 +500,11 @@ def _face_crop_graph(image_name: str, on_no_face: str = "error", size: int = 256
     }
 
 
+def _image_nodes(entry) -> list:
+    """The output nodes that produced images, in the order the client's images() returns them."""
+    return [k for k in sorted(entry["outputs"], key=str) if entry["outputs"][k].get("images")]
+
+
 def test_face_crop_through_the_server(comfy_client):
     """The shipped demo photo through a real headless ComfyUI: LoadImage -> InvAdapterFaceCrop -> SaveImage."""
     import io as _io
@@ -513,7 +518,7 @@ def test_face_crop_through_the_server(comfy_client):
     entry = comfy_client.run(_face_crop_graph(name))
     prompt_id = entry["prompt_id"]
     images = {node: entry["outputs"][node]["images"][0]["filename"] for node in ("save", "save_mask")}
-    files = dict(zip(sorted(entry["outputs"], key=str), comfy_client.images(prompt_id)))
+    files = dict(zip(_image_nodes(entry), comfy_client.images(prompt_id)))
     crop = np.array(Image.open(_io.BytesIO(files["save"])))
     mask = np.array(Image.open(_io.BytesIO(files["save_mask"])).convert("L"))
     assert crop.shape == (256, 256, 3) and images["save"].startswith("facecrop-test")
@@ -527,8 +532,11 @@ def test_face_crop_through_the_server(comfy_client):
     with pytest.raises(ExecutionFailed, match="No face found in batch image 0 of 1"):
         comfy_client.run(_face_crop_graph(noise_name))
     entry = comfy_client.run(_face_crop_graph(noise_name, on_no_face="center crop", size=64))
-    files = dict(zip(sorted(entry["outputs"], key=str), comfy_client.images(entry["prompt_id"])))
+    files = dict(zip(_image_nodes(entry), comfy_client.images(entry["prompt_id"])))
     assert np.array(Image.open(_io.BytesIO(files["save"]))).shape == (64, 64, 3)
+    # the fallback is said where API users look, not only in the server log
+    notices = [text for out in entry["outputs"].values() for text in out.get("text", [])]
+    assert any("No face found" in t and "centre square" in t for t in notices), entry["outputs"]
     # an out-of-range widget is refused at validation (HTTP 400)
     with pytest.raises(PromptRejected):
         comfy_client.queue(_face_crop_graph(name, on_no_face="ignore"))

@@ -4,39 +4,16 @@ Through a real ComfyUI server: the pack loads, plain SD1.5 / ControlNet / LoRA g
 return PNGs, malformed prompts come back as node_errors. In process: the tiny model and the checkpoint files are
 what ComfyUI takes for SD1.5, and their outputs are finite.
 """
-import io
 import logging
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from support import graphs, models
 from support.fixtures import CHECKPOINT, CONTROLNET, LORA
+from support.images import controlnet_image, png_array, run_image
 from support.server import PACK_NODES, PromptRejected
-
-
-def png_array(data: bytes) -> np.ndarray:
-    image = Image.open(io.BytesIO(data))
-    assert image.format == "PNG"
-    return np.asarray(image.convert("RGB"), dtype=np.float32)
-
-
-def run_image(client, graph) -> np.ndarray:
-    entry = client.run(graph)
-    images = client.images(entry["prompt_id"])
-    assert len(images) == 1, entry.get("outputs")
-    return png_array(images[0])
-
-
-def control_png() -> bytes:
-    """A 64x64 hint image: a white disc on black, like a mask or an edge map."""
-    yy, xx = np.mgrid[:64, :64]
-    disc = (((yy - 32) ** 2 + (xx - 28) ** 2) < 18 ** 2).astype(np.uint8) * 255
-    buf = io.BytesIO()
-    Image.fromarray(np.stack([disc] * 3, -1)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- real server
@@ -73,9 +50,7 @@ def test_malformed_prompt_is_rejected_with_node_errors(comfy_client, break_graph
 
 
 def test_controlnet_graph_runs_and_steers(comfy_client, plain_image):
-    hint = comfy_client.upload_image(control_png(), name="invadapter-test-hint.png")
-    image = run_image(comfy_client, graphs.sd15_txt2img(CHECKPOINT, seed=7, prefix="cn",
-                                                        controlnet=(CONTROLNET, hint, 1.0)))
+    image = controlnet_image(comfy_client, CHECKPOINT, CONTROLNET, seed=7, prefix="cn")
     assert image.shape == (64, 64, 3)
     assert np.abs(image - plain_image).mean() > 1.0, "the ControlNet had no effect"
 

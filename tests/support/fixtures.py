@@ -9,11 +9,24 @@ from .server import ComfyServer
 CHECKPOINT = "invadapter-test-sd15-shallow.safetensors"
 CONTROLNET = "invadapter-test-controlnet-sd15-shallow.safetensors"
 LORA = "invadapter-test-lora-sd15-shallow.safetensors"
+# The Segmind Vega-layout SDXL checkpoint and its add-ons (sdxl_models.server_models("vega")).
+SDXL_CHECKPOINT = "invadapter-test-sdxl-vega.safetensors"
+SDXL_CONTROLNET = "invadapter-test-controlnet-sdxl-vega.safetensors"
+SDXL_LORA = "invadapter-test-lora-sdxl-vega.safetensors"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: generates or loads the full-size SD1.5 test checkpoint (deselect "
-                                       "with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: generates or loads a full-size test checkpoint (SD1.5 or SDXL; "
+                                       "deselect with -m 'not slow')")
+
+
+def _running_server(test_files: dict, base_dir):
+    """A real headless ComfyUI (subprocess) with the pack and ``test_files``, for a fixture to yield; fails if
+    the pack didn't load."""
+    server = ComfyServer(models=test_files, base_dir=base_dir)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +37,8 @@ def sd15_test_files() -> dict:
 
 @pytest.fixture(scope="session")
 def comfy_server(sd15_test_files, tmp_path_factory):
-    """A real headless ComfyUI (subprocess) with the pack and the test models; fails if the pack didn't load."""
-    server = ComfyServer(models=sd15_test_files, base_dir=tmp_path_factory.mktemp("comfyui"))
-    server.start()
-    yield server
-    server.stop()
+    """The real server with the SD1.5 test files (CHECKPOINT, CONTROLNET, LORA)."""
+    yield from _running_server(sd15_test_files, tmp_path_factory.mktemp("comfyui"))
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +60,18 @@ def frontend(comfy_server):
 
 
 @pytest.fixture(scope="session")
+def comfy_server_sdxl(tmp_path_factory):
+    """A second real server, with the Segmind Vega-layout SDXL checkpoint, its ControlNet and LoRA
+    (SDXL_CHECKPOINT, SDXL_CONTROLNET, SDXL_LORA; generated once, then cached)."""
+    yield from _running_server(models.server_models("vega"), tmp_path_factory.mktemp("comfyui-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def comfy_client_sdxl(comfy_server_sdxl):
+    return comfy_server_sdxl.client
+
+
+@pytest.fixture(scope="session")
 def model():
     """The small in-process SD1.5-shaped ModelPatcher (tiny_sd15_model), shared by the math tests."""
     return models.tiny_sd15_model()
@@ -59,3 +81,20 @@ def model():
 def caption():
     """A fixed random caption context [1, 77, 768] for the tiny model."""
     return models.text_context(seed=11)
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real labelled face photos (face_recognition 1.3.0's test photos, fetched once): name -> IMAGE [1, H, W, 3]."""
+    from . import faces
+
+    return {name: faces.load(path) for name, path in faces.labelled_photos().items()}
+
+
+@pytest.fixture(scope="session")
+def dlib_recognizer():
+    """The dlib face recognizer as ComfyUI's model management holds it (skips without dlib-bin installed)."""
+    pytest.importorskip("dlib", reason="pip install dlib-bin face-recognition-models (requirements-dev.txt)")
+    from invadapter_core import face_id
+
+    return face_id.get_recognizer("dlib")

@@ -1,6 +1,6 @@
-"""API-format graphs (what POST /prompt takes) for plain SD1.5 runs, small enough for CPU tests, and the shipped
-workflows: workflows_api/<name>.json (API format) and example_workflows/NN_<name>.json (the UI graphs the template
-browser lists, NN = the order a newcomer meets them)."""
+"""API-format graphs (what POST /prompt takes) for plain SD1.5 and SDXL runs, small enough for CPU tests, and the
+shipped workflows: workflows_api/<name>.json (API format) and example_workflows/NN_<name>.json (the UI graphs the
+template browser lists, NN = the order a newcomer meets them)."""
 from __future__ import annotations
 
 import copy
@@ -32,7 +32,8 @@ def sd15_txt2img(ckpt_name: str, *, seed: int = 0, steps: int = 2, cfg: float = 
                  lora: tuple[str, float] | None = None, controlnet: tuple[str, str, float] | None = None) -> dict:
     """CheckpointLoaderSimple -> [LoraLoader] -> CLIPTextEncode x2 -> [ControlNetApplyAdvanced] -> EmptyLatentImage
     -> KSampler -> VAEDecode -> SaveImage. ``lora`` = (file, strength); ``controlnet`` = (file, input image name,
-    strength)."""
+    strength). Serves SDXL checkpoints as well: CLIPTextEncode adds their pooled output, the size conditioning
+    keeps ComfyUI's defaults."""
     model, clip = ["ckpt", 0], ["ckpt", 1]
     g = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}}}
     if lora is not None:

@@ -26,7 +26,8 @@ from comfy_client import ComfyClient, ExecutionFailed, PromptRejected  # noqa: E
 # Nodes /object_info must list once the pack has loaded; extend as the pack grows.
 PACK_NODES = ["InvAdapterLoader", "InvAdapterEncodeReference", "InvAdapterApply", "InvAdapterSaveReference",
               "InvAdapterLoadReference", "InvAdapterFaceCrop", "InvAdapterCombineReferences",
-              "InvAdapterBlockWeights", "InvAdapterAttentionMaps"]
+              "InvAdapterBlockWeights", "InvAdapterAttentionMaps",
+              "InvAdapterFaceSimilarity", "InvAdapterSelectBest"]
 PACK_LINK_NAME = "ComfyUI-InvAdapter"
 STARTUP_TIMEOUT = float(os.environ.get("INVADAPTER_SERVER_STARTUP_TIMEOUT", 120))
 

@@ -1,0 +1,95 @@
+"""The per-image CSV (one row per identity x prompt x seed x setting, appended and synced as each image is done,
+so an interrupted run resumes where it stopped), the run's settings (a resumed run must match them) and the summary
+(one JSON object, averaged per setting)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+FIELDS = ["identity", "prompt_index", "prompt", "seed", "config", "adapter", "weight_self", "weight_cross",
+          "block_weights", "image", "face_found", "face_sim", "face_raw", "face_sim_other_photos", "real_photo_sim",
+          "copy_paste", "clip_t", "clip_i", "seconds"]
+METRICS = ["face_sim", "face_raw", "face_sim_other_photos", "real_photo_sim", "copy_paste", "clip_t", "clip_i"]
+CSV_NAME, RUN_NAME, SUMMARY_NAME = "results.csv", "run.json", "summary.json"
+
+
+class ResumeMismatch(ValueError):
+    pass
+
+
+def row_key(identity: str, prompt: str, seed, config: str) -> tuple[str, str, str, str]:
+    return identity, prompt, str(seed), config
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+class ResultsFile:
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / CSV_NAME
+        self.rows: list[dict] = []
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a row torn by the interruption: drop it, it is redone
+                self.path.write_bytes(data[:data.rfind(b"\n") + 1])
+            with open(self.path, newline="", encoding="utf-8") as f:
+                self.rows = [r for r in csv.DictReader(f) if all(r.get(k) is not None for k in FIELDS)]
+        self._done = {row_key(r["identity"], r["prompt"], r["seed"], r["config"]) for r in self.rows}
+
+    def done(self, key: tuple) -> bool:
+        return key in self._done
+
+    def append(self, row: dict) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: _cell(row[k]) for k in FIELDS})
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append({k: _cell(row[k]) for k in FIELDS})
+        self._done.add(row_key(row["identity"], row["prompt"], row["seed"], row["config"]))
+
+
+def check_run(out_dir: Path, run: dict, restart: bool) -> None:
+    """Write run.json, or compare with the one there: a resumed run must have the same settings (the grid of
+    adapters and weights may grow)."""
+    path = out_dir / RUN_NAME
+    if restart:
+        for name in (CSV_NAME, RUN_NAME, SUMMARY_NAME):
+            (out_dir / name).unlink(missing_ok=True)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run))
+                   if old.get(k) != run.get(k)]
+        if changed:
+            raise ResumeMismatch(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): use another "
+                                 f"--out, or --restart to discard the results there")
+        return
+    path.write_text(json.dumps(run, indent=1, sort_keys=True))
+
+
+def _mean(values) -> float | None:
+    numbers = [float(v) for v in values if v not in ("", None)]
+    numbers = [v for v in numbers if not math.isnan(v)]
+    return round(sum(numbers) / len(numbers), 4) if numbers else None
+
+
+def summarize(rows: list[dict], configs: list) -> list[dict]:
+    """Per setting (in grid order): counts and the mean of every metric over the rows that have it."""
+    out = []
+    for config in configs:
+        mine = [r for r in rows if r["config"] == config.name]
+        entry = {"config": config.name, "adapter": config.adapter, "weight_self": config.weight_self,
+                 "weight_cross": config.weight_cross, "block_weights": config.block_weights, "images": len(mine),
+                 "no_face": sum(1 for r in mine if r["face_found"] != "True")}
+        entry.update({m: _mean(r[m] for r in mine) for m in METRICS})
+        out.append(entry)
+    return out

@@ -1,0 +1,175 @@
+"""The evaluation loop: plan (identity x prompt x seed x setting), skip what results.csv already has, generate and
+score the rest one image at a time, then summarize. Needs ComfyUI set up (``__main__`` does it)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from ..face_id import FaceIdError, to_uint8
+from ..train.data import SkipItem, load_image
+from .dataset import DatasetError, load_identities, read_prompts, slug
+from .metrics import ClipMetric, FaceMetric
+from .pipeline import BLOCK_PRESET_NONE, INIT_FROM_MODEL, Config, Generator, Nodes, PipelineError, Settings, model_name
+from .results import SUMMARY_NAME, ResultsFile, ResumeMismatch, check_run, row_key, summarize
+
+log = logging.getLogger("InvAdapter.evaluate")
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Job:
+    identity: object
+    prompt_index: int
+    prompt: str
+    seed: int
+    config: Config
+
+    @property
+    def key(self):
+        return row_key(self.identity.name, self.prompt, self.seed, self.config.name)
+
+
+def save_png(image, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(image[0] if image.ndim == 4 else image)).save(path)
+    return str(path)
+
+
+def _settings(args) -> Settings:
+    return Settings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, width=args.width,
+                    height=args.height, negative=args.negative, resolution=args.resolution,
+                    keep_features=not args.no_keep_features, inversion=args.inversion,
+                    start_percent=args.start_percent, end_percent=args.end_percent, combine=args.combine,
+                    apply_to=args.apply_to, detector=args.detector, insightface_model=args.insightface_model, margin=args.margin)
+
+
+def _configs(args, nodes: Nodes) -> list[Config]:
+    presets = [p for p in nodes.pack["InvAdapterBlockWeights"].define_schema().inputs[0].options if p != "custom"]
+    bad = [p for p in args.block_weights if p not in presets + [BLOCK_PRESET_NONE]]
+    if bad:
+        raise EvaluationError(f"unknown --block-weights {', '.join(bad)}; choose from "
+                              f"{', '.join([BLOCK_PRESET_NONE] + presets)}")
+    adapters = [a if a == INIT_FROM_MODEL else model_name("invadapter", a, "adapter")
+                for a in (args.adapter or [INIT_FROM_MODEL])]
+    return [Config(a, ws, wc, bw) for a, ws, wc, bw in itertools.product(
+        dict.fromkeys(adapters), dict.fromkeys(args.weight_self), dict.fromkeys(args.weight_cross),
+        dict.fromkeys(args.block_weights))]
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def evaluate(args, progress: Callable[[str], None] | None = None) -> dict:
+    import torch
+
+    try:
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            return _evaluate(args, progress or (lambda s: None))
+    except (DatasetError, PipelineError, ResumeMismatch, FaceIdError) as e:
+        raise EvaluationError(str(e)) from None
+
+
+def _evaluate(args, progress: Callable[[str], None]) -> dict:
+    import comfy.model_management as mm
+    import folder_paths
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = args.prompt or (read_prompts(args.prompts) if args.prompts else None)
+    identities = load_identities(str(args.data), prompts, args.caption)
+    nodes = Nodes()
+    checkpoint = model_name("checkpoints", args.checkpoint, "checkpoint")
+    configs = _configs(args, nodes)
+    settings = _settings(args)
+    Generator.validate(nodes, settings)
+    for root in args.insightface_root:
+        folder_paths.add_model_folder_path("insightface", str(Path(root).resolve()), is_default=True)
+    check_run(out, {"data": str(Path(args.data).resolve()), "checkpoint": checkpoint,
+                    "settings": dataclasses.asdict(settings), "recognizer": args.recognizer,
+                    "insightface_model": args.insightface_model, "min_face_size": args.min_face_size,
+                    "clip": args.clip, "clip_vision": args.clip_vision}, args.restart)
+    results = ResultsFile(out)
+
+    seeds = range(args.seed, args.seed + max(1, args.images_per_prompt))
+    plan = [Job(identity, i, prompt, seed, config) for identity in identities for config in configs
+            for i, prompt in enumerate(identity.prompts) for seed in seeds]
+    todo = [job for job in plan if not results.done(job.key)]
+    resumed = len(plan) - len(todo)
+    if resumed:
+        progress(f"resuming: {resumed} of {len(plan)} images already in {results.path}")
+
+    face = FaceMetric(args.recognizer, args.insightface_model, folder_paths.get_folder_paths("insightface"),
+                      mm.get_torch_device(), args.min_face_size)
+    clip = ClipMetric(nodes, args.clip, args.clip_vision)
+    for reason in clip.skipped.values():
+        progress(reason)
+    skipped_identities: dict[str, str] = {}
+    generator = Generator(nodes, checkpoint, settings) if todo else None
+    done = 0
+    for identity in identities:
+        mine = [job for job in todo if job.identity is identity]
+        if not mine:
+            continue
+        try:
+            photo = load_image(identity.reference)
+            crop = generator.face_crop(photo[None])
+        except (SkipItem, ValueError) as e:
+            skipped_identities[identity.name] = f"reference photo {identity.reference}: {e}"
+            progress(f"skipping identity {identity.name}: {skipped_identities[identity.name]}")
+            continue
+        others = []
+        for path in identity.other_photos:
+            try:
+                others.append(load_image(path))
+            except SkipItem as e:
+                progress(f"identity {identity.name}: photo {path} left out ({e})")
+        faces = face.identity(photo, others)
+        if faces.reference is None:
+            progress(f"identity {identity.name}: the recognizer finds no face in {identity.reference}; its FACE-SIM "
+                     f"stays empty")
+        save_png(crop, out / "images" / slug(identity.name) / "reference.png")
+        clip_reference = clip.image(crop)
+        for adapter in dict.fromkeys(job.config.adapter for job in mine):
+            reference = generator.encode(crop, identity.caption, adapter)
+            for config in dict.fromkeys(job.config for job in mine if job.config.adapter == adapter):
+                model = generator.apply(reference, config)
+                for job in (j for j in mine if j.config == config):
+                    mm.throw_exception_if_processing_interrupted()
+                    start = time.perf_counter()
+                    image = generator.generate(model, job.prompt, job.seed)
+                    path = save_png(image, out / "images" / slug(identity.name) / slug(config.name)
+                                    / f"p{job.prompt_index}_s{job.seed}.png")
+                    row = {"identity": identity.name, "prompt_index": job.prompt_index, "prompt": job.prompt,
+                           "seed": job.seed, "config": config.name, "adapter": config.adapter,
+                           "weight_self": config.weight_self, "weight_cross": config.weight_cross,
+                           "block_weights": config.block_weights, "image": str(Path(path).relative_to(out)),
+                           **face.score(image, faces), **clip.scores(image, clip_reference, job.prompt)}
+                    row["seconds"] = round(time.perf_counter() - start, 3)
+                    results.append(row)
+                    done += 1
+                    progress(f"[{resumed + done}/{len(plan)}] {identity.name} p{job.prompt_index} seed {job.seed} "
+                             f"{config.name}: face_sim {_fmt(row['face_sim'])} clip_t {_fmt(row['clip_t'])} "
+                             f"clip_i {_fmt(row['clip_i'])} ({row['seconds']:.1f} s)")
+
+    keys = {job.key for job in plan}
+    rows = [r for r in results.rows if row_key(r["identity"], r["prompt"], r["seed"], r["config"]) in keys]
+    summary = {
+        "checkpoint": checkpoint, "device": str(mm.get_torch_device()), "recognizer": face.name,
+        "face_sim_scale": face.scale.description, "images": len(rows), "generated": done, "resumed": resumed,
+        "configs": summarize(rows, configs), "skipped_metrics": clip.skipped,
+        "skipped_identities": skipped_identities, "settings": dataclasses.asdict(settings),
+        "csv": str(results.path), "out": str(out)}
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,239 @@
+"""``python -m invadapter_core.evaluate``: end to end on the random shallow test checkpoint (interrupted with Ctrl-C,
+then resumed), with random-weight CLIP-L / ViT-L files for CLIP-T and CLIP-I; the data formats, the results file,
+the copy-paste indicator on real photos and the CLIP metrics' skip messages."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from invadapter_core.evaluate import dataset, results
+from invadapter_core.evaluate.pipeline import Config
+from support import faces, models
+from support.host import python_exe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _command(*args) -> list[str]:
+    return [python_exe(), "-m", "invadapter_core.evaluate", *map(str, args)]
+
+
+def test_help_documents_the_metrics_without_importing_comfyui():
+    out = subprocess.run(_command("--help"), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for word in ("FACE-SIM", "CLIP-T", "CLIP-I", "copy_paste", "resumes", "--clip-vision", "--weight-self",
+                 "--block-weights", "manifest"):
+        assert word in out.stdout
+    assert "Total VRAM" not in out.stdout + out.stderr  # ComfyUI was not imported
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(path)
+    return path
+
+
+def test_dataset_folder_and_manifest(tmp_path):
+    data = tmp_path / "data"
+    _png(data / "ada" / "b.png"), _png(data / "ada" / "a.png"), _png(data / "bob" / "1.jpg")
+    _write(data / "prompts.txt", "a photo of a person\n\n  in the snow  \n")
+    _write(data / "bob" / "prompts.txt", "only this\n")
+    _write(data / "bob" / "caption.txt", "a photo of a man's face\n")
+    _write(data / "notes.txt", "ignored")
+    ada, bob = dataset.load_identities(str(data))
+    assert ada.name == "ada" and ada.reference.endswith("a.png") and ada.other_photos[0].endswith("b.png")
+    assert ada.prompts == ["a photo of a person", "in the snow"] and ada.caption == "a photo of a face"
+    assert bob.prompts == ["only this"] and bob.caption == "a photo of a man's face"
+    assert [i.prompts for i in dataset.load_identities(str(data), ["x"])] == [["x"], ["x"]]
+
+    manifest = _write(tmp_path / "m.jsonl", json.dumps({"identity": "ada", "photos": ["data/ada/a.png"],
+                                                        "prompts": ["p1", "p2"]}) + "\n\n")
+    (ada,) = dataset.load_identities(str(manifest), caption="c")
+    assert ada.photos == [str(tmp_path / "data" / "ada" / "a.png")] and ada.prompts == ["p1", "p2"]
+    assert ada.caption == "c"
+    with pytest.raises(dataset.DatasetError, match="photo.s. not found: .*missing.png"):
+        dataset.load_identities(str(_write(tmp_path / "bad.jsonl", '{"photos": ["missing.png"]}\n')))
+    with pytest.raises(dataset.DatasetError, match="line 1 is not JSON"):
+        dataset.load_identities(str(_write(tmp_path / "bad2.jsonl", "{oops\n")))
+    (data / "prompts.txt").unlink()
+    with pytest.raises(dataset.DatasetError, match="identity 'ada' has no prompts: put them in"):
+        dataset.load_identities(str(data))
+    with pytest.raises(dataset.DatasetError, match="neither a folder"):
+        dataset.load_identities(str(tmp_path / "nothing"))
+
+
+def test_results_file_drops_a_torn_row_and_refuses_other_settings(tmp_path):
+    config = Config("init from model", 1.0, 0.5, "none")
+    row = {k: "" for k in results.FIELDS} | {"identity": "ada", "prompt": "p", "seed": 3, "config": config.name,
+                                              "face_sim": 0.5, "face_found": True, "clip_t": math.nan}
+    f = results.ResultsFile(tmp_path)
+    f.append(row)
+    with open(f.path, "a") as handle:
+        handle.write("ada,0,p,4,torn")  # what a kill in the middle of a write leaves
+    again = results.ResultsFile(tmp_path)
+    assert again.done(results.row_key("ada", "p", 3, config.name))
+    assert not again.done(results.row_key("ada", "p", 4, config.name))
+    assert f.path.read_text().endswith("\n") and len(again.rows) == 1
+    summary = results.summarize(again.rows, [config])[0]
+    assert summary["images"] == 1 and summary["face_sim"] == 0.5 and summary["clip_t"] is None
+
+    results.check_run(tmp_path, {"steps": 20}, restart=False)
+    results.check_run(tmp_path, {"steps": 20}, restart=False)
+    with pytest.raises(results.ResumeMismatch, match=r"steps: 20 -> 4.*--restart"):
+        results.check_run(tmp_path, {"steps": 4}, restart=False)
+    results.check_run(tmp_path, {"steps": 4}, restart=True)
+    assert not f.path.exists()
+
+
+def test_face_metric_copy_paste_indicator(photos):
+    pytest.importorskip("dlib")
+    from invadapter_core.evaluate.metrics import FaceMetric
+
+    metric = FaceMetric("dlib", "antelopev2", [], "cpu", 32)
+    obama = metric.identity(photos["obama"], [photos["obama2"], photos["obama3"]])
+    assert 0.5 < obama.real_photo_sim < 0.8
+    copy = metric.score(photos["obama"], obama)  # the reference itself: a perfect copy
+    assert copy["face_sim"] == pytest.approx(1.0) and copy["copy_paste"] == pytest.approx(1.0 - obama.real_photo_sim)
+    new_photo = metric.score(photos["obama3"], obama)  # a real other photo scores about like the person's photos
+    assert abs(new_photo["copy_paste"]) < 0.15 and new_photo["face_sim_other_photos"] > 0.5
+    other = metric.score(photos["biden"], obama)
+    assert other["face_sim"] < 0.5 and other["copy_paste"] < -0.3
+    print(f"\ncopy_paste: the reference itself {copy['copy_paste']:+.3f}, another photo of the person "
+          f"{new_photo['copy_paste']:+.3f}, another person {other['copy_paste']:+.3f} "
+          f"(real_photo_sim {obama.real_photo_sim:.3f})")
+    single = metric.identity(photos["biden"], [])
+    assert math.isnan(single.real_photo_sim) and math.isnan(metric.score(photos["biden"], single)["copy_paste"])
+
+
+def test_clip_metrics_are_skipped_with_a_message():
+    from invadapter_core.evaluate.metrics import ClipMetric
+    from invadapter_core.evaluate.pipeline import Nodes, PipelineError
+
+    nodes = Nodes()
+    none = ClipMetric(nodes, None, None)
+    assert set(none.skipped) == {"clip_i", "clip_t"} and "--clip-vision FILE" in none.skipped["clip_i"]
+    vision = models.clip_vision_file()
+    # an SD1.5 checkpoint's text encoder has no text projection: not CLIP's joint space
+    no_projection = ClipMetric(nodes, str(models.shallow_sd15_checkpoint()), str(vision))
+    assert list(no_projection.skipped) == ["clip_t"] and "no text projection" in no_projection.skipped["clip_t"]
+    assert not ClipMetric(nodes, str(models.clip_l_file()), str(vision)).skipped
+    with pytest.raises(PipelineError, match="neither a file nor a file in ComfyUI's 'clip_vision' folders"):
+        ClipMetric(nodes, None, "no-such-vision.safetensors")
+
+
+def test_end_to_end_interrupted_then_resumed(tmp_path, photos):
+    pytest.importorskip("dlib")
+    paths = faces.labelled_photos()
+    data = tmp_path / "data"
+    (data / "obama").mkdir(parents=True)
+    (data / "obama" / "1.jpg").symlink_to(paths["obama"])
+    (data / "obama" / "2.jpg").symlink_to(paths["obama2"])
+    (data / "nobody").mkdir()
+    Image.fromarray((np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8)).save(
+        data / "nobody" / "1.png")
+    out = tmp_path / "out"
+    command = _command(data, "--checkpoint", models.shallow_sd15_checkpoint(), "--out", out,
+                       "--prompt", "a photo of a man in the snow", "--weight-self", 0, 1, "--steps", 2,
+                       "--width", 64, "--height", 64, "--resolution", 64, "--cfg", 1, "--seed", 5,
+                       "--clip", models.clip_l_file(), "--clip-vision", models.clip_vision_file())
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    # first run: Ctrl-C once the first image is written
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("[1/4]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest_out, rest_err = proc.communicate(timeout=300)
+    err = "".join(seen) + rest_err
+    assert proc.returncode == 130, err[-4000:]
+    assert "interrupted" in err and "run the same command again to resume" in err
+    assert "skipping identity nobody: reference photo" in err and "No face found" in err
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1
+
+    # second run: resumes, generates only the missing image, prints the summary as one JSON line
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resuming: 1 of 4 images already in" in done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["resumed"] == 1 and summary["generated"] == 1 and summary["images"] == 2
+    assert summary["recognizer"] == "dlib" and summary["skipped_metrics"] == {}
+    assert list(summary["skipped_identities"]) == ["nobody"]
+    assert [c["config"] for c in summary["configs"]] == ["init from model|ws=0|wc=1|bw=none",
+                                                         "init from model|ws=1|wc=1|bw=none"]
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and [r["seed"] for r in rows] == ["5", "5"]
+    for row, config in zip(rows, summary["configs"]):
+        assert (out / row["image"]).is_file() and config["images"] == 1
+        assert Image.open(out / row["image"]).size == (64, 64)
+        assert 0.5 < float(row["real_photo_sim"]) < 0.8  # obama.jpg against obama2.jpg
+        assert -1 <= float(row["clip_t"]) <= 1 and -1 <= float(row["clip_i"]) <= 1
+        assert config["clip_t"] == pytest.approx(float(row["clip_t"]), abs=1e-3)
+        # random-weight generations: the face columns are empty exactly where no face was found
+        assert (row["face_found"] == "True") == (row["face_sim"] != "")
+        assert config["no_face"] == (row["face_found"] != "True")
+        if row["face_sim"]:
+            assert float(row["copy_paste"]) == pytest.approx(float(row["face_sim"]) - float(row["real_photo_sim"]),
+                                                             abs=1e-4)
+    assert (out / "images" / "obama" / "reference.png").is_file()
+
+
+
+def test_settings_grid_with_an_adapter_file_and_presets(tmp_path):
+    from argparse import Namespace
+
+    import torch
+
+    from invadapter_core.eaa import InvAdapter, SelfEAA
+    from invadapter_core.evaluate.pipeline import Nodes, PipelineError
+    from invadapter_core.evaluate.run import EvaluationError, _configs
+    from invadapter_core.weights import save_adapter
+
+    torch.manual_seed(0)
+    path = tmp_path / "weights" / "my-eval-adapter.safetensors"
+    path.parent.mkdir()
+    save_adapter(InvAdapter("SD15", 256, 16, {"input.1.0": SelfEAA(64, 64)}, {}, name="t"), str(path))
+    nodes = Nodes()
+    args = Namespace(adapter=["init from model", str(path)], weight_self=[0.5, 1.0, 0.5], weight_cross=[1.0],
+                     block_weights=["none", "coarse"])
+    configs = _configs(args, nodes)
+    assert len(configs) == 8 and len({c.name for c in configs}) == 8  # repeated values count once
+    assert configs[4].name == "my-eval-adapter.safetensors|ws=0.5|wc=1|bw=none"
+    # the pack's loader node finds the file by the name the grid uses
+    (adapter,) = nodes.pack_node("InvAdapterLoader", adapter_name=configs[4].adapter)
+    assert adapter.reference_resolution == 256
+    with pytest.raises(EvaluationError, match="unknown --block-weights medium; choose from none, all, coarse, fine"):
+        _configs(Namespace(**{**vars(args), "block_weights": ["medium"]}), nodes)
+    with pytest.raises(PipelineError, match="adapter 'gone.safetensors' is neither a file nor a file in ComfyUI's "
+                                            "'invadapter' folders"):
+        _configs(Namespace(**{**vars(args), "adapter": ["gone.safetensors"]}), nodes)
+    with pytest.raises(PipelineError, match="passes no value for InvAdapterApply input.s. weight_cross"):
+        nodes.pack_node("InvAdapterApply", model=None, weight_self=1.0)
+    # every setting's choice is checked against the nodes' options before anything loads
+    from invadapter_core.evaluate.pipeline import Generator, Settings
+
+    Generator.validate(nodes, Settings())
+    with pytest.raises(PipelineError, match="KSampler sampler_name 'eulerx' is not one of: euler"):
+        Generator.validate(nodes, Settings(sampler="eulerx"))
+    with pytest.raises(PipelineError, match="InvAdapterEncodeReference inversion 'newest' is not one of"):
+        Generator.validate(nodes, Settings(inversion="newest"))
