@@ -103,10 +103,15 @@ class TensorPack(torch.nn.Module):
     def _pinned_host(self) -> torch.Tensor:
         """The host contents, pinned in place (ComfyUI's pin budget permitting) so per-step copies don't block."""
         data = self.host_data()
-        if not data.is_pinned() and mm.pin_memory(data):
-            weakref.finalize(self, mm.unpin_memory, data)
+        self.pin()
         self._host = data
         return data
+
+    def pin(self) -> None:
+        """Pin a host-resident pack in place, so the device writes into it and reads from it without blocking."""
+        data = self.flat.data
+        if data.device.type == "cpu" and not data.is_pinned() and mm.pin_memory(data):
+            weakref.finalize(self, mm.unpin_memory, data)
 
     # --- moves (ComfyUI calls .to(device) when it loads or evicts the pack) ----------------------------------------
     def to(self, *args, **kwargs):
