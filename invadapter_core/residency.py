@@ -165,7 +165,7 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
 
 def register(packs: Iterable[TensorPack], device: torch.device) -> None:
     """Hand packs made directly on the compute device to ComfyUI's memory manager, so it can evict them when a model
-    needs the room (on the CPU there is nothing to manage)."""
-    patchers = [p.patcher(device) for p in packs if p.flat.device.type != "cpu"]
+    needs the room (they are already where they belong: nothing is copied)."""
+    patchers = [p.patcher(device) for p in packs]
     if patchers:
         mm.load_models_gpu(patchers)
