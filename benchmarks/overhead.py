@@ -33,16 +33,16 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from invadapter_core.comfy_model import Application, install  # noqa: E402
-from invadapter_core.unet import transformer_blocks  # noqa: E402
+from invadapter_core.fit import default_resolution, latent_channels  # noqa: E402
+from invadapter_core.unet import feature_bytes_per_step  # noqa: E402
 from invadapter_core.encode import encode_reference  # noqa: E402
 from invadapter_core.weights import init_from_model  # noqa: E402
-
-SD15_TOKENS_512 = {320: 4096, 640: 1024, 1280: 256}  # tokens per block width at 512 px (middle block: 64)
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="an SD1.5 checkpoint (default: the full-size random test checkpoint)")
+    p.add_argument("--checkpoint", help="an SD1.x/2.x or SDXL-family checkpoint (default: the full-size random SD1.5 "
+                                        "test checkpoint)")
     p.add_argument("--size", type=int, default=256, help="output width and height in pixels")
     p.add_argument("--ref-size", type=int, default=256, help="reference (face) resolution in pixels")
     p.add_argument("--steps", type=int, default=20)
@@ -69,15 +69,6 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def cache_formula_mb(model, dtype_bytes: int = 2) -> float:
-    """Self-attention features per step at 512 px: sum over blocks of tokens x width x bytes."""
-    total = 0
-    for name, tb in transformer_blocks(model).items():
-        width = tb.attn1.to_q.in_features
-        total += (64 if name.startswith("middle") else SD15_TOKENS_512.get(width, 0)) * width * dtype_bytes
-    return total / 2**20
-
-
 def main() -> int:
     args = parse()
     if args.checkpoint is None:
@@ -89,7 +80,7 @@ def main() -> int:
     caption, positive, negative = (encode_text("a photo of a woman's face"),
                                    encode_text("a portrait of a woman as an astronaut"), encode_text("blurry"))
     face = load_face(args.image)
-    latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
+    latent = torch.zeros(1, latent_channels(model), args.size // 8, args.size // 8)
     noise = comfy.sample.prepare_noise(latent, 42)
 
     def sample(m):
@@ -137,7 +128,9 @@ def main() -> int:
         "encode_s": round(statistics.median(encode_times), 3),
         "ref_cache_mb": round(ref.features.nbytes() / 2**20, 2), "ref_cache_mb_per_step": round(per_step_mb, 2),
         "ref_cache_dtype": str(next(iter(ref.features.get(ref.features.sigmas()[0]).self_attn.values())).dtype),
-        "ref_cache_mb_per_step_512_fp16_formula": round(cache_formula_mb(model), 2),
+        "ref_cache_mb_per_step_fp16_formula": round(feature_bytes_per_step(model, default_resolution(model)) / 2**20,
+                                                    2),
+        "formula_resolution": default_resolution(model),
         "reference_passes": passes, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_first_mb": round(rss[0], 1) if rss else None, "rss_last_mb": round(rss[-1], 1) if rss else None,
         "rss_runs": args.rss_runs, "runs": {k: [round(x, 3) for x in v] for k, v in times.items()},

@@ -92,6 +92,8 @@ class FeatureCache:
         shapes = {(i, kind, block): t.shape for i in range(steps) for (kind, block), t in tensors.items()}
         size = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
         pack = TensorPack(shapes, dtype, first.device if fits_on_device(size, first.device) else torch.device("cpu"))
+        if pack.flat.device != first.device:
+            pack.pin()
         self._layout[pack] = list(tensors)
         return pack
 

@@ -103,10 +103,15 @@ class TensorPack(torch.nn.Module):
     def _pinned_host(self) -> torch.Tensor:
         """The host contents, pinned in place (ComfyUI's pin budget permitting) so per-step copies don't block."""
         data = self.host_data()
-        if not data.is_pinned() and mm.pin_memory(data):
-            weakref.finalize(self, mm.unpin_memory, data)
+        self.pin()
         self._host = data
         return data
+
+    def pin(self) -> None:
+        """Pin a host-resident pack in place, so the device writes into it and reads from it without blocking."""
+        data = self.flat.data
+        if data.device.type == "cpu" and not data.is_pinned() and mm.pin_memory(data):
+            weakref.finalize(self, mm.unpin_memory, data)
 
     # --- moves (ComfyUI calls .to(device) when it loads or evicts the pack) ----------------------------------------
     def to(self, *args, **kwargs):
@@ -160,7 +165,7 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
 
 def register(packs: Iterable[TensorPack], device: torch.device) -> None:
     """Hand packs made directly on the compute device to ComfyUI's memory manager, so it can evict them when a model
-    needs the room (on the CPU there is nothing to manage)."""
-    patchers = [p.patcher(device) for p in packs if p.flat.device.type != "cpu"]
+    needs the room (they are already where they belong: nothing is copied)."""
+    patchers = [p.patcher(device) for p in packs]
     if patchers:
         mm.load_models_gpu(patchers)

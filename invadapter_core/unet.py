@@ -97,6 +97,13 @@ def tokens_per_block(model, resolution: int) -> dict[str, int]:
     return {name: h * w for name, (h, w) in block_grids(model, (side, side)).items()}
 
 
+def feature_bytes_per_step(model, resolution: int, bytes_per_value: int = 2, with_cross: bool = False) -> int:
+    """What one step of a reference's features costs: the sum over transformer blocks of tokens x width x bytes
+    (self-attention inputs; the cross-attention inputs of a trained adapter cost the same again)."""
+    tokens, dims = tokens_per_block(model, resolution), block_dims(transformer_blocks(model))
+    return sum(tokens[name] * dims[name][0] * bytes_per_value for name in dims) * (2 if with_cross else 1)
+
+
 def block_levels(model) -> dict[str, str]:
     """Each block's level ("input_high" ... "output_low", "middle"): its stage and the rank of its token grid among
     the UNet's transformer resolutions (block_weights). Fixed by the UNet, so computed once, not per call."""

@@ -50,7 +50,7 @@ class InvAdapterEncodeReference(io.ComfyNode):
                 io.Combo.Input("capture", options=list(CAPTURE), default="all levels", optional=True,
                                tooltip="Which block levels' features the reference keeps. 'coarse levels' and 'fine "
                                        "levels' keep only those the block-weights presets of the same name use "
-                                       "(SDXL at 1024 px: 'coarse' keeps 157 of 209 MB per step)."),
+                                       "(SDXL at 1024 px: 'coarse' keeps 157 of 210 MB per step)."),
                 io.Combo.Input("feature_precision", options=list(FEATURE_PRECISION), default="model", optional=True,
                                tooltip="Keep the features in the model's precision, or in 8-bit floats: half the "
                                        "memory, each value rounded by up to 6 %."),

@@ -6,7 +6,8 @@ import subprocess
 from support import host, models
 
 KEYS = {"plain_s", "cold_s", "warm_s", "naive_s", "ratio_cold", "ratio_warm", "ratio_naive", "encode_s",
-        "ref_cache_mb", "ref_cache_mb_per_step_512_fp16_formula", "peak_rss_mb", "rss_first_mb", "rss_last_mb",
+        "ref_cache_mb", "ref_cache_mb_per_step_fp16_formula", "formula_resolution", "peak_rss_mb", "rss_first_mb",
+        "rss_last_mb",
         "reference_passes", "settings"}
 
 
@@ -24,7 +25,7 @@ def test_overhead_benchmark_prints_its_json_line():
     assert result["settings"]["steps"] == 3 and result["settings"]["cfg"] == 7.0
     # the cache formula at 512 px in half precision, for the shallow UNet's 10 blocks (3 per resolution + middle):
     # 2 B x (3*4096*320 + 3*1024*640 + 3*256*1280 + 64*1280) = 13.28 MiB (the full UNet's 16 blocks: 22.03 MiB)
-    assert result["ref_cache_mb_per_step_512_fp16_formula"] == 13.28
+    assert result["formula_resolution"] == 512 and result["ref_cache_mb_per_step_fp16_formula"] == 13.28
 
 
 def test_host_overhead_benchmark_counts_what_a_gpu_pays_per_call():

@@ -235,3 +235,19 @@ def test_capture_and_precision_bound_the_cache_and_still_sample(model, caption, 
     assert back.features.store_dtype == torch.float8_e4m3fn
     sample(applied(model, back)[0], caption)
     assert back.weights is not None  # the probe accepted the 8-bit features as this model's
+
+
+def test_the_caches_are_models_to_comfyui_memory_management(model, caption):
+    """The feature and K/V packs load beside the UNet (the patch's models()) and ComfyUI evicts them like any model
+    (its unload path ends in the pack's own .to()); after an eviction the next run is the same, with no pass."""
+    import comfy.model_management as mm
+
+    ref = encode(model, caption)
+    m, app = applied(model, ref)
+    first = sample(m, caption)
+    loaded = {id(lm.model.model) for lm in mm.current_loaded_models if lm.model is not None}
+    assert id(app.kv_store.pack) in loaded
+    mm.unload_all_models()
+    assert not any(lm.model is not None and lm.model.model is app.kv_store.pack for lm in mm.current_loaded_models)
+    passes = ref.features.passes
+    assert torch.equal(sample(m, caption), first) and ref.features.passes == passes

@@ -7,9 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from invadapter_core.eaa import CrossEAA, InvAdapter, SelfEAA
-from invadapter_core.reference import Reference, ReferenceFileError, load_reference, save_reference
+from invadapter_core.reference import FeatureCache, Reference, ReferenceFileError, load_reference, save_reference
 from invadapter_core.reference_pass import Features
-from invadapter_core.reference import FeatureCache
 from invadapter_core.weights import AdapterFileError, load_adapter, save_adapter
 
 
@@ -73,18 +72,23 @@ ADAPTER_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(ADAPTER_CASES))
-def test_broken_adapter_files_say_which_field_and_how_to_fix(tmp_path, case):
-    path = tmp_path / "broken_adapter.safetensors"
-    save_adapter(good_adapter(), str(path))
-    change, fragments = ADAPTER_CASES[case]
+def assert_refused(tmp_path, name, save, good, load, error, change, fragments):
+    """Save ``good``, apply one defect, load: one line naming the file and every expected fragment."""
+    path = tmp_path / name
+    save(good, str(path))
     rewrite(path, change)
-    with pytest.raises(AdapterFileError) as refused:
-        load_adapter(str(path))
+    with pytest.raises(error) as refused:
+        load(str(path))
     message = str(refused.value)
-    assert "broken_adapter.safetensors" in message and "\n" not in message
+    assert name in message and "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_broken_adapter_files_say_which_field_and_how_to_fix(tmp_path, case):
+    assert_refused(tmp_path, "broken_adapter.safetensors", save_adapter, good_adapter(), load_adapter,
+                   AdapterFileError, *ADAPTER_CASES[case])
 
 
 REFERENCE_CASES = {
@@ -112,16 +116,8 @@ REFERENCE_CASES = {
 
 @pytest.mark.parametrize("case", list(REFERENCE_CASES))
 def test_broken_reference_files_say_which_field_and_how_to_fix(tmp_path, case):
-    path = tmp_path / "broken_reference.safetensors"
-    save_reference(good_reference(), str(path))
-    change, fragments = REFERENCE_CASES[case]
-    rewrite(path, change)
-    with pytest.raises(ReferenceFileError) as refused:
-        load_reference(str(path))
-    message = str(refused.value)
-    assert "broken_reference.safetensors" in message and "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
+    assert_refused(tmp_path, "broken_reference.safetensors", save_reference, good_reference(), load_reference,
+                   ReferenceFileError, *REFERENCE_CASES[case])
 
 
 def test_good_files_load_and_loaded_adapters_need_no_gradients(tmp_path):

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference (face crop) resolution; 0 (default): the model family's own, as the node's 0")
     g.add_argument("--inversion", default="lowest sigma",
                    help="InvAdapterEncodeReference's inversion convention: 'lowest sigma' (default) or 'classic'")
+    g.add_argument("--capture", default="all levels",
+                   help="InvAdapterEncodeReference's capture: 'all levels' (default), 'coarse levels' or 'fine levels'")
+    g.add_argument("--feature-precision", default="model",
+                   help="InvAdapterEncodeReference's feature_precision: 'model' (default) or 'fp8 (half the memory)'")
     g.add_argument("--start-percent", type=float, default=0.0)
     g.add_argument("--end-percent", type=float, default=1.0)
     g.add_argument("--combine", default="concat", choices=["concat", "average"])

@@ -110,6 +110,8 @@ class Settings:
     resolution: int = 0       # 0: the model family's own
     keep_features: bool = True
     inversion: str = "lowest sigma"
+    capture: str = "all levels"
+    feature_precision: str = "model"
     start_percent: float = 0.0
     end_percent: float = 1.0
     combine: str = "concat"
@@ -150,7 +152,8 @@ class Generator:
     @staticmethod
     def _encode_widgets(s: Settings) -> dict:
         return dict(steps=s.steps, scheduler=s.scheduler, resolution=s.resolution, keep_features=s.keep_features,
-                    sampler_name=s.sampler, inversion=s.inversion)
+                    sampler_name=s.sampler, inversion=s.inversion, capture=s.capture,
+                    feature_precision=s.feature_precision)
 
     @staticmethod
     def _apply_widgets(s: Settings, config: Config) -> dict:

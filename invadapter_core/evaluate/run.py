@@ -49,7 +49,8 @@ def save_png(image, path: Path) -> str:
 def _settings(args) -> Settings:
     return Settings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, width=args.width,
                     height=args.height, negative=args.negative, resolution=args.resolution,
-                    keep_features=not args.no_keep_features, inversion=args.inversion,
+                    keep_features=not args.no_keep_features, inversion=args.inversion, capture=args.capture,
+                    feature_precision=args.feature_precision,
                     start_percent=args.start_percent, end_percent=args.end_percent, combine=args.combine,
                     apply_to=args.apply_to, detector=args.detector, insightface_model=args.insightface_model, margin=args.margin)
 
