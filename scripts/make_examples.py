@@ -24,24 +24,31 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from support import host, models  # noqa: E402
+from support import host  # noqa: E402
 from support.browser import frontend_page, run_graph  # noqa: E402
-from support.graphs import API_WORKFLOWS, EXAMPLE_WORKFLOWS, smoke_edits  # noqa: E402
+from support.fixtures import test_files  # noqa: E402
+from support.graphs import API_WORKFLOWS, EXAMPLE_WORKFLOWS, smoke_edits, user_edits  # noqa: E402
 from support.server import ComfyServer  # noqa: E402
 from workflow_layout import STAGES, fit_view, place, stage_of  # noqa: E402
 from workflow_ui import api_to_ui  # noqa: E402
 
-# The standard files the graphs name, where ComfyUI's missing-model dialog downloads them from (by node type).
-MODELS = {
-    "CheckpointLoaderSimple": {
-        "name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoints",
-        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
-               "v1-5-pruned-emaonly-fp16.safetensors?download=true"},
-    "ControlNetLoader": {
-        "name": "control_v11p_sd15_openpose_fp16.safetensors", "directory": "controlnet",
-        "url": "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
-               "control_v11p_sd15_openpose_fp16.safetensors?download=true"},
-}
+# The standard files the graphs name, and where ComfyUI's missing-model dialog downloads them from (by file name).
+MODELS = {link["name"]: link for link in (
+    {"name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoints",
+     "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+            "v1-5-pruned-emaonly-fp16.safetensors?download=true"},
+    {"name": "control_v11p_sd15_openpose_fp16.safetensors", "directory": "controlnet",
+     "url": "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+            "control_v11p_sd15_openpose_fp16.safetensors?download=true"},
+    {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+     "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+            "sd_xl_base_1.0.safetensors?download=true"},
+    {"name": "OpenPoseXL2.safetensors", "directory": "controlnet",
+     "url": "https://huggingface.co/thibaud/controlnet-openpose-sdxl-1.0/resolve/main/"
+            "OpenPoseXL2.safetensors?download=true"},
+)}
+SDXL_FILES = {"sd_xl_base_1.0.safetensors", "OpenPoseXL2.safetensors"}
+LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
 # (workflows_api/<name>.json, what its note adds to the common steps), in the order a newcomer meets them.
 EXAMPLES = [
     ("basic", "The face photo is cropped, inverted with your checkpoint into an identity reference, and that "
@@ -59,6 +66,10 @@ EXAMPLES = [
     ("two_people", "Two identities in one image, each confined to half of it by a mask: upload the second person "
                    "into **Face photo (person 2)**."),
     ("attention_maps", "Also shows where the generation looks in the face and where the face acts on the image."),
+    ("sdxl_basic", "The first graph for SDXL-family checkpoints (SDXL 1.0 fine-tunes, Pony, Illustrious, SSD-1B, "
+                   "Segmind Vega): the reference is encoded at the family's 1024 px, and its caption's pooled output "
+                   "and size condition the reference passes."),
+    ("sdxl_controlnet", "SDXL with the pose from an OpenPose skeleton (an SDXL OpenPose ControlNet)."),
 ]
 NOTE_TYPE = "MarkdownNote"
 # Width and height a node gets at least (the frontend's own minimum, measured, wins when larger).
@@ -78,15 +89,21 @@ def ui_name(index: int, name: str) -> str:
     return f"{index + 1:02d}_{name}"
 
 
+def loader_file(api: dict, class_type: str) -> str | None:
+    """The file the graph's loader of ``class_type`` names (None without one)."""
+    return next((n["inputs"][LOADERS[class_type]] for n in api.values() if n["class_type"] == class_type), None)
+
+
 def note_text(api: dict, extra: str) -> str:
     kinds = [n["class_type"] for n in api.values()]
-    checkpoint = MODELS["CheckpointLoaderSimple"]
-    steps = [f"**Load Checkpoint**: pick your SD1.5 checkpoint (community models work). None yet? Download "
+    checkpoint = MODELS[loader_file(api, "CheckpointLoaderSimple")]
+    family = "SDXL-family" if checkpoint["name"] in SDXL_FILES else "SD1.5"
+    steps = [f"**Load Checkpoint**: pick your {family} checkpoint (community models work). None yet? Download "
              f"[{checkpoint['name']}]({checkpoint['url']}) into `models/{checkpoint['directory']}`."]
     if "ControlNetLoader" in kinds:
-        control = MODELS["ControlNetLoader"]
-        steps.append(f"**Load ControlNet**: an SD1.5 OpenPose ControlNet, e.g. [{control['name']}]({control['url']}) "
-                     f"in `models/{control['directory']}`.")
+        control = MODELS[loader_file(api, "ControlNetLoader")]
+        steps.append(f"**Load ControlNet**: an {family.removesuffix('-family')} OpenPose ControlNet, e.g. "
+                     f"[{control['name']}]({control['url']}) in `models/{control['directory']}`.")
     if "InvAdapterFaceCrop" in kinds:
         steps.append("**Face photo**: upload a photo of the person (one clear face). The shipped "
                      "`invadapter_example_face.png` (a public-domain NASA portrait) lets the graph run as it is.")
@@ -106,8 +123,8 @@ def build(api: dict, object_info: dict, note: str, sizes: dict[int, tuple[float,
                         "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
     ui["last_node_id"] = note_id
     for node in ui["nodes"]:
-        if node["type"] in MODELS:
-            node["properties"]["models"] = [MODELS[node["type"]]]
+        if node["type"] in LOADERS and node["widgets_values"][0] in MODELS:
+            node["properties"]["models"] = [MODELS[node["widgets_values"][0]]]
     stages = {int(i): stage for i, stage in stage_of(api).items()}
     stages[note_id] = "model"
     sizes = sizes or {}
@@ -185,11 +202,10 @@ def thumbnail(page, ui: dict, path: Path) -> int:
     return data.tell()
 
 
-def make(page, index: int, name: str, extra: str, object_info: dict, test_models: dict) -> None:
+def make(page, index: int, name: str, extra: str, object_info: dict) -> None:
     api = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
     note = note_text(api, extra)
-    edits = smoke_edits(api, {"CheckpointLoaderSimple": {"ckpt_name": next(iter(test_models["checkpoints"]))},
-                              "ControlNetLoader": {"control_net_name": next(iter(test_models["controlnet"]))}})
+    edits = smoke_edits(api, user_edits(api))
     provisional = build(api, object_info, note)
     first = run_graph(page, provisional, edits)
     if first["status"] != "success":
@@ -215,15 +231,14 @@ def main() -> int:
         parser.error(f"not in EXAMPLES: {sorted(unknown)}")
     host.import_comfy_cpu()  # only used if the test checkpoint has to be generated
     EXAMPLE_WORKFLOWS.mkdir(exist_ok=True)
-    test_models = models.server_models("shallow")
-    with ComfyServer(models=test_models) as server:
+    with ComfyServer(models=test_files()) as server:
         object_info = server.client.object_info()
         with frontend_page(server.url, viewport=(THUMBNAIL_VIEWPORT, THUMBNAIL_VIEWPORT), settings=SCREENSHOT_SETTINGS) \
                 as page:
             page.evaluate("() => { window.app.extensionManager.focusMode = true; }")  # no menus over the canvas
             for index, (name, extra) in enumerate(EXAMPLES):
                 if not args.names or name in args.names:
-                    make(page, index, name, extra, object_info, test_models)
+                    make(page, index, name, extra, object_info)
     return 0
 
 

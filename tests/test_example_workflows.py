@@ -16,7 +16,7 @@ from support.graphs import API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT,
 from support.host import comfyui_path
 
 sys.path.append(str(ROOT / "scripts"))
-from make_examples import EXAMPLES, MODELS, NOTE_TYPE, build, note_text  # noqa: E402
+from make_examples import EXAMPLES, LOADERS, MODELS, NOTE_TYPE, build, note_text  # noqa: E402
 from workflow_layout import STAGES, layout_problems, stage_of  # noqa: E402
 from workflow_ui import ui_to_api  # noqa: E402
 
@@ -108,9 +108,9 @@ def test_graph_runs_once_a_checkpoint_is_picked(ui_file):
     notes = [n for n in ui["nodes"] if n["type"] == NOTE_TYPE]
     assert len(notes) == 1 and "Load Checkpoint" in notes[0]["widgets_values"][0]
     for node in ui["nodes"]:
-        if node["type"] in MODELS:
+        if node["type"] in LOADERS:
             (model,) = node["properties"]["models"]
-            assert model == MODELS[node["type"]]
+            assert model == MODELS[node["widgets_values"][0]]
             assert node["widgets_values"][0] == model["name"]
             assert model["url"].startswith(DOWNLOAD_PREFIXES), model["url"]
             assert model["url"].split("?")[0].endswith(MODEL_SUFFIXES), model["url"]

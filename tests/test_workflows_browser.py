@@ -12,16 +12,15 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from support.browser import node_bounds, run_graph
-from support.fixtures import CHECKPOINT, CONTROLNET
-from support.graphs import ROOT, api_twin, example_files, load_workflow, set_inputs, smoke_edits, strip_meta
+from support.fixtures import STAND_INS
+from support.graphs import (ROOT, api_twin, example_files, load_workflow, set_inputs, smoke_edits, strip_meta,
+                            user_edits)
 from support.server import PACK_LINK_NAME
 
 sys.path.append(str(ROOT / "scripts"))
 from workflow_layout import node_rect, overlap  # noqa: E402
 
 UI_FILES = example_files()
-USER_EDITS = {"CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},  # what the note asks a user to pick
-              "ControlNetLoader": {"control_net_name": CONTROLNET}}
 
 
 def load(path):
@@ -46,9 +45,9 @@ def test_ui_workflow_runs_after_picking_a_checkpoint_and_nothing_overlaps(fronte
     ui, api = load(ui_file), load(api_twin(ui_file))
     if any(n["class_type"] == "InvAdapterLoadReference" for n in api.values()):
         save = load_workflow("save_reference")  # makes the identity file the graph loads
-        set_inputs(save, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT})
+        set_inputs(save, "CheckpointLoaderSimple", {"ckpt_name": STAND_INS["v1-5-pruned-emaonly-fp16.safetensors"]})
         comfy_client.run(save, timeout=900)
-    result = run_graph(frontend, ui, smoke_edits(api, USER_EDITS), timeout=900)
+    result = run_graph(frontend, ui, smoke_edits(api, user_edits(api)), timeout=900)
     assert result["status"] == "success", result["error"]
     nodes = {str(n["id"]): n for n in ui["nodes"]}
     live = result["bounds"]

@@ -13,6 +13,11 @@ LORA = "invadapter-test-lora-sd15-shallow.safetensors"
 SDXL_CHECKPOINT = "invadapter-test-sdxl-vega.safetensors"
 SDXL_CONTROLNET = "invadapter-test-controlnet-sdxl-vega.safetensors"
 SDXL_LORA = "invadapter-test-lora-sdxl-vega.safetensors"
+# The standard files the shipped graphs name -> the test file that stands in for each (what a user would pick).
+STAND_INS = {"v1-5-pruned-emaonly-fp16.safetensors": CHECKPOINT,
+             "control_v11p_sd15_openpose_fp16.safetensors": CONTROLNET,
+             "sd_xl_base_1.0.safetensors": SDXL_CHECKPOINT,
+             "OpenPoseXL2.safetensors": SDXL_CONTROLNET}
 
 
 def pytest_configure(config):
@@ -29,16 +34,21 @@ def _running_server(test_files: dict, base_dir):
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def sd15_test_files() -> dict:
-    """The shallow SD1.5 checkpoint, its ControlNet and LoRA (generated once, then cached), by model folder."""
-    return models.server_models("shallow")
+def test_files() -> dict:
+    """Every test model a server gets, by model folder: the shallow SD1.5 checkpoint and the Segmind Vega-layout
+    SDXL checkpoint, each with its ControlNet and LoRA (generated once, then cached). One server holds both: it only
+    loads a checkpoint when a graph uses it, and the SDXL graphs (templates included) run beside the SD1.5 ones."""
+    files: dict[str, dict] = {}
+    for kind in ("shallow", "vega"):
+        for folder, named in models.server_models(kind).items():
+            files.setdefault(folder, {}).update(named)
+    return files
 
 
 @pytest.fixture(scope="session")
-def comfy_server(sd15_test_files, tmp_path_factory):
-    """The real server with the SD1.5 test files (CHECKPOINT, CONTROLNET, LORA)."""
-    yield from _running_server(sd15_test_files, tmp_path_factory.mktemp("comfyui"))
+def comfy_server(tmp_path_factory):
+    """The real server with the test files (CHECKPOINT, CONTROLNET, LORA and their SDXL_* counterparts)."""
+    yield from _running_server(test_files(), tmp_path_factory.mktemp("comfyui"))
 
 
 @pytest.fixture(scope="session")
@@ -60,10 +70,9 @@ def frontend(comfy_server):
 
 
 @pytest.fixture(scope="session")
-def comfy_server_sdxl(tmp_path_factory):
-    """A second real server, with the Segmind Vega-layout SDXL checkpoint, its ControlNet and LoRA
-    (SDXL_CHECKPOINT, SDXL_CONTROLNET, SDXL_LORA; generated once, then cached)."""
-    yield from _running_server(models.server_models("vega"), tmp_path_factory.mktemp("comfyui-sdxl"))
+def comfy_server_sdxl(comfy_server):
+    """The server with the SDXL test files (SDXL_CHECKPOINT, SDXL_CONTROLNET, SDXL_LORA): the same one."""
+    return comfy_server
 
 
 @pytest.fixture(scope="session")

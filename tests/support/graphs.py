@@ -100,6 +100,22 @@ def load_workflow(name: str, smoke: bool = True) -> dict:
     return shrink_for_smoke_run(prompt) if smoke else prompt
 
 
+LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
+
+
+def user_edits(prompt: dict) -> dict[str, dict]:
+    """The edit a user makes to a shipped graph (picking the checkpoint and ControlNet its note asks for), with the
+    test file that stands in for each standard file: {class_type: {input: test file}}, for smoke_edits."""
+    from .fixtures import STAND_INS
+
+    edits = {}
+    for node in prompt.values():
+        field = LOADER_INPUTS.get(node["class_type"])
+        if field is not None:
+            edits[node["class_type"]] = {field: STAND_INS[node["inputs"][field]]}
+    return edits
+
+
 def smoke_edits(prompt: dict, overrides: dict[str, dict]) -> dict[str, dict]:
     """{node id: {input: value}}: the widget edits that turn ``prompt`` into its CPU smoke run, with ``overrides``
     by class type where a node has that input (e.g. the test checkpoint): what a test changes in the frontend."""
