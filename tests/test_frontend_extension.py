@@ -1,11 +1,14 @@
 """web/js/invadapter.js in the real frontend (headless Chromium): it loads, the pack's link colours stand apart from
-every core type's colour in every colour palette the frontend ships, and the block-weight sliders show only when
-used."""
+every core type's colour in every colour palette the frontend ships, the block-weight sliders show only when used,
+and the pack's notices show as toasts."""
 import itertools
+import json
 
 import pytest
 
+from support.browser import run_graph
 from support.colours import colour_distance, delta_e2000, frontend_palette_ids
+from support.graphs import api_twin, example_files, smoke_edits, user_edits
 
 # CIEDE2000: about 1 is just noticeable; above 10 two link colours read as different at a glance.
 MIN_DISTANCE_TO_CORE = 10.0
@@ -100,3 +103,23 @@ def test_extension_hides_unused_block_weight_sliders(frontend, comfy_server):
     assert all(result["atStart"]) and not any(result["custom"]) and all(result["back"])
     assert result["heightCustom"] > result["heightAll"]
     assert len(result["inputs"]) == 15, "hidden sliders must still reach the prompt"
+
+
+def test_a_notice_during_a_run_shows_as_a_toast(frontend):
+    """A prompt queued from the browser whose InvAdapterApply acts on no range (start == end): the pack's notice
+    reaches this browser over the websocket and the extension shows it as a toast."""
+    ui_file = next(f for f in example_files() if f.stem.endswith("_basic") and "sdxl" not in f.stem)
+    ui, api_graph = json.loads(ui_file.read_text()), json.loads(api_twin(ui_file).read_text())
+    edits = smoke_edits(api_graph, user_edits(api_graph))
+    apply = next(i for i, n in api_graph.items() if n["class_type"] == "InvAdapterApply")
+    edits.setdefault(apply, {}).update(start_percent=0.4, end_percent=0.4)
+    frontend.evaluate("""() => {  // every toast as it appears (the run goes on for a while after the notice)
+        window.__toasts = [];
+        new MutationObserver(() => document.querySelectorAll(".p-toast-message").forEach(t => {
+            if (!window.__toasts.includes(t.innerText)) window.__toasts.push(t.innerText);
+        })).observe(document.body, {childList: true, subtree: true});
+    }""")
+    result = run_graph(frontend, ui, edits, timeout=900)
+    assert result["status"] == "success", result["error"]
+    toasts = frontend.evaluate("() => window.__toasts")
+    assert any("Inv-Adapter" in t and "start_percent equals end_percent" in t for t in toasts), toasts

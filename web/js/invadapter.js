@@ -1,6 +1,7 @@
 // Front-end conveniences of ComfyUI-InvAdapter. Everything here is cosmetic: the nodes, the saved workflows and
 // the API behave the same without it (headless users never load this file).
 import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
+import { api } from "../../../scripts/api.js";
 
 // One colour per custom type, so an identity's path through a big graph is easy to follow. Each is far from every
 // core type's colour in every palette the frontend ships (CIEDE2000 > 10; tests/test_workflows_browser.py checks it).
@@ -56,9 +57,21 @@ function watchPreset(node) {
   syncLevelSliders(node);
 }
 
+// What the pack tells the user while a prompt runs (invadapter_core/notify.py: the same text is in the server log, the
+// node's UI text and the websocket event): a toast, so it is seen where the user is looking.
+function showNotice(event) {
+  const { message, level } = event.detail ?? {};
+  if (!message) return;
+  app.extensionManager?.toast?.add({
+    severity: level === "warning" ? "warn" : "info", summary: "Inv-Adapter", detail: message,
+    life: level === "warning" ? 30000 : 10000,
+  });
+}
+
 app.registerExtension({
   name: "InvAdapter.Frontend",
   setup() {
+    api.addEventListener("invadapter.notice", showNotice);
     applyLinkColors();
     // the palette is loaded after the setting changes: apply ours once that has happened
     app.ui?.settings?.addEventListener?.("Comfy.ColorPalette.change", () => setTimeout(applyLinkColors, 0));
