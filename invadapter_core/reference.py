@@ -79,7 +79,10 @@ class FeatureCache:
             pack = self._reserved_pack
         for (kind, block), t in tensors.items():
             pack.write((slot, kind, block), t)
+        previous = self._entries.get(s)
         self._entries[s] = (pack, slot, features.cross_attn is not None)
+        if previous is not None:
+            self._drop_if_unused(previous[0])
         self._last_used[s] = self._run
         if pin:
             self.pinned.add(s)
@@ -122,10 +125,13 @@ class FeatureCache:
             if s not in self.pinned and self._last_used.get(s, -1) < self._run:
                 pack = self._entries.pop(s)[0]
                 self._last_used.pop(s, None)
-                if not any(e[0] is pack for e in self._entries.values()):
-                    self._layout.pop(pack, None)
-                    if pack is self._reserved_pack:
-                        self._reserved_pack = None
+                self._drop_if_unused(pack)
+
+    def _drop_if_unused(self, pack: TensorPack) -> None:
+        if not any(e[0] is pack for e in self._entries.values()):
+            self._layout.pop(pack, None)
+            if pack is self._reserved_pack:
+                self._reserved_pack = None
 
     def sigmas(self) -> list[float]:
         return sorted(self._entries)
