@@ -32,7 +32,8 @@ from PIL import Image  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
-from invadapter_core.comfy_model import Application, install, transformer_blocks  # noqa: E402
+from invadapter_core.comfy_model import Application, install  # noqa: E402
+from invadapter_core.unet import transformer_blocks  # noqa: E402
 from invadapter_core.encode import encode_reference  # noqa: E402
 from invadapter_core.weights import init_from_model  # noqa: E402
 
@@ -90,7 +91,6 @@ def main() -> int:
     face = load_face(args.image)
     latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
     noise = comfy.sample.prepare_noise(latent, 42)
-    blocks = transformer_blocks(model)
 
     def sample(m):
         return comfy.sample.sample(m, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive, negative,
@@ -100,7 +100,7 @@ def main() -> int:
         return encode_reference(model, vae, face, caption, args.steps, args.scheduler, args.ref_size, keep)
 
     def apply(ref, reuse=True):
-        return install(model, Application(init_from_model(""), ref, blocks, 1.0, 1.0, 1e9, 0.0, reuse_features=reuse))
+        return install(model, Application(init_from_model(""), ref, model, 1.0, 1.0, 1e9, 0.0, reuse_features=reuse))
 
     sample(model)  # warm-up: loads the model, builds kernels
     times = {"plain": [], "cold": [], "warm": [], "naive": []}
@@ -122,7 +122,7 @@ def main() -> int:
         print(f"repeat {len(times['plain'])}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()),
               file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    entries = max(len(ref.features.entries), 1)
+    entries = max(len(ref.features), 1)
     per_step_mb = ref.features.nbytes() / entries / 2**20
 
     rss = []
@@ -136,7 +136,7 @@ def main() -> int:
         "ratio_naive": round(med["naive"] / med["plain"], 3),
         "encode_s": round(statistics.median(encode_times), 3),
         "ref_cache_mb": round(ref.features.nbytes() / 2**20, 2), "ref_cache_mb_per_step": round(per_step_mb, 2),
-        "ref_cache_dtype": str(next(iter(ref.features.entries[ref.features.sigmas()[0]].self_attn.values())).dtype),
+        "ref_cache_dtype": str(next(iter(ref.features.get(ref.features.sigmas()[0]).self_attn.values())).dtype),
         "ref_cache_mb_per_step_512_fp16_formula": round(cache_formula_mb(model), 2),
         "reference_passes": passes, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_first_mb": round(rss[0], 1) if rss else None, "rss_last_mb": round(rss[-1], 1) if rss else None,

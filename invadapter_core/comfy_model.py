@@ -1,348 +1,329 @@
-"""The one module that talks to ComfyUI's ModelPatcher: the reference pass and the EAA patches.
+"""InvAdapterApply's runtime: the EAA injection installed on a cloned ModelPatcher, fed per sampling step.
 
-Generation side, per InvAdapterApply (an ``Application``):
-- an APPLY_MODEL wrapper: at each UNet call, the reference features at that call's sigma (from the reference's
-  cache, or one fresh reference pass per sigma, shared by every batch chunk) are put into transformer_options;
-- list patches, never replace patches (so other packs' attention patches keep working and chain):
-  attn1_patch/attn2_patch stash the normed hidden states ``n``; attn1_output_patch/attn2_output_patch add
-  ``lambda * to_out_linear(E)`` with E the EAA attention of eq. 2-5 (to_out is affine, so this equals
-  ``to_out(A + lambda E)``).
-Reference side: ``reference_pass`` runs the frozen UNet with only capture patches (no wrappers, no other packs'
-patches, no ControlNet) and records every block's self- and cross-attention inputs.
+- An OUTER_SAMPLE wrapper opens a run: which weights sample (features are kept per weights, see ``Reference``),
+  which sigmas, and what ComfyUI should load beside the UNet (``CacheHook.models``, see ``residency``).
+- An APPLY_MODEL wrapper gives each UNet call the reference's K/V at its sigma (``kv_at``): from the application's
+  K/V store when this schedule ran before; else projected from the reference's cached features; else from one
+  fresh reference pass, shared by every batch chunk at that sigma.
+- The attention math is ``injection``'s, shared with the trainer; its list patches stack with other packs' patches
+  and never replace one.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-import comfy.cli_args
-import comfy.ldm.modules.attention as comfy_attention
-import comfy.model_management
 import comfy.patcher_extension as ext
 
-from .attention_maps import RECORDER_KEY
-from .block_weights import BlockWeights, call_level
-from .blocks import block_key, block_name
-from .eaa import InvAdapter, output_projection_delta, reference_attention
-from .reference import Features, Reference
+from .block_weights import BlockWeights
+from .eaa import InvAdapter
+from .fit import check_adapter_fits, check_reference_fits, check_served
+from .injection import ADD, CALL, KINDS, SLOTS, STASH, KV, Call, EAAInjection, Step, ordered_patches
+from .notify import notify
+from .reference import FeatureCache, Reference, same_sigma
+from .reference_pass import Features, reference_pass
+from .residency import TensorPack, fits_on_device, register
+from .unet import block_keys, block_levels, transformer_blocks, weights_key
 
 log = logging.getLogger("InvAdapter")
-COMBINE_MODES = ("concat", "average")
-PER_SAMPLE = "per sample"  # training: reference i serves generation sample i (no combining)
-APPLY_TO = ("cond and uncond", "cond only")
+HOOK_SLOT = "invadapter_cache"  # a patch list ComfyUI never calls: it only asks its objects for models() and .to()
+PROBE_TOLERANCE = 1e-3  # relative error under which a file's features count as computed by these weights
 
 
-class ModelFamilyError(ValueError):
-    """A model of a family the reference or the adapter was not made for."""
+class KVStore:
+    """The reference's K and V (V scaled) for every step of one schedule, computed with one set of weights, in one
+    TensorPack (the step's blocks contiguous, so a step that must come from host memory is one copy)."""
 
+    def __init__(self, weights, sigmas: list[float], like: KV, dtype: torch.dtype, device: torch.device):
+        self.weights, self.sigmas = weights, sigmas
+        self.keys = list(like)
+        shapes = {(i, key, part): t.shape for i in range(len(sigmas)) for key, (k, v) in like.items()
+                  for part, t in (("k", k), ("v", v))}
+        self.pack = TensorPack(shapes, dtype, device)
+        self.filled: set[int] = set()
+        self._views: dict = {}
 
-def eaa_attention(device: torch.device):
-    """The attention kernel for the EAA term: ComfyUI's own choice (SDPA, xformers, sage, ... as the user set it),
-    except where ComfyUI only fell back to chunked sub-quadratic attention because the device is the CPU and no
-    flag chose: there torch's SDPA (which has a memory-efficient CPU kernel) was 3x faster on the reference
-    attention's shapes (benchmarks/overhead.py)."""
-    args = comfy.cli_args.args
-    chosen = args.use_split_cross_attention or args.use_quad_cross_attention
-    if device.type == "cpu" and not chosen and comfy_attention.optimized_attention is comfy_attention.attention_sub_quad:
-        return comfy_attention.attention_pytorch
-    return comfy_attention.optimized_attention
+    @staticmethod
+    def nbytes(steps: int, like: KV, dtype: torch.dtype) -> int:
+        return steps * sum(k.numel() + v.numel() for k, v in like.values()) * dtype.itemsize
 
+    def index(self, sigma: float) -> Optional[int]:
+        return next((i for i, s in enumerate(self.sigmas) if same_sigma(s, sigma)), None)
 
-def model_family(model) -> str:
-    return type(model.model.model_config).__name__
+    def put(self, i: int, kv: KV) -> None:
+        for key, (k, v) in kv.items():
+            self.pack.write((i, key, "k"), k)
+            self.pack.write((i, key, "v"), v)
+        self.filled.add(i)
 
-
-def transformer_blocks(model) -> dict[str, torch.nn.Module]:
-    """Every BasicTransformerBlock of the UNet, by block name, in execution order."""
-    unet = model.get_model_object("diffusion_model")
-    stages = [("input", list(unet.input_blocks)), ("middle", [unet.middle_block]), ("output", list(unet.output_blocks))]
-    found = {}
-    for stage, seqs in stages:
-        for number, seq in enumerate(seqs):
-            for module in (seq if seq is not None else []):
-                for index, tb in enumerate(getattr(module, "transformer_blocks", [])):
-                    found[block_name((stage, number, index))] = tb
-    if not found:
-        raise ModelFamilyError(f"no transformer blocks found in this {model_family(model)} UNet: Inv-Adapter needs an "
-                               f"SD1.x/SD2.x/SDXL-style UNet with spatial transformers")
-    return found
-
-
-def block_dims(blocks: dict[str, torch.nn.Module]) -> dict[str, tuple[int, int]]:
-    return {name: (tb.attn1.to_q.in_features, tb.attn1.to_q.out_features) for name, tb in blocks.items()}
-
-
-def check_family(model, reference: Reference) -> None:
-    family = model_family(model)
-    if reference.family != family:
-        raise ModelFamilyError(f"this reference was encoded with a {reference.family} model and cannot be applied to "
-                               f"a {family} model: encode the face again with this checkpoint (InvAdapterEncodeReference)")
-
-
-def model_key(model) -> tuple:
-    """In-process identity of a model's weights: the BaseModel and its weight patches (LoRA)."""
-    return (id(model.model), model.patches_uuid)
-
-
-def warn_if_features_from_another_model(model, reference: Reference) -> None:
-    if reference.model_key is not None and reference.features.entries and reference.model_key != model_key(model):
-        log.warning("Inv-Adapter: the reference's kept features were computed with another model or LoRA than the "
-                    "one it is applied to; they are used as they are (re-encode the face with this model for "
-                    "features of its own)")
-
-
-class FeatureCapture:
-    """attn1_patch / attn2_patch for a reference pass: records the block inputs, changes nothing."""
-
-    def __init__(self, cross: bool):
-        self.self_attn: dict[str, torch.Tensor] = {}
-        self.cross_attn: Optional[dict[str, torch.Tensor]] = {} if cross else None
-
-    def capture_self(self, n, context, value, extra_options):
-        self.self_attn[block_name(block_key(extra_options))] = n.detach()
-        return n, context, value
-
-    def capture_cross(self, n, context, value, extra_options):
-        self.cross_attn[block_name(block_key(extra_options))] = n.detach()
-        return n, context, value
-
-    def features(self) -> Features:
-        return Features(self.self_attn, self.cross_attn)
-
-
-def reference_pass(base_model, x: torch.Tensor, sigma, context: torch.Tensor, cross: bool
-                   ) -> tuple[torch.Tensor, Features]:
-    """One frozen-UNet pass of the reference latent at ``sigma`` (a float, or one per sample): (x0 prediction,
-    captured features). ``base_model`` is the loaded BaseModel; the fresh transformer_options hold only the
-    capture patches, so no wrapper, no other pack's patch and no ControlNet reaches the reference branch.
-    """
-    capture = FeatureCapture(cross)
-    patches = {"attn1_patch": [capture.capture_self]}
-    if cross:
-        patches["attn2_patch"] = [capture.capture_cross]
-    if torch.is_tensor(sigma) and sigma.numel() > 1:
-        sigmas = sigma.to(device=x.device, dtype=torch.float32)
-    else:
-        sigmas = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
-    ctx = context.to(x.device)
-    if ctx.shape[0] != x.shape[0]:
-        ctx = ctx.expand(x.shape[0], *context.shape[1:])
-    with torch.no_grad():
-        denoised = base_model.apply_model(x, sigmas, c_crossattn=ctx, transformer_options={"patches": patches})
-    return denoised, capture.features()
-
-
-def combine_images(f: torch.Tensor, mode: str) -> torch.Tensor:
-    """Several images of one identity ([R, N, C]) into one reference ([1, N', C]): token concat or average."""
-    if f.shape[0] == 1 or mode == PER_SAMPLE:
-        return f
-    if mode == "concat":
-        return f.reshape(1, -1, f.shape[-1])
-    if mode == "average":
-        return f.mean(dim=0, keepdim=True)
-    raise ValueError(f"unknown combine mode {mode!r}; expected one of {COMBINE_MODES}")
+    def get(self, i: int, device: torch.device) -> KV:
+        memo_key = (i, self.pack.flat.data_ptr(), device)
+        if memo_key in self._views:
+            return self._views[memo_key]
+        views = self.pack.views_on([(i, key, part) for key in self.keys for part in ("k", "v")], device)
+        kv = {key: (views[(i, key, "k")], views[(i, key, "v")]) for key in self.keys}
+        if self.pack.flat.device == device:  # views of a resident pack stay valid until it moves
+            self._views = {k: v for k, v in self._views.items() if k[1] == memo_key[1]}
+            self._views[memo_key] = kv
+        return kv
 
 
 @dataclass
-class Step:
-    """What one UNet call needs: the reference features at its sigma, and the stashed attention inputs."""
-    sigma: float
-    features: Features
-    pending: dict = field(default_factory=dict)  # "self"/"cross" -> n, between a block's input and output patch
+class Run:
+    """One sampling run of one application."""
+    weights: Optional[tuple]  # what samples: features and K/V are only reused for the same weights
+    sigmas: list[float]       # the run's schedule
+    cache: FeatureCache
+    started: list = field(default_factory=list)  # caches whose run was started (ended in the same order)
+    checked: bool = False     # the cache is known to hold features of these weights
+
+
+class CacheHook:
+    """Sits in a patch list ComfyUI never calls: ComfyUI asks it for ``models()`` when it loads the UNet (so the
+    run's feature or K/V store loads beside it) and calls ``.to()`` on it (nothing to move: the stores are models)."""
+
+    def __init__(self, app: "Application"):
+        self.app = app
+
+    def models(self):
+        return [pack.patcher(self.app.load_device) for pack in self.app.packs_for_run()]
+
+    def to(self, *args, **kwargs):
+        return self
 
 
 class Application:
-    """One InvAdapterApply on one cloned model: adapter + reference + strengths, as ComfyUI patches."""
+    """One InvAdapterApply: adapter + reference + strengths on one cloned model."""
 
-    # The trainer sets this: always use the adapter's own (float32, trainable) parameters, even when the UNet runs in
-    # half precision or under autocast; the EAA layers cast their inputs, so gradients still reach the parameters.
-    adapter_as_is = False
+    _ids = itertools.count()
 
-    def __init__(self, adapter: InvAdapter, reference: Reference, blocks: dict[str, torch.nn.Module],
-                 weight_self: float, weight_cross: float, sigma_start: float, sigma_end: float,
-                 combine: str = "concat", apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
-                 block_weights: Optional[BlockWeights] = None, reuse_features: bool = True):
-        self.adapter, self.reference, self.blocks = adapter, reference, blocks
-        self.weight_self, self.weight_cross = float(weight_self), float(weight_cross)
+    def __init__(self, adapter: InvAdapter, reference: Reference, model, weight_self: float, weight_cross: float,
+                 sigma_start: float = math.inf, sigma_end: float = 0.0, combine: str = "concat",
+                 apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
+                 block_weights: Optional[BlockWeights] = None, reuse_features: bool = True, keep_kv: bool = True):
+        blocks = transformer_blocks(model)
+        self.adapter, self.reference, self.combine = adapter, reference, combine
+        self.injection = EAAInjection(blocks, block_levels(model), weight_self, weight_cross, block_weights, mask,
+                                      apply_to)
+        self.names = block_keys(blocks)
+        self.kinds = self.injection.active_kinds(adapter.has_cross)
+        self.uses_cross = "cross" in self.kinds
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
-        self.combine, self.apply_to, self.mask = combine, apply_to, mask
-        self.block_weights = block_weights or BlockWeights()
         self.reuse_features = reuse_features  # False: the paper's pipeline, a fresh reference pass at every call
+        self.keep_kv = keep_kv and reuse_features
+        self.load_device = model.load_device
         self.key = f"invadapter:{reference.uid}:{id(adapter):x}"
-        self._kv_memo: tuple = (None, {})  # (features, {(kind, block): (k, v)}): shared by a step's batch chunks
+        self.run: Optional[Run] = None
+        self.kv_store: Optional[KVStore] = None
         self._adapter_copies: dict = {}
-        self._scales: dict = {}  # batch layout -> per-row/per-token scale (mask, cond only)
-
-    @property
-    def uses_cross(self) -> bool:
-        return self.adapter.has_cross and self.weight_cross != 0
+        self._told: set = set()  # weights the user was already told about
 
     def active(self, sigma: float) -> bool:
         return self.sigma_end <= sigma <= self.sigma_start
 
+    # --- runs --------------------------------------------------------------------------------------------------
+    def outer_sample_wrapper(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        self.begin_run(weights_key(guider.model_patcher), [float(s) for s in sigmas if s > 0])
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.end_run()
+
+    def begin_run(self, weights, sigmas: list[float]) -> None:
+        ref = self.reference
+        cache = ref.features if ref.weights is None else ref.cache_for(weights)  # a file's features: checked later
+        self.run = Run(weights, sigmas, cache, checked=ref.weights is not None)
+        self._start(cache)
+        if ref.weights is not None and weights != ref.weights and len(ref.features):
+            self._tell_recomputed(weights)
+
+    def _start(self, cache: FeatureCache) -> None:
+        cache.start_run()
+        self.run.started.append(cache)
+
+    def end_run(self) -> None:
+        run, self.run = self.run, None
+        if run is None:
+            return
+        for cache in run.started:
+            cache.end_run()
+        self.injection.reset()
+        packs = [p for p in run.cache.packs() + ([self.kv_store.pack] if self.kv_store else [])
+                 if p._patcher is None]
+        register(packs, self.load_device)
+
+    def packs_for_run(self) -> list[TensorPack]:
+        """What this run reads: the K/V store when it covers the schedule, else the features it projects from."""
+        run = self.run
+        if run is None or not self.reuse_features:
+            return []
+        store = self.kv_store
+        needed = [i for i, s in enumerate(run.sigmas) if self.active(s)]
+        if store is not None and store.weights == run.weights and store.sigmas == run.sigmas \
+                and all(i in store.filled for i in needed):
+            return [store.pack]
+        return run.cache.packs() + ([store.pack] if store is not None else [])
+
     # --- per UNet call -------------------------------------------------------------------------------------------
-    def features_at(self, base_model, sigma: float, device) -> Features:
-        cache = self.reference.features
-        found = cache.get(sigma, need_cross=self.uses_cross) if self.reuse_features else None
+    def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        call = transformer_options.get(CALL)
+        sigma = call.sigma if call is not None else float(t.reshape(-1)[0])
+        if not self.active(sigma):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        kv = self.kv_at(executor.class_obj, sigma, x.device)
+        if call is None:
+            options = transformer_options.copy()
+            options[CALL] = call = Call(sigma=sigma)
+            reordered = ordered_patches(options.get("patches", {}))
+            if reordered is not None:
+                options["patches"] = reordered
+        else:
+            options = transformer_options
+        call.steps.append(Step(self.injection, kv, sigma, self.key))
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    def kv_at(self, base_model, sigma: float, device: torch.device) -> KV:
+        """The reference's K/V at ``sigma`` for every block with a non-zero strength."""
+        if self.run is None:  # apply_model called outside a sampling run: trust the reference's own features
+            self.run = Run(self.reference.weights, [], self.reference.features, checked=True)
+        run = self.run
+        dtype = base_model.get_dtype_inference()
+        store = self.kv_store
+        if not (self.keep_kv and store is not None and store.weights == run.weights and store.sigmas == run.sigmas):
+            store = None
+        i = store.index(sigma) if store is not None else None
+        if i is not None and i in store.filled:
+            return store.get(i, device)
+        features = self.features_at(base_model, sigma, device)
+        kv = self.injection.project_kv(self._adapter_on(device, dtype), features, self.combine, device, dtype)
+        if self.keep_kv and kv:
+            store = store or self._new_store(kv, dtype, device)
+            i = store.index(sigma) if store is not None else None
+            if i is not None:  # off-schedule sigmas (heun's midpoints, sde noise levels) are not kept
+                store.put(i, kv)
+        return kv
+
+    def _new_store(self, like: KV, dtype, device) -> Optional[KVStore]:
+        """A K/V store for this run's schedule, on the compute device if ComfyUI leaves the room for it."""
+        run = self.run
+        if not run.sigmas:
+            return None
+        self.kv_store = None  # another schedule or other weights: the old store is dropped
+        if not fits_on_device(KVStore.nbytes(len(run.sigmas), like, dtype), device):
+            return None
+        self.kv_store = KVStore(run.weights, run.sigmas, like, dtype, device)
+        return self.kv_store
+
+    def features_at(self, base_model, sigma: float, device: torch.device) -> Features:
+        if not self.run.checked:
+            self._check_kept_features(base_model, device)
+        cache = self.run.cache
+        found = cache.get(sigma, need_cross=self.uses_cross, device=device) if self.reuse_features else None
         if found is None:
-            x_ref = self.reference.latent_at(sigma).to(device)
-            _, found = reference_pass(base_model, x_ref, sigma, self.reference.context, cross=self.uses_cross)
+            found = self._reference_pass(base_model, sigma, device)
             cache.passes += 1
             if self.reuse_features:
                 cache.put(sigma, found)
         return found
 
-    def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        sigma = float(t.reshape(-1)[0])
-        if not self.active(sigma):
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        features = self.features_at(executor.class_obj, sigma, x.device)
-        options = transformer_options.copy()
-        options[self.key] = Step(sigma, features)
-        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+    def _reference_pass(self, base_model, sigma: float, device: torch.device) -> Features:
+        x_ref = self.reference.latent_at(sigma).to(device)
+        return reference_pass(base_model, x_ref, sigma, self.reference.conds, self.names, self.uses_cross)[1]
 
-    def outer_sample_wrapper(self, executor, *args, **kwargs):
-        self.reference.features.start_run()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            self._kv_memo = (None, {})
-            self.reference.features.end_run()
-            offload = comfy.model_management.unet_offload_device()
-            self.reference.features.to_(offload)  # the cache waits on the offload device between runs
+    def _check_kept_features(self, base_model, device: torch.device) -> None:
+        """A loaded file's features are used only if these weights reproduce them: one reference pass at the lowest
+        kept sigma, compared block by block; otherwise this model computes its own."""
+        run, ref = self.run, self.reference
+        run.checked = True
+        if not len(ref.features) or run.weights is None:
+            return
+        s = ref.features.sigmas()[0]
+        kept = ref.features.get(s, device=device)
+        fresh = self._reference_pass(base_model, s, device)
+        if same_features(kept, fresh):
+            ref.adopt(run.weights)
+            return
+        run.cache = ref.cache_for(run.weights)
+        self._start(run.cache)
+        run.cache.put(s, fresh)
+        run.cache.passes += 1
+        self._tell_recomputed(run.weights)
 
-    def transformer_options(self, features: Features, sigma: float = 0.0) -> dict:
-        """transformer_options for a direct ``apply_model`` call with this application (the trainer's path)."""
-        return {"patches": {name: [fn] for name, fn in self.patches().items()}, self.key: Step(sigma, features)}
-
-    def patches(self) -> dict[str, Callable]:
-        """ComfyUI list-patch slot -> callable (list patches stack with other packs' instead of replacing them)."""
-        found = {"attn1_patch": self.stash_self, "attn1_output_patch": self.add_self}
-        if self.uses_cross:
-            found.update(attn2_patch=self.stash_cross, attn2_output_patch=self.add_cross)
-        return found
-
-    # --- attention patches ---------------------------------------------------------------------------------------
-    def stash_self(self, n, context, value, extra_options):
-        step = extra_options.get(self.key)
-        if step is not None:
-            step.pending["self"] = n
-        return n, context, value
-
-    def stash_cross(self, n, context, value, extra_options):
-        step = extra_options.get(self.key)
-        if step is not None:
-            step.pending["cross"] = n
-        return n, context, value
-
-    def add_self(self, out, extra_options):
-        return self._add("self", out, extra_options)
-
-    def add_cross(self, out, extra_options):
-        return self._add("cross", out, extra_options)
-
-    def _add(self, kind: str, out: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        step = extra_options.get(self.key)
-        if step is None:
-            return out
-        n = step.pending.pop(kind, None)
-        key = block_key(extra_options)
-        name = block_name(key)
-        level = call_level(extra_options)
-        weight = (self.weight_self if kind == "self" else self.weight_cross) * self.block_weights.scale(kind, level)
-        if n is None or weight == 0:
-            return out
-        kv = self._reference_kv(kind, key, name, step, out)
-        if kv is None:
-            return out
-        attn = self.blocks[name].attn1 if kind == "self" else self.blocks[name].attn2
-        q = attn.to_q(n)
-        e = reference_attention(q, kv[0], kv[1], extra_options["n_heads"], eaa_attention(q.device))
-        delta = output_projection_delta(attn.to_out, e)
-        scale = self._row_scale(extra_options, delta)
-        delta = delta * (weight if scale is None else weight * scale)
-        recorder = extra_options.get(RECORDER_KEY)
-        if recorder is not None and kind == "self" and recorder.wants(level, step.sigma):
-            recorder.record(self.key, q, kv[0], extra_options["n_heads"], delta,
-                            extra_options["activations_shape"][-2:], extra_options.get("cond_or_uncond") or [0])
-        return out + delta
-
-    def _reference_kv(self, kind, key, name, step: Step, like: torch.Tensor):
-        memo_features, memo = self._kv_memo
-        if memo_features is not step.features:
-            memo = {}
-            self._kv_memo = (step.features, memo)
-        if (kind, name) in memo:
-            return memo[(kind, name)]
-        adapter = self._adapter_on(like.device, like.dtype)
-        if kind == "self":
-            layer = adapter.self_layer(key)
-            f = step.features.self_attn.get(name)
-            kv = None if layer is None or f is None else \
-                layer.project(combine_images(f.to(like.device, like.dtype), self.combine), self.blocks[name].attn1)
-        else:
-            layer = adapter.cross_layer(key)
-            f = (step.features.cross_attn or {}).get(name)
-            if layer is None or f is None:
-                kv = None
-            else:  # aggregate each image's tokens first: W_agg is defined on one image's N tokens
-                k, v = layer.project(f.to(like.device, like.dtype))
-                kv = (combine_images(k, self.combine), combine_images(v, self.combine))
-        memo[(kind, name)] = kv
-        return kv
+    def _tell_recomputed(self, weights) -> None:
+        if weights in self._told:
+            return
+        self._told.add(weights)
+        notify("the reference's kept features come from other weights than this model (another checkpoint, or a "
+               "LoRA), so they are computed again for this model (extra UNet passes on first use). Encode the face "
+               "with this model to skip them.")
 
     def _adapter_on(self, device, dtype) -> InvAdapter:
-        if self.adapter_as_is or (self.adapter.self_from_base and not self.adapter.has_cross):
-            return self.adapter  # nothing of its own to move
-        first = next(self.adapter.parameters())
-        if first.device == device and first.dtype == dtype:
-            return self.adapter  # used as is (the trainer's gradients flow into these parameters)
+        """The adapter's layers in the UNet's device and dtype (the training-free adapter has none of its own)."""
+        if self.adapter.self_from_base and not self.adapter.has_cross:
+            return self.adapter
         key = (str(device), dtype)
         if key not in self._adapter_copies:
             self._adapter_copies[key] = copy.deepcopy(self.adapter).to(device=device, dtype=dtype)
         return self._adapter_copies[key]
 
-    def _row_scale(self, extra_options: dict, like: torch.Tensor) -> Optional[torch.Tensor]:
-        """Per-row (and with a mask, per-token) scale: 0 for uncond rows in "cond only" mode, the mask elsewhere.
-        It depends only on the batch layout and the block's grid, so it is built once per layout, not per call."""
-        if self.mask is None and self.apply_to != "cond only":
-            return None
-        chunks = tuple(extra_options.get("cond_or_uncond") or [0])
-        h, w = extra_options["activations_shape"][-2:]
-        layout = (chunks, like.shape[0], h, w, like.device, like.dtype)
-        if layout not in self._scales:
-            self._scales[layout] = self._build_scale(chunks, like.shape[0], h, w, like.device, like.dtype)
-        return self._scales[layout]
 
-    def _build_scale(self, chunks, batch, h, w, device, dtype) -> Optional[torch.Tensor]:
-        per_chunk = max(batch // len(chunks), 1)
-        scale = None
-        if self.mask is not None:
-            m = torch.nn.functional.interpolate(self.mask[:, None].to(device, torch.float32), size=(h, w),
-                                                mode="bilinear", align_corners=False)
-            m = m.reshape(m.shape[0], h * w, 1)
-            m = m.repeat((per_chunk + m.shape[0] - 1) // m.shape[0], 1, 1)[:per_chunk]
-            scale = m.repeat(len(chunks), 1, 1).to(dtype)
-        if self.apply_to == "cond only" and any(c == 1 for c in chunks):
-            rows = torch.tensor([0.0 if c == 1 else 1.0 for c in chunks], device=device, dtype=dtype)
-            rows = rows.repeat_interleave(per_chunk)[:, None, None]
-            scale = rows if scale is None else scale * rows
-        return scale
+def same_features(a: Features, b: Features) -> bool:
+    """Features of the same weights: every block within PROBE_TOLERANCE (relative), the same blocks."""
+    ta, tb = a.tensors(), b.tensors()
+    if set(ta) - set(tb) or any(ta[k].shape != tb[k].shape for k in ta):
+        return False
+    for k in ta:
+        x, y = ta[k].float(), tb[k].float()
+        if (x - y).norm() > PROBE_TOLERANCE * y.norm().clamp_min(1e-12):
+            return False
+    return True
+
+
+def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self: float, weight_cross: float,
+                   start_percent: float, end_percent: float, combine: str = "concat",
+                   apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
+                   block_weights: Optional[BlockWeights] = None):
+    """InvAdapterApply: every fit checked before anything runs, then a clone of ``model`` with the EAA installed
+    (the same clone without it when both strengths are 0)."""
+    check_served(model)
+    check_reference_fits(model, reference)
+    check_adapter_fits(adapter, model, reference)
+    if weight_self == 0 and weight_cross == 0:
+        return model.clone()
+    if start_percent > end_percent:
+        raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): the adapter would "
+                         f"never act; set start_percent below end_percent")
+    if start_percent == end_percent:
+        notify(f"start_percent equals end_percent ({start_percent}): the adapter acts on at most the one step at "
+               f"that point; widen the range to see it")
+    ms = model.get_model_object("model_sampling")
+    app = Application(adapter, reference, model, weight_self, weight_cross,
+                      sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
+                      combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)
+    return install(model, app)
 
 
 def install(model, app: Application):
-    """A clone of ``model`` with ``app`` installed; an earlier application of the same reference+adapter is
+    """A clone of ``model`` with ``app`` installed; an earlier application of the same reference + adapter is
     replaced (with a warning), so applying twice never silently doubles the work or the effect."""
     m = model.clone()
     if _remove_application(m, app.key):
-        log.warning("Inv-Adapter: this reference and adapter were already applied to the model; the later "
-                    "InvAdapterApply replaces the earlier one")
-    for name, fn in app.patches().items():
-        m.set_model_patch(fn, name)
+        notify("this reference and adapter were already applied to the model; the later InvAdapterApply replaces the "
+               "earlier one")
+    patches = m.model_options["transformer_options"].get("patches", {})
+    for kind in app.kinds:
+        for slot, fn in zip(SLOTS[kind], (STASH[kind], ADD[kind])):
+            if fn not in patches.get(slot, []):
+                m.set_model_patch(fn, slot)
+    m.set_model_patch(CacheHook(app), HOOK_SLOT)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, app.key, app.apply_model_wrapper)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, app.key, app.outer_sample_wrapper)
     return m
@@ -350,17 +331,16 @@ def install(model, app: Application):
 
 def _remove_application(m, key: str) -> bool:
     patches = m.model_options["transformer_options"].get("patches", {})
-    removed = False
-    for name, plist in patches.items():
-        kept = [p for p in plist if getattr(getattr(p, "__self__", None), "key", None) != key]
-        removed |= len(kept) != len(plist)
-        patches[name] = kept
-    for kind in (ext.WrappersMP.APPLY_MODEL, ext.WrappersMP.OUTER_SAMPLE):
-        m.remove_wrappers_with_key(kind, key)
+    hooks = patches.get(HOOK_SLOT, [])
+    kept = [h for h in hooks if h.app.key != key]
+    removed = len(kept) != len(hooks)
+    if removed:
+        patches[HOOK_SLOT] = kept
+        for kind in (ext.WrappersMP.APPLY_MODEL, ext.WrappersMP.OUTER_SAMPLE):
+            m.remove_wrappers_with_key(kind, key)
     return removed
 
 
 def applications(model) -> list[Application]:
     """The Inv-Adapter applications installed on a model (for nodes that inspect them, e.g. attention maps)."""
-    patches = model.model_options["transformer_options"].get("patches", {}).get("attn1_output_patch", [])
-    return [p.__self__ for p in patches if isinstance(getattr(p, "__self__", None), Application)]
+    return [h.app for h in model.model_options["transformer_options"].get("patches", {}).get(HOOK_SLOT, [])]

@@ -20,24 +20,38 @@ def ddim_step(x: torch.Tensor, sigma: float, sigma_next: float, denoised: torch.
     return x + (sigma_next - sigma) * eps_from_denoised(x, sigma, denoised)
 
 
-def inversion_sigmas(schedule: Sequence[float] | torch.Tensor) -> list[float]:
+CONVENTIONS = ("lowest sigma", "classic")
+
+
+def inversion_sigmas(schedule: Sequence[float] | torch.Tensor, convention: str = "lowest sigma") -> list[float]:
     """A sampling schedule (descending, usually ending in 0) turned into the ascending inversion path.
 
-    Zero is dropped: the clean latent is taken as the state at the smallest sigma of the schedule.
+    "lowest sigma": zero is dropped, the clean latent is taken as the state at the smallest sigma of the schedule.
+    "classic": the path starts at sigma 0 (the clean latent itself), as diffusers' DDIMInverseScheduler does.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown inversion convention {convention!r}; expected one of {CONVENTIONS}")
     values = sorted({float(s) for s in (schedule.tolist() if torch.is_tensor(schedule) else schedule) if s > 0})
     if len(values) < 2:
         raise ValueError(f"an inversion needs at least 2 non-zero sigmas, got {values}")
-    return values
+    return [0.0] + values if convention == "classic" else values
+
+
+def evaluation_sigma(sigmas: Sequence[float], i: int, convention: str) -> float:
+    """Where step i -> i+1 evaluates the model: at the current sigma ("lowest sigma"), or at the target sigma with
+    the current latent ("classic", null-text inversion's and diffusers' choice; sigma 0 is never evaluated)."""
+    return sigmas[i] if convention == "lowest sigma" else sigmas[i + 1]
 
 
 def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: Sequence[float],
-           on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+           on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+           convention: str = "lowest sigma") -> torch.Tensor:
     """DDIM inversion from ``x0`` (taken at ``sigmas[0]``) up to ``sigmas[-1]``; returns all states [n+1, ...]."""
     states = [x0]
     x = x0
     for i in range(len(sigmas) - 1):
-        x = ddim_step(x, sigmas[i], sigmas[i + 1], denoise(x, sigmas[i]))
+        at = evaluation_sigma(sigmas, i, convention)
+        x = x + (sigmas[i + 1] - sigmas[i]) * eps_from_denoised(x, at, denoise(x, at))
         states.append(x)
         if on_step is not None:
             on_step(i, x)

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .blocks import BlockKey, block_name
 
 Attention = Callable[..., torch.Tensor]  # (q, k, v, heads) -> out, all [B, tokens, heads * dim_head]
 
@@ -113,13 +112,14 @@ class InvAdapter(nn.Module):
     def has_cross(self) -> bool:
         return len(self.cross_eaa) > 0
 
-    def self_layer(self, key: BlockKey) -> Optional[SelfEAA]:
+    def self_layer(self, block: str) -> Optional[SelfEAA]:
+        """The self EAA of a block ("input.1.0"); the base model's own projections for the training-free adapter."""
         if self.self_from_base:
             return _BASE_SELF_EAA
-        return self.self_eaa[_module_key(key)] if _module_key(key) in self.self_eaa else None
+        return self.self_eaa[_module_key(block)] if _module_key(block) in self.self_eaa else None
 
-    def cross_layer(self, key: BlockKey) -> Optional[CrossEAA]:
-        return self.cross_eaa[_module_key(key)] if _module_key(key) in self.cross_eaa else None
+    def cross_layer(self, block: str) -> Optional[CrossEAA]:
+        return self.cross_eaa[_module_key(block)] if _module_key(block) in self.cross_eaa else None
 
     def self_layers(self) -> dict[str, SelfEAA]:
         return {k.replace("_", "."): v for k, v in self.self_eaa.items()}
@@ -131,8 +131,8 @@ class InvAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _module_key(key: BlockKey) -> str:
-    return block_name(key).replace(".", "_")
+def _module_key(block: str) -> str:
+    return block.replace(".", "_")
 
 
 _BASE_SELF_EAA = SelfEAA(own_layers=False)

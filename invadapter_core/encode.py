@@ -1,25 +1,31 @@
-"""Encoding a face into a Reference: resize, VAE-encode, DDIM-invert with the caption, keep the features.
+"""Encoding a face into a Reference: resize, VAE-encode, DDIM-invert with the caption at guidance 1, keep the features.
 
-Every inversion evaluation is a reference pass (``comfy_model.reference_pass``), so the diffusion features at the
-inversion sigmas come for free and are kept in the reference's cache.
+With the default convention every inversion evaluation is a reference pass at the latent's own sigma, so the
+diffusion features at the inversion sigmas come for free: they are written straight into one buffer on the compute
+device (no copy per step) and handed to ComfyUI's memory manager (``residency``).
 """
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
+from tqdm import tqdm
 
-from .comfy_model import ModelFamilyError, model_family, model_key, reference_pass
-from .ddim import invert, inversion_sigmas
+from .ddim import CONVENTIONS, invert, inversion_sigmas
+from .fit import check_served, default_resolution
 from .images import to_rgb
-from .reference import FeatureCache, Reference
+from .reference import CONTEXT, FeatureCache, Reference
+from .reference_pass import reference_pass
+from .residency import register
+from .unet import block_keys, block_levels, model_family, transformer_blocks, weights_key
 
 log = logging.getLogger("InvAdapter")
-SUPPORTED_FAMILIES = ("SD15", "SD20", "SD21UnclipL", "SD21UnclipH")  # UNets whose only condition is c_crossattn
+COND_KEYS = ("c_crossattn", "y", "c_concat")  # what a reference pass gives apply_model
 
 
 def prepare_images(image: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -30,51 +36,97 @@ def prepare_images(image: torch.Tensor, resolution: int) -> torch.Tensor:
     return pixels.movedim(1, -1).clamp(0.0, 1.0)
 
 
-def conditioning_context(conditioning) -> torch.Tensor:
-    """The caption's cross-attention context [1, T, D] from a CONDITIONING list."""
+def caption_entry(conditioning) -> tuple[torch.Tensor, dict]:
+    """The caption's cross-attention context [1, T, D] and its options (pooled output ...) from a CONDITIONING."""
     if not conditioning:
         raise ValueError("the caption CONDITIONING is empty: connect a CLIPTextEncode of the face's caption")
     if len(conditioning) > 1:
         log.warning("Inv-Adapter: the caption conditioning has %d entries; the first is used", len(conditioning))
-    return conditioning[0][0][:1].float()
+    context, options = conditioning[0][0], conditioning[0][1]
+    return context[:1].float(), {k: (v[:1] if torch.is_tensor(v) else v) for k, v in options.items()}
 
 
-def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, scheduler: str, resolution: int,
-                     keep_features: bool = True, cross: bool = False) -> Reference:
-    """Face image(s) + caption -> Reference (the images are one identity: a batch = several photos of it)."""
-    check_supported(model)
+def reference_conds(model, context: torch.Tensor, options: dict, x0: torch.Tensor, pixel_hw: tuple[int, int]
+                    ) -> dict[str, torch.Tensor]:
+    """apply_model's conditioning for reference passes, built by the model's own ``extra_conds`` (what the
+    sampler uses): the caption, and where the UNet takes them the ADM vector (SDXL: the caption's pooled output
+    and the reference's own size, uncropped) and the concat input of inpainting models (ComfyUI's own default for
+    a generation without an image to inpaint: mask everywhere, blank image), so the reference branch runs under the
+    same conditions as an ordinary generation."""
+    h, w = pixel_hw
+    params = dict(options)
+    params.update(device=x0.device, noise=x0, latent_image=x0, cross_attn=context, width=w, height=h,
+                  target_width=w, target_height=h, crop_w=0, crop_h=0, prompt_type="positive")
+    out = model.model.extra_conds(**params)
+    return {k: v.cond.float().cpu() for k, v in out.items() if k in COND_KEYS}
+
+
+def sampler_sigmas(model, steps: int, scheduler: str, sampler_name: str = "euler") -> torch.Tensor:
+    """The schedule KSampler runs for these settings, built by KSampler itself (samplers that drop the penultimate
+    sigma, like uni_pc or dpm_2, get theirs): an inversion on it makes every sampler step find its features."""
+    return comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                   scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas
+
+
+def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, scheduler: str, resolution: int = 0,
+                     keep_features: bool = True, cross: bool = False, convention: str = CONVENTIONS[0],
+                     levels: Optional[set[str]] = None, sampler_name: str = "euler") -> Reference:
+    """Face image(s) + caption -> Reference (the images are one identity: a batch = several photos of it).
+    ``resolution`` 0 takes the family's own (1024 for SDXL, 768 for SD2.x v-prediction, else 512)."""
+    check_served(model)
+    resolution = resolution or default_resolution(model)
     pixels = prepare_images(image, resolution)
-    context = conditioning_context(conditioning)
+    context, options = caption_entry(conditioning)
     latent = vae.encode(pixels)
-    return invert_latent(model, latent, context, steps, scheduler, (resolution, resolution), keep_features, cross)
+    x0 = model.model.process_latent_in(latent)
+    conds = reference_conds(model, context, options, x0, (resolution, resolution))
+    return invert_latent(model, latent, conds, steps, scheduler, (resolution, resolution), keep_features, cross,
+                         convention, levels, sampler_name)
 
 
-def check_supported(model) -> None:
-    family = model_family(model)
-    if family not in SUPPORTED_FAMILIES:
-        raise ModelFamilyError(f"Inv-Adapter supports SD1.x/SD2.x checkpoints ({', '.join(SUPPORTED_FAMILIES)}); "
-                               f"this model is {family}")
+def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | torch.Tensor, steps: int,
+                  scheduler: str, resolution: tuple[int, int], keep_features: bool = True, cross: bool = False,
+                  convention: str = CONVENTIONS[0], levels: Optional[set[str]] = None,
+                  sampler_name: str = "euler") -> Reference:
+    """DDIM inversion of a VAE latent (unscaled, as in LATENT dicts) with the caption at guidance 1.
 
-
-def invert_latent(model, latent: torch.Tensor, context: torch.Tensor, steps: int, scheduler: str,
-                  resolution: tuple[int, int], keep_features: bool = True, cross: bool = False) -> Reference:
-    """DDIM inversion of a VAE latent (unscaled, as in LATENT dicts) with the caption at guidance 1."""
+    ``conds``: apply_model's conditioning (``reference_conds``), or just the caption context. ``levels``: keep only
+    the features of blocks at these levels (the others are never used when their block weight is zero)."""
+    if torch.is_tensor(conds):
+        conds = {CONTEXT: conds}
     comfy.model_management.load_models_gpu([model])
     base = model.model
-    x0 = base.process_latent_in(latent).to(device=model.load_device, dtype=torch.float32)
-    sigmas = inversion_sigmas(comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps))
+    device = model.load_device
+    x0 = base.process_latent_in(latent).to(device=device, dtype=torch.float32)
+    on_device = {k: v.to(device) for k, v in conds.items()}
+    blocks = transformer_blocks(model)
+    names, level_of = block_keys(blocks), block_levels(model)
+    sigmas = inversion_sigmas(sampler_sigmas(model, steps, scheduler, sampler_name), convention)
+    # Only at the latent's own sigma is an inversion pass also the reference pass the generation needs.
+    keep = keep_features and convention == "lowest sigma"
     cache = FeatureCache()
+    if keep:
+        cache.reserve(sigmas[:-1])
     progress = comfy.utils.ProgressBar(len(sigmas) - 1)
+    console = tqdm(total=len(sigmas) - 1, desc="Inv-Adapter inversion", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        denoised, features = reference_pass(base, x, sigma, context, cross)
-        if keep_features:
+        denoised, features = reference_pass(base, x, sigma, on_device, names, cross and keep, levels, level_of)
+        if keep:
             cache.put(sigma, features, pin=True)
         return denoised
 
-    states = invert(denoise, x0, sigmas, on_step=lambda i, x: progress.update(1))
-    cache.to_(comfy.model_management.unet_offload_device())
+    def stepped(i: int, x: torch.Tensor) -> None:
+        progress.update(1)
+        console.update(1)
+
+    try:
+        states = invert(denoise, x0, sigmas, on_step=stepped, convention=convention)
+    finally:
+        console.close()
+    register(cache.packs(), device)
     return Reference(family=model_family(model), resolution=resolution,
                      sigmas=torch.tensor(sigmas, dtype=torch.float64), states=states.float().cpu(),
-                     context=context.cpu(), features=cache, model_key=model_key(model))
+                     conds={k: v.float().cpu() for k, v in conds.items()}, features=cache,
+                     weights=weights_key(model), convention=convention)

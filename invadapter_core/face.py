@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import to_rgb as images_to_rgb
+from .notify import notify
 
 log = logging.getLogger("InvAdapter")
 
@@ -291,8 +292,8 @@ def get_detector(detector: str, *, insightface_roots: Sequence[str] = (), insigh
                 log.info("InvAdapter face crop: no InsightFace '%s' models (%s); using MTCNN", insightface_model,
                          str(e).splitlines()[0])
             except Exception as e:  # noqa: BLE001 - auto means "the best that works": say why, then fall back
-                log.warning("InvAdapter face crop: InsightFace '%s' failed to load (%s: %s); using MTCNN",
-                            insightface_model, type(e).__name__, e)
+                notify(f"face crop: InsightFace '{insightface_model}' failed to load ({type(e).__name__}: {e}); "
+                       f"using MTCNN")
         return _cached(("mtcnn", str(device)), lambda: MTCNNDetector(device))
     if detector == "insightface":
         require_insightface()
@@ -458,9 +459,8 @@ def crop_faces(images: torch.Tensor, detector: FaceDetector, *, size: int = 512,
                                 "these, or lower min_face_size.")
         if not crops:
             raise FaceCropError(what + " Nothing is left to output.")
-        log.warning("InvAdapter face crop: %s %s", what,
-                    "Using the centre square of those images." if on_no_face == "center crop"
-                    else "Those images are left out of the crops.")
+        notify(f"face crop: {what} " + ("Using the centre square of those images." if on_no_face == "center crop"
+                                        else "Those images are left out of the crops."))
     return FaceCropResult(torch.stack(crops), torch.stack(masks), records, missing)
 
 

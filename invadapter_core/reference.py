@@ -1,87 +1,108 @@
-"""An identity reference: the inverted DDIM trajectory, its caption, and its diffusion features per sigma.
+"""An identity reference: the inverted DDIM trajectory, its conditioning, and its diffusion features per sigma.
 
-The reference branch depends on neither the prompt, the seed nor the generation latent, so the features captured
-at a sigma are kept (``FeatureCache``) and serve every later generation at that sigma.
-Saved as one safetensors file:
-    trajectory.sigmas [n+1] (ascending), trajectory.states [n+1, R, C, h, w] (sampler space), caption.context
-    features.<i>.self.<block> / features.<i>.cross.<block>   (features at feature_sigmas[i])
-with metadata ``invadapter.kind`` = "reference", format_version, base_family, resolution, feature_sigmas (JSON).
+The reference branch depends on neither the prompt, the seed nor the generation latent, so the features captured at
+a sigma are kept (``FeatureCache``) and serve every later generation at that sigma, as long as the weights are the
+same: features are kept per model (``Reference.cache_for``), so a reference applied to other weights (another
+checkpoint, a LoRA) computes features of its own instead of reusing ones the weights never produced.
+Saved as one safetensors file (see ``save_reference``).
 """
 from __future__ import annotations
 
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Hashable, Optional
 
 import torch
 
 from . import FORMAT_VERSION
 from .ddim import latent_at
+from .reference_pass import Features
+from .residency import TensorPack
 from .safetensors_io import read_checked, save_atomic
 
 META = "invadapter."
+CONTEXT = "c_crossattn"
 
 
 class ReferenceFileError(ValueError):
     """A reference file or object that cannot be used, with what was wrong and how to fix it."""
 
 
-@dataclass
-class Features:
-    """Diffusion features of one reference pass: per block name, f_s (self-attn input), f_c (cross-attn input)."""
-    self_attn: dict[str, torch.Tensor]
-    cross_attn: Optional[dict[str, torch.Tensor]] = None  # None: not captured (the adapter had no cross EAA)
-
-    def nbytes(self) -> int:
-        tensors = list(self.self_attn.values()) + list((self.cross_attn or {}).values())
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def to(self, device=None, dtype=None) -> "Features":
-        move = lambda d: None if d is None else {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa
-        return Features(move(self.self_attn), move(self.cross_attn))
+def same_sigma(a: float, b: float, rel_tol: float = 1e-5) -> bool:
+    """Sigmas pass through float32 tensors on their way to the model: equal within float32 rounding."""
+    return abs(a - b) <= rel_tol * max(abs(a), 1e-8)
 
 
 class FeatureCache:
-    """Features per sigma, matched with a relative tolerance (sigmas pass through float32 tensors).
+    """Features per sigma, each step's tensors stored contiguously in a ``TensorPack``.
 
-    Entries put with ``pin=True`` (the inversion's sigmas, a saved file's) live as long as the reference. Entries a
-    generation adds (sigmas off the inversion schedule: another step count, heun's midpoints, sigma_max) are kept
-    while sampling runs use them: ``end_run`` drops those the run just ended did not touch, so changing steps or
-    sampler never piles up features, and repeating the same settings never recomputes any.
+    The inversion's sigmas (``reserve``d, one pack for all of them) and a saved file's live as long as the cache.
+    Entries a generation adds (sigmas off the inversion schedule: another step count, heun's midpoints, sigma_max)
+    are kept while sampling runs use them: ``end_run`` drops those the run just ended did not touch, so changing steps
+    or sampler never piles up features, and repeating the same settings never recomputes any.
     """
 
-    def __init__(self, rel_tol: float = 1e-5):
-        self.rel_tol = rel_tol
-        self.entries: dict[float, Features] = {}
+    def __init__(self):
+        self._entries: dict[float, tuple[TensorPack, int, bool]] = {}  # sigma -> (pack, step slot, has cross)
+        self._layout: dict[TensorPack, list[tuple[str, str]]] = {}  # pack -> (kind, block) of each step
+        self._reserved: list[float] = []
+        self._reserved_pack: Optional[TensorPack] = None
         self.pinned: set[float] = set()
         self.passes = 0  # reference UNet passes that produced entries (tests and the benchmark read it)
         self._run = 0  # sampling-run counter: the run in which each unpinned entry was last used
         self._last_used: dict[float, int] = {}
 
     def _match(self, sigma: float) -> Optional[float]:
-        for s in self.entries:
-            if abs(s - sigma) <= self.rel_tol * max(abs(s), 1e-8):
+        for s in self._entries:
+            if same_sigma(s, sigma):
                 return s
         return None
 
-    def get(self, sigma: float, need_cross: bool = False) -> Optional[Features]:
-        s = self._match(sigma)
-        if s is None:
-            return None
-        found = self.entries[s]
-        if need_cross and found.cross_attn is None:
-            return None
-        self._last_used[s] = self._run
-        return found
+    def reserve(self, sigmas: list[float]) -> None:
+        """Features for these sigmas will come, all shaped alike: one pack holds them (allocated at the first put)."""
+        self._reserved = [float(s) for s in sigmas]
+        self._reserved_pack = None
 
     def put(self, sigma: float, features: Features, pin: bool = False) -> None:
+        tensors = features.tensors()
         s = self._match(sigma)
         s = s if s is not None else float(sigma)
-        self.entries[s] = features
+        slot = next((i for i, r in enumerate(self._reserved) if same_sigma(r, s)), None)
+        if slot is None:
+            pack, slot = self._new_pack(1, tensors), 0
+        else:
+            if self._reserved_pack is None:
+                self._reserved_pack = self._new_pack(len(self._reserved), tensors)
+            pack = self._reserved_pack
+        for (kind, block), t in tensors.items():
+            pack.write((slot, kind, block), t)
+        self._entries[s] = (pack, slot, features.cross_attn is not None)
         self._last_used[s] = self._run
         if pin:
             self.pinned.add(s)
+
+    def _new_pack(self, steps: int, tensors: dict) -> TensorPack:
+        first = next(iter(tensors.values()))
+        shapes = {(i, kind, block): t.shape for i in range(steps) for (kind, block), t in tensors.items()}
+        pack = TensorPack(shapes, first.dtype, first.device)
+        self._layout[pack] = list(tensors)
+        return pack
+
+    def get(self, sigma: float, need_cross: bool = False, device=None) -> Optional[Features]:
+        """Features at ``sigma`` as views on the pack's device (or copied to ``device``, one copy per step)."""
+        s = self._match(sigma)
+        if s is None:
+            return None
+        pack, slot, has_cross = self._entries[s]
+        if need_cross and not has_cross:
+            return None
+        self._last_used[s] = self._run
+        keys = [(slot, kind, block) for kind, block in self._layout[pack]]
+        views = pack.views_on(keys, torch.device(device) if device is not None else pack.flat.device)
+        self_attn = {k[2]: v for k, v in views.items() if k[1] == "self"}
+        cross = {k[2]: v for k, v in views.items() if k[1] == "cross"} if has_cross else None
+        return Features(self_attn, cross)
 
     def start_run(self) -> None:
         self._run += 1
@@ -89,96 +110,133 @@ class FeatureCache:
     def end_run(self) -> None:
         """Drop the unpinned entries the current run did not use (several applications of one reference in one
         run all start it before any of them uses an entry, so none prunes another's)."""
-        for s in list(self.entries):
+        for s in list(self._entries):
             if s not in self.pinned and self._last_used.get(s, -1) < self._run:
-                del self.entries[s]
+                pack = self._entries.pop(s)[0]
                 self._last_used.pop(s, None)
+                if not any(e[0] is pack for e in self._entries.values()):
+                    self._layout.pop(pack, None)
+                    if pack is self._reserved_pack:
+                        self._reserved_pack = None
 
     def sigmas(self) -> list[float]:
-        return sorted(self.entries)
+        return sorted(self._entries)
+
+    def shapes(self) -> dict[tuple[str, str], tuple]:
+        """(kind, block) -> shape of one step's features (empty when nothing is kept)."""
+        for pack, layout in self._layout.items():
+            return {entry: pack.slots[(0, *entry)][1] for entry in layout}
+        return {}
+
+    def packs(self) -> list[TensorPack]:
+        return list(self._layout)
 
     def nbytes(self) -> int:
-        return sum(f.nbytes() for f in self.entries.values())
+        return sum(p.nbytes for p in self._layout)
 
-    def to_(self, device) -> None:
-        """Move every entry (e.g. to the offload device between runs); a memo, so in place is fine."""
-        for s in list(self.entries):
-            self.entries[s] = self.entries[s].to(device=device)
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass
 class Reference:
-    family: str                 # ComfyUI model config name of the model that encoded it, e.g. "SD15"
+    family: str                  # ComfyUI model config name of the model that encoded it, e.g. "SD15"
     resolution: tuple[int, int]  # (height, width) in pixels of the encoded images
-    sigmas: torch.Tensor        # [n+1] ascending
-    states: torch.Tensor        # [n+1, R, C, h, w] inversion trajectory in sampler space (R = images of the identity)
-    context: torch.Tensor       # [1, T, D] caption conditioning
-    features: FeatureCache = field(default_factory=FeatureCache)
+    sigmas: torch.Tensor         # [n+1] ascending
+    states: torch.Tensor         # [n+1, R, C, h, w] inversion trajectory in sampler space (R = images of the identity)
+    conds: dict[str, torch.Tensor]  # apply_model's conditioning of the reference pass: c_crossattn [R|1, T, D], y ...
+    features: FeatureCache = field(default_factory=FeatureCache)  # of the weights that encoded it
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
-    model_key: Optional[tuple] = None  # in-process identity of the encoding model (for a mismatch warning)
+    weights: Optional[Hashable] = None  # in-process key of the encoding weights; None: unknown (loaded from a file)
+    convention: str = "lowest sigma"  # how the trajectory was inverted (ddim.CONVENTIONS)
+    _other: dict = field(default_factory=dict, repr=False)  # weights key -> FeatureCache of other weights
+
+    @property
+    def context(self) -> torch.Tensor:
+        return self.conds[CONTEXT]
 
     @property
     def images(self) -> int:
         return self.states.shape[1]
-
-    def latent_at(self, sigma: float) -> torch.Tensor:
-        return latent_at(self.sigmas, self.states, sigma)
 
     @property
     def inverted(self) -> torch.Tensor:
         """The top of the trajectory: the inverted noise."""
         return self.states[-1]
 
+    def latent_at(self, sigma: float) -> torch.Tensor:
+        return latent_at(self.sigmas, self.states, sigma)
 
+    def cache_for(self, weights: Hashable) -> FeatureCache:
+        """The features computed with ``weights`` (the encoding model's, or a cache of their own for others)."""
+        if weights == self.weights:
+            return self.features
+        return self._other.setdefault(weights, FeatureCache())
+
+    def adopt(self, weights: Hashable) -> None:
+        """The kept features are now known to come from ``weights`` (a file's features, verified by a probe)."""
+        self.weights = weights
+        self._other.pop(weights, None)
+
+    def caches(self) -> list[FeatureCache]:
+        return [self.features, *self._other.values()]
+
+
+# --------------------------------------------------------------------------------------------------- file format
 def save_reference(ref: Reference, path: str, with_features: bool = True) -> None:
+    """trajectory.sigmas [n+1] (ascending), trajectory.states [n+1, R, C, h, w] (sampler space),
+    cond.<name> (apply_model's conditioning: c_crossattn, y, c_concat), features.<i>.self.<block> /
+    features.<i>.cross.<block> (at feature_sigmas[i]); metadata kind, format_version, base_family, resolution,
+    feature_sigmas, convention, uid."""
     tensors = {
-        "trajectory.sigmas": ref.sigmas.float().cpu().contiguous(),
+        "trajectory.sigmas": ref.sigmas.double().cpu().contiguous(),
         "trajectory.states": ref.states.float().cpu().contiguous(),
-        "caption.context": ref.context.float().cpu().contiguous(),
     }
+    for name, t in ref.conds.items():
+        tensors[f"cond.{name}"] = t.float().cpu().contiguous()
     feature_sigmas = ref.features.sigmas() if with_features else []
     for i, s in enumerate(feature_sigmas):
-        f = ref.features.entries[s]
-        for kind, d in (("self", f.self_attn), ("cross", f.cross_attn or {})):
-            for block, t in d.items():
-                tensors[f"features.{i}.{kind}.{block}"] = t.cpu().contiguous()
+        f = ref.features.get(s, device="cpu")
+        for (kind, block), t in f.tensors().items():
+            tensors[f"features.{i}.{kind}.{block}"] = t.contiguous().clone()
     meta = {
         META + "kind": "reference",
         META + "format_version": str(FORMAT_VERSION),
         META + "base_family": ref.family,
         META + "resolution": json.dumps(list(ref.resolution)),
         META + "feature_sigmas": json.dumps(feature_sigmas),
+        META + "convention": ref.convention,
         META + "uid": ref.uid,
     }
     save_atomic(tensors, path, meta)
 
 
 def load_reference(path: str) -> Reference:
+    from .validation import check_reference_file
+
     tensors, meta = read_checked(path, "reference file", ReferenceFileError, "save the reference again")
-    if meta.get(META + "kind") != "reference":
-        raise ReferenceFileError(f"{path} is not an Inv-Adapter reference (no '{META}kind=reference' metadata); "
-                                 f"save one with InvAdapterSaveReference")
-    if int(meta.get(META + "format_version", "0")) > FORMAT_VERSION:
-        raise ReferenceFileError(f"{path} was written by a newer ComfyUI-InvAdapter: update the pack")
-    try:
-        cache = FeatureCache()
-        for i, s in enumerate(json.loads(meta[META + "feature_sigmas"])):
-            prefix = f"features.{i}."
-            self_attn = {k[len(prefix) + 5:]: v for k, v in tensors.items() if k.startswith(prefix + "self.")}
-            cross = {k[len(prefix) + 6:]: v for k, v in tensors.items() if k.startswith(prefix + "cross.")}
-            cache.put(float(s), Features(self_attn, cross or None), pin=True)
-        return Reference(family=meta[META + "base_family"], resolution=tuple(json.loads(meta[META + "resolution"])),
-                         sigmas=tensors["trajectory.sigmas"], states=tensors["trajectory.states"],
-                         context=tensors["caption.context"], features=cache, uid=meta.get(META + "uid", uuid.uuid4().hex))
-    except KeyError as e:
-        raise ReferenceFileError(f"reference file {path} is incomplete (missing {e}); save it again") from None
+    parsed = check_reference_file(path, tensors, meta)
+    cache = FeatureCache()
+    cache.reserve(parsed["feature_sigmas"])
+    for i, s in enumerate(parsed["feature_sigmas"]):
+        prefix = f"features.{i}."
+        self_attn = {k[len(prefix) + 5:]: v for k, v in tensors.items() if k.startswith(prefix + "self.")}
+        cross = {k[len(prefix) + 6:]: v for k, v in tensors.items() if k.startswith(prefix + "cross.")}
+        cache.put(float(s), Features(self_attn, cross or None), pin=True)
+    conds = {k[len("cond."):]: v for k, v in tensors.items() if k.startswith("cond.")}
+    if "caption.context" in tensors:  # format written before conditioning beyond the caption
+        conds[CONTEXT] = tensors["caption.context"]
+    return Reference(family=parsed["family"], resolution=parsed["resolution"], sigmas=tensors["trajectory.sigmas"],
+                     states=tensors["trajectory.states"], conds=conds, features=cache,
+                     uid=meta.get(META + "uid") or uuid.uuid4().hex, convention=parsed["convention"])
 
 
+# --------------------------------------------------------------------------------------------------- combining
 def combine_references(refs: list[Reference]) -> Reference:
     """Several references of one identity -> one reference holding all their images (IDAdapter's mixed features).
 
     They must come from the same model family, resolution and inversion sigmas. Features are kept for the sigmas
-    every reference holds; cross-attention features only where all have them.
+    every reference holds (computed with the same weights); cross-attention features only where all have them.
     """
     if not refs:
         raise ReferenceFileError("no reference to combine")
@@ -195,21 +253,33 @@ def combine_references(refs: list[Reference]) -> Reference:
         if r.sigmas.shape != first.sigmas.shape or not torch.allclose(r.sigmas.double(), first.sigmas.double()):
             raise ReferenceFileError(f"reference {i} was inverted with other steps/scheduler than reference 1: "
                                      f"use the same steps and scheduler in every InvAdapterEncodeReference")
-        if r.context.shape[1:] != first.context.shape[1:]:
-            raise ReferenceFileError(f"the caption of reference {i} has {r.context.shape[1]} tokens, reference 1's "
-                                     f"{first.context.shape[1]}: keep the captions under 75 tokens")
-    context = torch.cat([r.context.expand(r.images, *r.context.shape[1:]) for r in refs])
+        if r.convention != first.convention:
+            raise ReferenceFileError(f"reference {i} was inverted with the '{r.convention}' convention, reference 1 "
+                                     f"with '{first.convention}': use the same inversion in every encode node")
+        if set(r.conds) != set(first.conds) or any(r.conds[k].shape[1:] != first.conds[k].shape[1:]
+                                                     for k in first.conds):
+            raise ReferenceFileError(f"the caption of reference {i} does not match reference 1's "
+                                     f"({_cond_shapes(r)} against {_cond_shapes(first)}): keep the captions under "
+                                     f"75 tokens and use the same model")
+    conds = {k: torch.cat([_per_image(r.conds[k], r.images) for r in refs]) for k in first.conds}
+    same_weights = all(r.weights == first.weights for r in refs)
     cache = FeatureCache()
-    for s in first.features.sigmas():
-        found = [r.features.get(s) for r in refs]
-        if any(f is None for f in found):
-            continue
-        self_attn = {k: torch.cat([f.self_attn[k].to(found[0].self_attn[k].device) for f in found])
-                     for k in found[0].self_attn}
+    shared = [s for s in first.features.sigmas() if all(r.features.get(s) is not None for r in refs)]
+    cache.reserve(shared if same_weights else [])
+    for s in (shared if same_weights else []):
+        found = [r.features.get(s, device="cpu") for r in refs]
+        self_attn = {k: torch.cat([f.self_attn[k] for f in found]) for k in found[0].self_attn}
         cross = None
         if all(f.cross_attn is not None for f in found):
-            cross = {k: torch.cat([f.cross_attn[k].to(found[0].cross_attn[k].device) for f in found])
-                     for k in found[0].cross_attn}
+            cross = {k: torch.cat([f.cross_attn[k] for f in found]) for k in found[0].cross_attn}
         cache.put(s, Features(self_attn, cross), pin=True)
     return Reference(first.family, first.resolution, first.sigmas, torch.cat([r.states for r in refs], dim=1),
-                     context, cache)
+                     conds, cache, weights=first.weights if same_weights else None, convention=first.convention)
+
+
+def _per_image(t: torch.Tensor, images: int) -> torch.Tensor:
+    return t.expand(images, *t.shape[1:]) if t.shape[0] == 1 else t
+
+
+def _cond_shapes(r: Reference) -> str:
+    return ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in sorted(r.conds.items()))

@@ -9,10 +9,18 @@ from safetensors.torch import save_file
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """A crash mid-write never leaves a truncated file under the real name."""
+    """A crash mid-write never leaves a truncated file under the real name. The file gets the permissions of any
+    file the process creates (0o666 less the umask, as ComfyUI's own outputs), not the writer's owner-only ones."""
     tmp = path + ".partial"
     save_file(tensors, tmp, metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_checked(path: str, what: str, error: type[Exception], fix: str) -> tuple[dict[str, torch.Tensor], dict]:

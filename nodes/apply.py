@@ -1,8 +1,8 @@
 from comfy_api.latest import io
 
-from invadapter_core.comfy_model import (APPLY_TO, COMBINE_MODES, Application, block_dims, check_family, install,
-                                         model_family, transformer_blocks, warn_if_features_from_another_model)
-from invadapter_core.weights import check_adapter_fits
+from invadapter_core.comfy_model import apply_identity
+from invadapter_core.injection import APPLY_TO, COMBINE_MODES
+from invadapter_core.notify import collecting
 
 from .types import CATEGORY, BlockWeightsType, InvAdapterType, ReferenceType
 
@@ -41,19 +41,10 @@ class InvAdapterApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, invadapter, reference, weight_self, weight_cross, start_percent, end_percent, combine,
                 apply_to, mask=None, block_weights=None) -> io.NodeOutput:
-        check_family(model, reference)
-        warn_if_features_from_another_model(model, reference)
-        blocks = transformer_blocks(model)
-        check_adapter_fits(invadapter, model_family(model), block_dims(blocks))
-        if weight_self == 0 and weight_cross == 0:
-            return io.NodeOutput(model.clone())
-        if start_percent > end_percent:
-            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
-        ms = model.get_model_object("model_sampling")
-        app = Application(invadapter, reference, blocks, weight_self, weight_cross,
-                          sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
-                          combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)
-        return io.NodeOutput(install(model, app))
+        with collecting() as notices:
+            model = apply_identity(model, invadapter, reference, weight_self, weight_cross, start_percent,
+                                   end_percent, combine, apply_to, mask, block_weights)
+        return io.NodeOutput(model, ui={"text": notices} if notices else None)
 
 
 NODES = [InvAdapterApply]

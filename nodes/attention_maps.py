@@ -52,6 +52,9 @@ class InvAdapterAttentionMaps(io.ComfyNode):
         apps = applications(model)
         if not apps:
             raise ValueError("the model has no Inv-Adapter applied: connect the MODEL output of InvAdapterApply")
+        if start_percent > end_percent:
+            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): no sampling step "
+                             f"lies in that range, so there is nothing to record; set start_percent below end_percent")
         ms = model.get_model_object("model_sampling")
         recorder = AttentionRecorder(levels=_levels(levels), sigma_start=ms.percent_to_sigma(start_percent),
                                      sigma_end=ms.percent_to_sigma(end_percent))
@@ -67,7 +70,7 @@ class InvAdapterAttentionMaps(io.ComfyNode):
         ref_over, out_over, maps = [], [], []
         for app in apps:
             if app.key not in recorder.reference:
-                raise ValueError("nothing was recorded: widen the step range or choose other levels")
+                raise ValueError(f"nothing was recorded for this reference: {_why_nothing(app, recorder)}")
             ref = app.reference
             face_hw = tuple(reference_image.shape[1:3])
             rmap = reference_maps(recorder.reference[app.key], ref.images, tuple(ref.states.shape[-2:]), face_hw)
@@ -78,6 +81,20 @@ class InvAdapterAttentionMaps(io.ComfyNode):
         out = latent_image.copy()
         out["samples"] = samples
         return io.NodeOutput(out, _cat(ref_over), _cat(out_over), _cat(maps))
+
+
+def _why_nothing(app, recorder: AttentionRecorder) -> str:
+    """The reason a reference's self-attention EAA never ran where the recorder was listening."""
+    wanted = recorder.levels or set(app.injection.levels.values())
+    strengths = [s for (kind, name), s in app.injection.scales.items()
+                 if kind == "self" and app.injection.levels[name] in wanted]
+    if not any(strengths):
+        return (f"its self-attention strength is 0 at the chosen levels ({', '.join(sorted(wanted))}): raise "
+                f"weight_self or the block weights there, or choose other levels")
+    if app.sigma_start < recorder.sigma_end or app.sigma_end > recorder.sigma_start:
+        return ("InvAdapterApply's start_percent/end_percent and this node's step range do not overlap: widen one "
+                "of them")
+    return "no sampling step fell in the chosen step range: widen it or raise the number of steps"
 
 
 def _levels(choice: str):

@@ -1,6 +1,7 @@
 from comfy_api.latest import io
 
 import comfy.samplers
+from invadapter_core.ddim import CONVENTIONS
 from invadapter_core.encode import encode_reference
 
 from .types import CATEGORY, InvAdapterType, ReferenceType
@@ -23,14 +24,26 @@ class InvAdapterEncodeReference(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=2, max=1000,
                              tooltip="Inversion steps. Use the sampler's steps and scheduler to reuse every feature."),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="The face is centre-cropped square and resized to this; a trained adapter "
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
+                             tooltip="The face is centre-cropped square and resized to this. 0: the model family's "
+                                     "own (1024 for SDXL, 768 for SD2.x v-prediction, else 512); a trained adapter "
                                      "requires its own reference resolution."),
                 io.Boolean.Input("keep_features", default=True,
                                  tooltip="Keep the features captured during inversion (memory for speed)."),
                 InvAdapterType.Input("invadapter", optional=True,
                                      tooltip="Optional: the adapter, so its reference resolution and cross-attention "
                                              "features are honoured."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler", optional=True,
+                               tooltip="The sampler you will generate with. Samplers that drop the schedule's "
+                                       "penultimate sigma (uni_pc, uni_pc_bh2, dpm_2, dpm_2_ancestral) sample other "
+                                       "sigmas than the rest; with the matching schedule every sampler step finds its "
+                                       "features already computed."),
+                io.Combo.Input("inversion", options=list(CONVENTIONS), default=CONVENTIONS[0], optional=True,
+                               tooltip="'lowest sigma': the face latent is taken at the schedule's lowest sigma and "
+                                       "each step is evaluated where it starts, so every inversion pass is also a "
+                                       "reference pass (features for free). 'classic': the first step starts at "
+                                       "sigma 0 and each step is evaluated at its target sigma (diffusers, null-text "
+                                       "inversion); its passes give no reusable features."),
             ],
             outputs=[ReferenceType.Output(display_name="reference"),
                      io.Latent.Output(display_name="inverted_noise")],
@@ -38,14 +51,17 @@ class InvAdapterEncodeReference(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, image, caption, steps, scheduler, resolution, keep_features,
-                invadapter=None) -> io.NodeOutput:
+                invadapter=None, sampler_name="euler", inversion=CONVENTIONS[0]) -> io.NodeOutput:
         cross = False
         if invadapter is not None:
-            if invadapter.reference_resolution and invadapter.reference_resolution != resolution:
-                raise ValueError(f"the Inv-Adapter '{invadapter.name}' was trained on {invadapter.reference_resolution}"
-                                 f" px references; set resolution to {invadapter.reference_resolution}")
+            wanted = invadapter.reference_resolution
+            if wanted and resolution and wanted != resolution:
+                raise ValueError(f"the Inv-Adapter '{invadapter.name}' was trained on {wanted} px references; set "
+                                 f"resolution to {wanted} (or 0)")
+            resolution = resolution or wanted or 0
             cross = invadapter.has_cross
-        reference = encode_reference(model, vae, image, caption, steps, scheduler, resolution, keep_features, cross)
+        reference = encode_reference(model, vae, image, caption, steps, scheduler, resolution, keep_features, cross,
+                                     inversion, sampler_name=sampler_name)
         noise = model.model.process_latent_out(reference.inverted.clone())
         return io.NodeOutput(reference, {"samples": noise})
 

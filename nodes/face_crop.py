@@ -12,6 +12,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 from invadapter_core import face as face_core
+from invadapter_core.notify import collecting
 
 INSIGHTFACE_FOLDER = "insightface"
 # The custom type's value: a tuple of dicts, one per source image (see the `boxes_json` output for the fields).
@@ -80,14 +81,16 @@ class InvAdapterFaceCrop(io.ComfyNode):
                                  insightface_model=insightface_model, device=torch_device)
         total = image.shape[0] if getattr(image, "ndim", 0) == 4 else 1
         pbar = comfy.utils.ProgressBar(total)
-        result = face_core.crop_faces(
-            image, det, size=size, margin=margin, select=face, index=face_index, min_face_size=min_face_size,
-            on_no_face=on_no_face,
-            before_image=lambda i: comfy.model_management.throw_exception_if_processing_interrupted(),
-            after_image=lambda i: pbar.update(1),
-        )
+        with collecting() as notices:
+            result = face_core.crop_faces(
+                image, det, size=size, margin=margin, select=face, index=face_index, min_face_size=min_face_size,
+                on_no_face=on_no_face,
+                before_image=lambda i: comfy.model_management.throw_exception_if_processing_interrupted(),
+                after_image=lambda i: pbar.update(1),
+            )
         records = tuple(result.records)
-        return io.NodeOutput(result.crops, result.masks, records, json.dumps(list(records), indent=1))
+        return io.NodeOutput(result.crops, result.masks, records, json.dumps(list(records), indent=1),
+                             ui={"text": notices} if notices else None)
 
 
 NODES = [InvAdapterFaceCrop]

@@ -1,5 +1,6 @@
 import os
 import re
+import unicodedata
 
 from comfy_api.latest import io
 
@@ -8,6 +9,25 @@ from invadapter_core.reference import load_reference, save_reference
 
 from . import folders
 from .types import CATEGORY, ReferenceType
+
+
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes per name; room for ".safetensors" and ".partial"
+
+
+def reference_file_name(name: str) -> str:
+    """A save name as a file name: any language's letters kept (NFC-normalised, so "Émilie" is one name however it
+    was typed), only what no file system accepts replaced, length checked."""
+    stem = unicodedata.normalize("NFC", name).strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[:-len(".safetensors")]
+    stem = re.sub(r'[\x00-\x1f\x7f<>:"/\\|?*]+', "_", stem).strip(" ._")
+    if not stem:
+        raise ValueError(f"{name!r} is not usable as a file name: give the identity a name with letters or digits")
+    size = len(stem.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"the name is {size} bytes long in UTF-8; file systems take {MAX_NAME_BYTES} here: shorten "
+                         f"it (to about {MAX_NAME_BYTES // max(1, size // max(1, len(stem)))} characters)")
+    return stem + ".safetensors"
 
 
 class InvAdapterSaveReference(io.ComfyNode):
@@ -32,12 +52,9 @@ class InvAdapterSaveReference(io.ComfyNode):
 
     @classmethod
     def execute(cls, reference, name, with_features, overwrite) -> io.NodeOutput:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip()).strip("._")
-        if not stem:
-            raise ValueError(f"'{name}' is not usable as a file name: use letters, digits, '-', '_' or '.'")
         folder = folder_paths.get_folder_paths(folders.REFERENCES)[0]
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, stem if stem.endswith(".safetensors") else stem + ".safetensors")
+        path = os.path.join(folder, reference_file_name(name))
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists: choose another name or enable overwrite")
         save_reference(reference, path, with_features=with_features)

@@ -7,10 +7,12 @@ import torch
 import comfy.patcher_extension as ext
 import comfy.sample
 import comfy.samplers
-from invadapter_core.comfy_model import (Application, ModelFamilyError, applications, check_family, install,
-                                         reference_pass, transformer_blocks)
+from invadapter_core.comfy_model import Application, applications, install
 from invadapter_core.ddim import ddim_step
 from invadapter_core.encode import invert_latent, prepare_images
+from invadapter_core.fit import check_reference_fits
+from invadapter_core.reference_pass import reference_pass
+from invadapter_core.unet import ModelFamilyError, block_keys, transformer_blocks
 from invadapter_core.weights import init_from_model
 
 STEPS = 6
@@ -36,7 +38,7 @@ def sample(model, caption, sampler="euler", scheduler="simple", cfg=4.0, batch=2
 
 
 def applied(model, reference, weight_self=1.0, **kw):
-    app = Application(init_from_model(""), reference, transformer_blocks(model), weight_self, 1.0,
+    app = Application(init_from_model(""), reference, model, weight_self, 1.0,
                       kw.pop("sigma_start", 1e9), kw.pop("sigma_end", 0.0), **kw)
     return install(model, app), app
 
@@ -61,13 +63,13 @@ def test_features_from_the_inversion_are_reused_and_a_second_run_costs_no_pass(m
 def test_changing_steps_does_not_pile_up_features_and_repeating_recomputes_none(model, caption):
     ref = encode(model, caption)
     pinned = set(ref.features.pinned)
-    assert pinned == set(ref.features.entries)  # everything the inversion captured stays for good
+    assert pinned == set(ref.features.sigmas())  # everything the inversion captured stays for good
     m, _ = applied(model, ref)
     for steps in (4, 5, 7, 9, 9):
         passes = ref.features.passes
         sample(m, caption, steps=steps)
-        extra = set(ref.features.entries) - pinned
-        assert pinned <= set(ref.features.entries)
+        extra = set(ref.features.sigmas()) - pinned
+        assert pinned <= set(ref.features.sigmas())
         assert len(extra) <= steps, "features of earlier runs' sigmas were kept"
     assert ref.features.passes == passes, "the same settings again recomputed features"
 
@@ -149,7 +151,7 @@ def test_applying_the_same_reference_twice_replaces_with_a_warning(model, captio
     ref = encode(model, caption)
     once, app = applied(model, ref)
     with caplog.at_level(logging.WARNING):
-        twice = install(once, Application(app.adapter, ref, app.blocks, 1.0, 1.0, 1e9, 0.0))
+        twice = install(once, Application(app.adapter, ref, model, 1.0, 1.0, 1e9, 0.0))
     assert "already applied" in caplog.text
     assert len(applications(twice)) == 1
     other = encode(model, caption)
@@ -171,8 +173,9 @@ def test_each_inversion_step_is_the_ddim_update_and_deterministic(model, caption
 
 def test_features_captured_in_the_inversion_equal_a_fresh_reference_pass(model, caption):
     ref = encode(model, caption)
+    names = block_keys(transformer_blocks(model))
     for i, s in enumerate(ref.sigmas.tolist()[:-1]):
-        _, fresh = reference_pass(model.model, ref.states[i], s, caption, cross=False)
+        _, fresh = reference_pass(model.model, ref.states[i], s, {"c_crossattn": caption}, names, cross=False)
         kept = ref.features.get(s)
         assert kept.self_attn.keys() == fresh.self_attn.keys()
         for name in fresh.self_attn:
@@ -183,7 +186,7 @@ def test_a_reference_of_another_family_is_refused(model, caption):
     ref = encode(model, caption)
     ref.family = "SDXL"
     with pytest.raises(ModelFamilyError, match="encoded with a SDXL model.*SD15"):
-        check_family(model, ref)
+        check_reference_fits(model, ref)
 
 
 def test_images_are_validated_and_normalised():
@@ -195,26 +198,24 @@ def test_images_are_validated_and_normalised():
             prepare_images(bad, 64)
 
 
-def test_the_cache_keeps_the_inference_dtype_goes_to_the_offload_device_and_does_not_grow(model, caption):
-    import comfy.model_management as mm
-
+def test_the_cache_keeps_the_inference_dtype_and_does_not_grow(model, caption):
     ref = encode(model, caption)
-    m, _ = applied(model, ref)
+    m, app = applied(model, ref)
     sample(m, caption)
-    entries, size = len(ref.features.entries), ref.features.nbytes()
+    entries, size, kv = len(ref.features), ref.features.nbytes(), app.kv_store.pack.nbytes
     for _ in range(5):
         sample(m, caption)
-    assert (len(ref.features.entries), ref.features.nbytes()) == (entries, size)
-    for f in ref.features.entries.values():
-        for t in f.self_attn.values():
+        # later runs read only the K/V store: sigma_max's features, which no run uses any more, are dropped
+        assert len(ref.features) <= entries and ref.features.nbytes() <= size and app.kv_store.pack.nbytes == kv
+    for s in ref.features.sigmas():
+        for t in ref.features.get(s).self_attn.values():
             assert t.dtype == model.model.get_dtype_inference()
-            assert t.device == mm.unet_offload_device()
 
 
 def test_eaa_attention_follows_comfyui_except_its_implicit_cpu_fallback(monkeypatch):
     import comfy.cli_args
     import comfy.ldm.modules.attention as ca
-    from invadapter_core.comfy_model import eaa_attention
+    from invadapter_core.injection import eaa_attention
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.setattr(ca, "optimized_attention", ca.attention_sub_quad)

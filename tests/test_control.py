@@ -6,8 +6,10 @@ import comfy.sample
 
 from invadapter_core.attention_maps import RECORDER_KEY, AttentionRecorder, reference_maps
 from invadapter_core.block_weights import BlockWeights, level_of
-from invadapter_core.comfy_model import Application, Step, install, transformer_blocks
+from invadapter_core.comfy_model import Application, install
 from invadapter_core.encode import invert_latent
+from invadapter_core.injection import ADD, CALL, STASH, Call, Step
+from invadapter_core.unet import transformer_blocks
 from invadapter_core.reference import combine_references
 from invadapter_core.weights import init_from_model
 from test_comfy_model import STEPS, face_latent, sample
@@ -18,8 +20,15 @@ def encode(model, caption, seed=12, images=1):
 
 
 def apply(model, ref, **kw):
-    return install(model, Application(init_from_model(""), ref, transformer_blocks(model), kw.pop("weight", 1.0), 1.0,
-                                      1e9, 0.0, **kw))
+    return install(model, Application(init_from_model(""), ref, model, kw.pop("weight", 1.0), 1.0, 1e9, 0.0, **kw))
+
+
+def block_delta(app, features, name, n, opts):
+    """The self-attention EAA term one block adds to a zero attention output, through the installed patches."""
+    kv = app.injection.project_kv(app.adapter, features, app.combine)
+    opts = dict(opts, **{CALL: Call([Step(app.injection, kv, 0.5, app.key)])})
+    STASH["self"](n, n, n, opts)
+    return ADD["self"](torch.zeros_like(n), opts)
 
 
 def test_a_single_photo_combined_equals_the_plain_reference(model, caption):
@@ -58,15 +67,13 @@ def test_two_masked_identities_act_on_their_own_regions(model, caption):
     left[..., :32], right[..., 32:] = 1.0, 1.0
     blocks = transformer_blocks(model)
     # block level, exactly: an identity's EAA term is zero outside its mask
-    app = Application(init_from_model(""), a, blocks, 1.0, 1.0, 1e9, 0.0, mask=left)
+    app = Application(init_from_model(""), a, model, 1.0, 1.0, 1e9, 0.0, mask=left)
     name, tb = next(iter(blocks.items()))
     n = torch.randn(2, 64, tb.attn1.to_q.in_features)
     features = a.features.get(a.features.sigmas()[0])
     opts = {"block": ("input", int(name.split(".")[1])), "block_index": 0, "cond_or_uncond": [0, 1],
-            "activations_shape": [2, 0, 8, 8], "original_shape": [2, 4, 8, 8], "n_heads": tb.attn1.heads,
-            app.key: Step(0.5, features)}
-    app.stash_self(n, n, n, opts)
-    delta = (app.add_self(torch.zeros_like(n), opts)).reshape(2, 8, 8, -1)
+            "activations_shape": [2, 0, 8, 8], "original_shape": [2, 4, 8, 8], "n_heads": tb.attn1.heads}
+    delta = block_delta(app, features, name, n, opts).reshape(2, 8, 8, -1)
     assert delta[:, :, 4:].abs().max() == 0 and delta[:, :, :4].abs().max() > 0
     # image level: a random network's own self-attention spreads any change over the whole image, so the
     # difference images are compared with each other: each identity's change leans to its own half (at 16x16,
@@ -89,7 +96,7 @@ def test_a_level_weighted_zero_leaves_its_attention_unchanged(model, caption):
     ref = encode(model, caption)
     blocks = transformer_blocks(model)
     weights = BlockWeights.preset("coarse")
-    app = Application(init_from_model(""), ref, blocks, 1.0, 1.0, 1e9, 0.0, block_weights=weights)
+    app = Application(init_from_model(""), ref, model, 1.0, 1.0, 1e9, 0.0, block_weights=weights)
     features = ref.features.get(ref.features.sigmas()[0])
     seen = set()
     for name, tb in blocks.items():
@@ -98,11 +105,9 @@ def test_a_level_weighted_zero_leaves_its_attention_unchanged(model, caption):
         side = int(f.shape[1] ** 0.5)
         level = level_of(stage, 8 // side)
         opts = {"block": (stage, int(number)), "block_index": 0, "cond_or_uncond": [0],
-                "activations_shape": [1, 0, side, side], "original_shape": [1, 4, 8, 8], "n_heads": tb.attn1.heads,
-                app.key: Step(0.5, features)}
-        out = torch.randn(1, side * side, tb.attn1.to_q.in_features)
-        app.stash_self(out, out, out, opts)
-        changed = not torch.equal(app.add_self(out, opts), out)
+                "activations_shape": [1, 0, side, side], "original_shape": [1, 4, 8, 8], "n_heads": tb.attn1.heads}
+        n = torch.randn(1, side * side, tb.attn1.to_q.in_features)
+        changed = bool(block_delta(app, features, name, n, opts).abs().max() > 0)
         assert changed == (weights.scale("self", level) != 0), (name, level)
         seen.add(level)
     assert {"input_high", "middle", "output_low"} <= seen
@@ -128,16 +133,14 @@ def test_attention_maps_have_the_reference_shape_and_sum_to_one(model, caption):
 def test_cond_only_leaves_the_negative_rows_untouched(model, caption):
     ref = encode(model, caption)
     blocks = transformer_blocks(model)
-    app = Application(init_from_model(""), ref, blocks, 1.0, 1.0, 1e9, 0.0, apply_to="cond only")
+    app = Application(init_from_model(""), ref, model, 1.0, 1.0, 1e9, 0.0, apply_to="cond only")
     name, tb = next(iter(blocks.items()))
     n = torch.randn(4, 64, tb.attn1.to_q.in_features)
     features = ref.features.get(ref.features.sigmas()[0])
     for layout in ([0, 1], [1, 0]):
         opts = {"block": ("input", int(name.split(".")[1])), "block_index": 0, "cond_or_uncond": layout,
-                "activations_shape": [4, 0, 8, 8], "original_shape": [4, 4, 8, 8], "n_heads": tb.attn1.heads,
-                app.key: Step(0.5, features)}
-        app.stash_self(n, n, n, opts)
-        delta = app.add_self(torch.zeros_like(n), opts)
+                "activations_shape": [4, 0, 8, 8], "original_shape": [4, 4, 8, 8], "n_heads": tb.attn1.heads}
+        delta = block_delta(app, features, name, n, opts)
         uncond = slice(2, 4) if layout == [0, 1] else slice(0, 2)
         cond = slice(0, 2) if layout == [0, 1] else slice(2, 4)
         assert delta[uncond].abs().max() == 0 and delta[cond].abs().max() > 0

@@ -4,20 +4,21 @@ import torch
 
 import comfy.ops
 from comfy.ldm.modules.attention import BasicTransformerBlock
-from invadapter_core.comfy_model import Application, Step
 from invadapter_core.eaa import CrossEAA, InvAdapter, SelfEAA
-from invadapter_core.reference import Features
+from invadapter_core.injection import CALL, Call, EAAInjection, Step, patch_lists
+from invadapter_core.reference_pass import Features
 
 DIM, HEADS, D_HEAD, CTX, N, NREF, M = 64, 4, 16, 768, 36, 49, 8
 
 
-def softmax_attention(q, k, v):
+def softmax_attention(q, k, v, heads=HEADS):
     """Per-head softmax(q k^T / sqrt(d)) v written out: [B, tokens, heads*d]."""
-    b, nq, _ = q.shape
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], HEADS, D_HEAD).permute(0, 2, 1, 3)  # noqa: E731
+    b, nq, inner = q.shape
+    d = inner // heads
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d).permute(0, 2, 1, 3)  # noqa: E731
     qh, kh, vh = split(q), split(k).expand(b, -1, -1, -1), split(v).expand(b, -1, -1, -1)
-    w = torch.softmax(qh @ kh.transpose(-1, -2) / D_HEAD**0.5, dim=-1)
-    return (w @ vh).permute(0, 2, 1, 3).reshape(b, nq, HEADS * D_HEAD)
+    w = torch.softmax(qh @ kh.transpose(-1, -2) / d**0.5, dim=-1)
+    return (w @ vh).permute(0, 2, 1, 3).reshape(b, nq, inner)
 
 
 def seeded(module, seed):
@@ -33,11 +34,15 @@ def block():
     return seeded(tb, 0).eval()
 
 
-def run_block(tb, app, step, x, text):
-    options = {"patches": {"attn1_patch": [app.stash_self], "attn1_output_patch": [app.add_self],
-                           "attn2_patch": [app.stash_cross], "attn2_output_patch": [app.add_cross]},
-               "block": ("input", 1), "block_index": 0, "cond_or_uncond": [0], "activations_shape": [2, DIM, 6, 6], "original_shape": [2, 4, 6, 6],
-               app.key: step}
+def injected(tb, weight_self, weight_cross, **kw):
+    return EAAInjection({"input.1.0": tb}, {"input.1.0": "input_high"}, weight_self, weight_cross, **kw)
+
+
+def run_block(tb, injection, adapter, features, x, text):
+    """One transformer block called as the UNet calls it, with the EAA's patches and one step of K/V."""
+    kv = injection.project_kv(adapter, features, "concat")
+    options = {"patches": patch_lists(), "block": ("input", 1), "block_index": 0, "cond_or_uncond": [0],
+               "activations_shape": [2, DIM, 6, 6], "original_shape": [2, 4, 6, 6], CALL: Call([Step(injection, kv)])}
     return tb(x, context=text, transformer_options=options)
 
 
@@ -48,11 +53,9 @@ def test_block_with_eaa_equals_equations_2_to_5(block):
     adapter = InvAdapter("SD15", 56, M, {"input.1.0": seeded(SelfEAA(DIM, DIM), 2)},
                          {"input.1.0": seeded(CrossEAA(DIM, DIM, NREF, M), 3)})
     lam_s, lam_c = 0.7, 1.3
-    app = Application(adapter, reference=type("R", (), {"uid": "t"})(), blocks={"input.1.0": block},
-                      weight_self=lam_s, weight_cross=lam_c, sigma_start=1e9, sigma_end=0.0)
-    step = Step(1.0, Features({"input.1.0": f_s}, {"input.1.0": f_c}))
     with torch.no_grad():
-        got = run_block(block, app, step, x, text)
+        got = run_block(block, injected(block, lam_s, lam_c), adapter, Features({"input.1.0": f_s}, {"input.1.0": f_c}),
+                        x, text)
 
         # independent: eq. 1-3 (self), eq. 4-5 (cross), residuals and feed-forward as in the frozen block
         a1, a2 = block.attn1, block.attn2
@@ -75,10 +78,10 @@ def test_zero_weights_leave_the_block_bit_identical(block):
     g = torch.Generator().manual_seed(4)
     x, text = torch.randn(2, N, DIM, generator=g), torch.randn(2, 77, CTX, generator=g)
     adapter = InvAdapter("SD15", None, None, {}, {}, self_from_base=True)
-    app = Application(adapter, type("R", (), {"uid": "t"})(), {"input.1.0": block}, 0.0, 0.0, 1e9, 0.0)
-    step = Step(1.0, Features({"input.1.0": torch.randn(1, NREF, DIM, generator=g)}))
+    features = Features({"input.1.0": torch.randn(1, NREF, DIM, generator=g)})
     with torch.no_grad():
-        assert torch.equal(run_block(block, app, step, x, text), block(x, context=text, transformer_options={}))
+        got = run_block(block, injected(block, 0.0, 0.0), adapter, features, x, text)
+        assert torch.equal(got, block(x, context=text, transformer_options={}))
 
 
 def test_init_from_model_uses_the_base_projections(block):
@@ -86,9 +89,8 @@ def test_init_from_model_uses_the_base_projections(block):
     x, text = torch.randn(1, N, DIM, generator=g), torch.randn(1, 77, CTX, generator=g)
     f_s = torch.randn(1, NREF, DIM, generator=g)
     adapter = InvAdapter("", None, None, {}, {}, self_from_base=True)
-    app = Application(adapter, type("R", (), {"uid": "t"})(), {"input.1.0": block}, 1.0, 1.0, 1e9, 0.0)
     with torch.no_grad():
-        got = run_block(block, app, Step(1.0, Features({"input.1.0": f_s})), x, text)
+        got = run_block(block, injected(block, 1.0, 1.0), adapter, Features({"input.1.0": f_s}), x, text)
         a1 = block.attn1
         n = block.norm1(x)
         q = n @ a1.to_q.weight.T

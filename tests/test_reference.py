@@ -2,18 +2,19 @@
 import pytest
 import torch
 
-from invadapter_core.reference import (FeatureCache, Features, Reference, ReferenceFileError, load_reference,
-                                       save_reference)
+from invadapter_core.reference import FeatureCache, Reference, ReferenceFileError, load_reference, save_reference
+from invadapter_core.reference_pass import Features
 
 
 def make_reference(with_cross=True):
     g = torch.Generator().manual_seed(0)
     cache = FeatureCache()
     for s in (0.03, 1.5, 14.6):
-        cross = {"input.1.0": torch.randn(1, 16, 8, generator=g)} if with_cross else None
+        cross = {"input.1.0": torch.randn(1, 16, 8, generator=g).half()} if with_cross else None
         cache.put(s, Features({"input.1.0": torch.randn(1, 16, 8, generator=g).half()}, cross))
     return Reference("SD15", (64, 64), torch.tensor([0.03, 1.5, 14.6], dtype=torch.float64),
-                     torch.randn(3, 1, 4, 8, 8, generator=g), torch.randn(1, 77, 768, generator=g), cache)
+                     torch.randn(3, 1, 4, 8, 8, generator=g), {"c_crossattn": torch.randn(1, 77, 768, generator=g)},
+                     cache)
 
 
 def test_cache_matches_float32_rounded_sigmas_and_knows_missing_cross():

@@ -19,15 +19,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import comfy.sd
-from invadapter_core.comfy_model import block_dims, model_family, reference_pass, transformer_blocks
+from invadapter_core.fit import check_adapter_fits
+from invadapter_core.reference_pass import reference_pass
+from invadapter_core.unet import block_keys, tokens_per_block, transformer_blocks
 from invadapter_core.train.__main__ import main as cli
 from invadapter_core.train.config import Config, dump_toml, load_config
 from invadapter_core.train.data import ShardSet
 from invadapter_core.train.distributed import DistInfo
 from invadapter_core.train.loop import train
-from invadapter_core.train.model import build_adapter, count_parameters, pooling_matrix, tokens_per_block
+from invadapter_core.train.model import build_adapter, count_parameters, pooling_matrix
 from invadapter_core.train.preprocess import preprocess
-from invadapter_core.weights import check_adapter_fits, load_adapter
+from invadapter_core.weights import load_adapter
 from support import models
 from support.fixtures import CHECKPOINT
 from support.host import python_exe
@@ -127,7 +129,8 @@ def test_token_counts_match_a_real_reference_pass(tiny_model):
     model = tiny_model
     for res in (64, 48):
         x = torch.randn(1, 4, res // 8, res // 8)
-        _, features = reference_pass(model.model, x, 1.0, models.text_context(), cross=True)
+        names = block_keys(transformer_blocks(model))
+        _, features = reference_pass(model.model, x, 1.0, {"c_crossattn": models.text_context()}, names, cross=True)
         assert tokens_per_block(model, res) == {k: v.shape[1] for k, v in features.cross_attn.items()}
 
 
@@ -149,7 +152,7 @@ def test_gradients_reach_float32_eaa_through_a_half_precision_unet():
     adapter = build_adapter(model, 128, 16)  # 128 px: the middle block has 4 tokens (with 1, keys get no gradient)
     generation = GenerationPass(adapter, model)
     x, sigmas, context = torch.randn(2, 4, 16, 16), torch.tensor([0.5, 3.0]), models.text_context(batch=2)
-    features = generation.reference_features(x, sigmas, context)
+    features = generation.reference_features(x, sigmas, {"c_crossattn": context})
     assert next(iter(features.self_attn.values())).dtype == torch.bfloat16
     denoised = generation(x, sigmas, context, features.self_attn, features.cross_attn)
     denoised.square().mean().backward()
@@ -207,7 +210,7 @@ def test_steps_change_only_the_eaa(tiny_data, tmp_path, clip_vae, tiny_model):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3] and all(e["images_per_s"] > 0 for e in log)
     loaded = load_adapter(str(result.weights))
-    check_adapter_fits(loaded, model_family(model), block_dims(transformer_blocks(model)))
+    check_adapter_fits(loaded, model)
     assert torch.equal(loaded.cross_layers()["input.1.0"].to_v.weight, trained["cross_eaa.input_1_0.to_v.weight"])
 
 
@@ -288,7 +291,7 @@ def test_cli_writes_weights_for_the_checkpoint(cli_run):
     adapter = load_adapter(str(weights))
     model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(models.shallow_sd15_checkpoint()), output_vae=False,
                                                            output_clip=False)
-    check_adapter_fits(adapter, "SD15", block_dims(transformer_blocks(model)))
+    check_adapter_fits(adapter, model)
     assert adapter.reference_resolution == RES and adapter.tokens_m == 16 and adapter.has_cross
     assert not adapter.self_from_base
     assert next(adapter.parameters()).dtype == torch.float16

@@ -3,10 +3,7 @@ import pytest
 import torch
 
 from invadapter_core.eaa import CrossEAA, InvAdapter, SelfEAA
-from invadapter_core.weights import (AdapterFileError, check_adapter_fits, init_from_model, load_adapter,
-                                     save_adapter)
-
-DIMS = {"input.1.0": (64, 64), "middle.0.0": (128, 128)}
+from invadapter_core.weights import AdapterFileError, init_from_model, load_adapter, save_adapter
 
 
 def trained(seed=0):
@@ -24,24 +21,11 @@ def test_round_trip_keeps_every_tensor_and_the_metadata(tmp_path):
     assert (b.family, b.reference_resolution, b.tokens_m, b.self_from_base) == ("SD15", 256, 16, False)
     for (ka, va), (kb, vb) in zip(sorted(a.state_dict().items()), sorted(b.state_dict().items())):
         assert ka == kb and torch.equal(va, vb)
-    check_adapter_fits(b, "SD15", DIMS)
 
 
-def test_init_from_model_has_no_tensors_and_fits_any_family():
+def test_init_from_model_has_no_tensors():
     a = init_from_model("")
     assert a.self_from_base and not a.has_cross and a.trainable_parameters() == 0
-    check_adapter_fits(a, "SD20", DIMS)
-
-
-def test_another_architecture_is_refused_with_the_expected_shapes(tmp_path):
-    path = str(tmp_path / "a.safetensors")
-    save_adapter(trained(), path)
-    with pytest.raises(AdapterFileError, match="made for model family SD15.*SDXL"):
-        check_adapter_fits(load_adapter(path), "SDXL", DIMS)
-    with pytest.raises(AdapterFileError, match=r"expects \(320, 320\)"):
-        check_adapter_fits(load_adapter(path), "SD15", {"input.1.0": (320, 320), "middle.0.0": (128, 128)})
-    with pytest.raises(AdapterFileError, match="does not have"):
-        check_adapter_fits(load_adapter(path), "SD15", {"input.1.0": (64, 64)})
 
 
 def test_truncated_empty_and_foreign_files_say_what_is_wrong(tmp_path):

@@ -81,7 +81,7 @@ class Trainer:
         if layout["resolution"] != self.cfg.data.resolution:
             raise ConfigError(f"the shards in {self.cfg.data.cache_dir} were preprocessed at {layout['resolution']} "
                               f"px, data.resolution is {self.cfg.data.resolution}")
-        from ..comfy_model import model_family
+        from ..unet import model_family
 
         if layout["family"] != model_family(self.model):
             raise ConfigError(f"the shards were made with a {layout['family']} model; this is "
@@ -131,7 +131,7 @@ class Trainer:
         x_ref, x0, eps, sigmas, caption, context = self.micro_batch(micro_step)
         with self.autocast():
             # the reference branch always sees the caption it was inverted with; only the generation's is dropped
-            features = self.generation.reference_features(x_ref, sigmas, caption)
+            features = self.generation.reference_features(x_ref, sigmas, {"c_crossattn": caption})
             x = x0 + sigmas[:, None, None, None] * eps
             denoised = self.net(x, sigmas, context, features.self_attn, features.cross_attn)
         eps_hat = (x - denoised.float()) / sigmas[:, None, None, None]

@@ -1,8 +1,8 @@
-"""The frozen base model and the trainable adapter: the same InvAdapter / Application code the nodes run.
+"""The frozen base model and the trainable adapter: the same InvAdapter modules and EAA injection the nodes run.
 
-Nothing here re-implements EAA math: the generation pass is ``comfy_model.Application`` installed through a direct
-``apply_model`` call (its patches use the adapter's own parameters, so gradients reach them), and the reference
-pass is ``comfy_model.reference_pass``.
+Nothing here re-implements EAA math: the generation pass is a direct ``apply_model`` call with ``injection``'s
+patches, fed K/V projected by the adapter's own parameters (so gradients reach them), and the reference pass is
+``reference_pass``, as in the encode node.
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..comfy_model import PER_SAMPLE, Application, block_dims, model_family, reference_pass, transformer_blocks
 from ..eaa import CrossEAA, InvAdapter, SelfEAA
-from ..reference import Features, Reference
-from ..weights import check_adapter_fits, load_adapter
+from ..fit import check_adapter_fits
+from ..injection import PER_SAMPLE, EAAInjection, Step, transformer_options
+from ..reference_pass import Features, reference_pass
+from ..unet import block_dims, block_keys, block_levels, model_family, tokens_per_block, transformer_blocks
+from ..weights import load_adapter
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 INITS = ("base", "random")
@@ -67,41 +69,6 @@ def load_fully(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ adapter
-def latent_size(model, resolution: int) -> tuple[int, int]:
-    factor = 8  # SD1.x/2.x VAE downscale; the latent format does not record it in this ComfyUI version
-    return (resolution + factor - 1) // factor, (resolution + factor - 1) // factor
-
-
-def tokens_per_block(model, resolution: int) -> dict[str, int]:
-    """N of every transformer block for a square reference of ``resolution`` pixels, from the UNet's structure:
-    each Downsample halves the side (rounding up, a stride-2 conv), each Upsample restores its skip's size."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
-
-    unet = model.get_model_object("diffusion_model")
-    blocks = {id(tb): name for name, tb in transformer_blocks(model).items()}
-    size = latent_size(model, resolution)
-    skips, found = [], {}
-
-    def record(seq):
-        nonlocal size
-        for module in seq:
-            if isinstance(module, Downsample):
-                size = tuple((s + 1) // 2 if module.use_conv else s // 2 for s in size)
-            elif isinstance(module, Upsample):
-                size = skips[-1] if skips else tuple(2 * s for s in size)
-            for tb in getattr(module, "transformer_blocks", []):
-                found[blocks[id(tb)]] = size[0] * size[1]
-
-    for seq in unet.input_blocks:
-        record(seq)
-        skips.append(size)
-    record(unet.middle_block)
-    for seq in unet.output_blocks:
-        skips.pop()
-        record(seq)
-    return found
-
-
 def pooling_matrix(n: int, m: int) -> torch.Tensor:
     """W_agg [m, n] that average-pools (m < n) or nearest-upsamples (m > n) the reference tokens as an image when
     both are squares (h x w raster order), else along the token axis: the cross EAA starts from a coarse copy of
@@ -169,7 +136,7 @@ def init_from_file(adapter: InvAdapter, path: str, model) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model.init: {path!r} is neither 'base', 'random' nor a weights file")
     loaded = load_adapter(path)
-    check_adapter_fits(loaded, model_family(model), block_dims(transformer_blocks(model)))
+    check_adapter_fits(loaded, model)
     if loaded.has_cross and (loaded.reference_resolution != adapter.reference_resolution
                              or loaded.tokens_m != adapter.tokens_m):
         raise ValueError(f"{path} was trained at reference resolution {loaded.reference_resolution} with M = "
@@ -190,13 +157,6 @@ def count_parameters(adapter: InvAdapter) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------ passes
-def training_reference(family: str, resolution: int) -> Reference:
-    """Application wants a Reference for its identity key; in training the features come with every call."""
-    empty = torch.zeros(0)
-    return Reference(family=family, resolution=(resolution, resolution), sigmas=empty, states=empty,
-                     context=empty, uid="training")
-
-
 class GenerationPass(nn.Module):
     """The UNet with the EAA applied, as a module whose only parameters are the adapter's (what DDP wraps)."""
 
@@ -204,23 +164,24 @@ class GenerationPass(nn.Module):
         super().__init__()
         self.adapter = adapter
         object.__setattr__(self, "base", model.model)  # not a submodule: frozen, and DDP must not see it
-        self.app = Application(adapter, training_reference(adapter.family, adapter.reference_resolution or 0),
-                               transformer_blocks(model), 1.0, 1.0, sigma_start=math.inf, sigma_end=0.0,
-                               combine=PER_SAMPLE)
-        self.app.adapter_as_is = True  # under autocast / a half-precision UNet it would otherwise use a cast copy
+        blocks = transformer_blocks(model)
+        self.names = block_keys(blocks)
+        self.injection = EAAInjection(blocks, block_levels(model), 1.0, 1.0)
 
     @property
     def uses_cross(self) -> bool:
         return self.adapter.has_cross
 
-    def reference_features(self, x_ref: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor) -> Features:
+    def reference_features(self, x_ref: torch.Tensor, sigmas: torch.Tensor, conds: dict) -> Features:
         """Frozen reference pass (no gradient): f_s and f_c of every block, sample i at sigma i."""
-        _, features = reference_pass(self.base, x_ref, sigmas, context, cross=self.uses_cross)
+        _, features = reference_pass(self.base, x_ref, sigmas, conds, self.names, cross=self.uses_cross)
         return features
 
     def forward(self, x: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, f_self: dict,
                 f_cross: Optional[dict]) -> torch.Tensor:
         """D(x, sigma): the x0 prediction with the EAA fed by the reference features (plain dicts, so DDP passes
-        them through untouched)."""
-        options = self.app.transformer_options(Features(f_self, f_cross), float(sigmas.reshape(-1)[0]))
+        them through untouched). Reference i serves sample i; K/V come from the adapter's own float32 parameters
+        (the EAA layers cast their inputs), so gradients reach them under autocast or a half-precision UNet."""
+        kv = self.injection.project_kv(self.adapter, Features(f_self, f_cross), PER_SAMPLE)
+        options = transformer_options([Step(self.injection, kv, float(sigmas.reshape(-1)[0]))])
         return self.base.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)

@@ -17,8 +17,9 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import save_file
 
-from ..comfy_model import model_family
-from ..encode import check_supported, invert_latent
+from ..encode import invert_latent
+from ..fit import check_served
+from ..unet import model_family
 from .config import Config, require
 from .data import (EMPTY_CONTEXT_FILE, Item, SkipItem, clean_caption, list_items, load_image, shard_name,
                    write_shard)
@@ -116,7 +117,7 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     """Writes this process's shards; returns a summary (images kept/skipped, reasons, seconds)."""
     from tqdm import tqdm
 
-    check_supported(model)
+    check_served(model)
     out = Path(require(cfg.data.cache_dir, "data.cache_dir"))
     out.mkdir(parents=True, exist_ok=True)
     _refuse_other_world_sizes(out, info.world_size)

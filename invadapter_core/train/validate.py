@@ -6,14 +6,13 @@ from the cached inversion trajectory, so these images show what a user of the cu
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..comfy_model import Application, install, transformer_blocks
+from ..comfy_model import Application, install
 from ..reference import Reference
 from .config import ValidationConfig
 from .data import ShardSet
@@ -32,7 +31,7 @@ def reference_from_sample(shards: ShardSet, index: int, family: str) -> Referenc
     sample = shards[index]
     resolution = shards.layout["resolution"]
     return Reference(family=family, resolution=(resolution, resolution), sigmas=shards.sigmas.clone(),
-                     states=sample.states[:, None].contiguous(), context=sample.context[None].contiguous())
+                     states=sample.states[:, None].contiguous(), conds={"c_crossattn": sample.context[None].contiguous()})
 
 
 class Validator:
@@ -67,8 +66,7 @@ class Validator:
                 if self.cfg.baseline and not self.baseline_done:
                     written.append(self._sample(self.model, context, self.out / f"baseline-ref{i}-p{p}.png"))
                 # a fresh Application every time: its cast copies of the adapter must not outlive these weights
-                app = Application(adapter, ref, transformer_blocks(self.model), 1.0, 1.0, sigma_start=math.inf,
-                                  sigma_end=0.0)
+                app = Application(adapter, ref, self.model, 1.0, 1.0)
                 written.append(self._sample(install(self.model, app), context,
                                             self.out / f"step-{step:08d}-ref{i}-p{p}.png"))
         self.baseline_done = True

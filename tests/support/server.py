@@ -213,6 +213,33 @@ class ComfyClient:
         entry["prompt_id"] = prompt_id
         return entry
 
+    def run_listening(self, prompt: dict, events=("invadapter.notice",), timeout: float = 300.0
+                      ) -> tuple[dict, list[dict]]:
+        """Run a prompt while listening on the websocket as API clients do: (history entry, the data of every
+        message of the given ``events`` types sent for it)."""
+        import websocket
+
+        ws = websocket.create_connection(f"ws{self.url[len('http'):]}/ws?clientId={self.client_id}", timeout=timeout)
+        seen = []
+        try:
+            prompt_id = self.queue(prompt)
+            while True:
+                message = ws.recv()
+                if not isinstance(message, str):
+                    continue  # binary previews
+                data = json.loads(message)
+                kind, body = data.get("type"), data.get("data") or {}
+                if kind in events:
+                    seen.append(body)
+                done = kind == "executing" and body.get("node") is None and body.get("prompt_id") == prompt_id
+                if done or (kind == "execution_error" and body.get("prompt_id") == prompt_id):
+                    break
+        finally:
+            ws.close()
+        entry = self.wait(prompt_id, timeout)
+        entry["prompt_id"] = prompt_id
+        return entry, seen
+
     def images(self, prompt_id: str) -> list[bytes]:
         """Every image the prompt's output nodes produced, as file bytes (PNG for SaveImage), via /view."""
         entry = self.history(prompt_id) or {}

@@ -1,0 +1,156 @@
+"""Where the reference features and the EAA's keys/values live: the cache residency policy.
+
+Each store is a ``TensorPack``: named tensors in ONE flat buffer that ComfyUI's memory manager handles as a model
+(wrapped in a ``ModelPatcher``; the application's patch object lists it in ``models()``):
+- ``load_models_gpu`` loads it beside the UNet when there is room: one bulk copy, non-blocking from pinned memory;
+- ``free_memory`` evicts it like any other model when a model needs the room. Eviction drops the device copy and
+  keeps a host copy; that copy is made once, non-blocking into pinned memory, so moving out never blocks a prompt;
+- when it does not fit, it stays in host memory and every step takes its own slice (one contiguous non-blocking
+  copy per step, never one copy per block).
+A store written on the compute device (the inversion's features, the keys/values of a run) stays there after the
+run: nothing moves between runs unless ComfyUI needs the memory.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Hashable, Iterable, Optional
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+
+Shape = tuple[int, ...]
+
+
+class TensorPack(torch.nn.Module):
+    """Tensors of one dtype under hashable keys, laid out one after another in ``flat`` (insertion order, so keys
+    written together, e.g. one step's blocks, are one contiguous slice)."""
+
+    def __init__(self, shapes: dict[Hashable, Shape], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.slots: dict[Hashable, tuple[int, Shape]] = {}
+        total = 0
+        for key, shape in shapes.items():
+            self.slots[key] = (total, tuple(shape))
+            total += math.prod(shape)
+        self.flat = torch.nn.Parameter(torch.empty(total, dtype=dtype, device=device), requires_grad=False)
+        self.written: set = set()
+        self._host: Optional[torch.Tensor] = None  # host copy of the current contents (pinned where possible)
+        self._host_done = None  # CUDA event: the non-blocking copy into _host has finished
+        self.transfers = 0  # copies between devices, and their bytes (tests and the benchmark read them)
+        self.bytes_moved = 0
+        self._patcher = None
+        # What ComfyUI's ModelPatcher reads: a pack made on the compute device is already loaded there (else the
+        # first load_models_gpu would reserve its size a second time and might evict other models for nothing).
+        self.model_loaded_weight_memory = 0 if self.flat.device.type == "cpu" else self.nbytes
+        self.model_lowvram = False
+
+    # ComfyUI's ModelPatcher reads and writes ``model.device``.
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
+    @device.setter
+    def device(self, value) -> None:
+        pass
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def view(self, key: Hashable) -> torch.Tensor:
+        start, shape = self.slots[key]
+        return self.flat.data[start:start + math.prod(shape)].view(shape)
+
+    def write(self, key: Hashable, value: torch.Tensor) -> None:
+        if self.flat.data is not self._host:
+            self._host = None  # the host copy no longer matches
+        self.view(key).copy_(value.reshape(self.slots[key][1]), non_blocking=True)
+        self.written.add(key)
+
+    def span(self, keys: Iterable[Hashable]) -> tuple[int, int]:
+        """The [start, end) range of ``flat`` covering ``keys`` (contiguous when they were declared together)."""
+        starts = [(self.slots[k][0], self.slots[k][0] + math.prod(self.slots[k][1])) for k in keys]
+        return min(s for s, _ in starts), max(e for _, e in starts)
+
+    def views_on(self, keys: Iterable[Hashable], device: torch.device) -> dict[Hashable, torch.Tensor]:
+        """Views of ``keys`` on ``device``: as they are when the pack is there, else one copy of their span."""
+        keys = list(keys)
+        if self.flat.device == device:
+            return {k: self.view(k) for k in keys}
+        start, end = self.span(keys)
+        host = self.host_data()
+        chunk = self._copy(host[start:end], device)
+        out = {}
+        for k in keys:
+            s, shape = self.slots[k]
+            out[k] = chunk[s - start:s - start + math.prod(shape)].view(shape)
+        return out
+
+    def host_data(self) -> torch.Tensor:
+        """The contents in host memory, safe to read on the CPU (waits for a pending non-blocking copy)."""
+        if self.flat.device.type == "cpu":
+            data = self.flat.data
+        else:
+            data = self._to_host()
+        if self._host_done is not None:
+            self._host_done.synchronize()
+            self._host_done = None
+        return data
+
+    # --- moves (ComfyUI calls .to(device) when it loads or evicts the pack) ----------------------------------------
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None and torch.device(device) != self.flat.device:
+            target = torch.device(device)
+            self.flat.data = self._to_host() if target.type == "cpu" else self._copy(self.flat.data, target)
+        return self
+
+    def _to_host(self) -> torch.Tensor:
+        if self._host is None or self._host.shape != self.flat.shape:
+            host = torch.empty(self.flat.shape, dtype=self.flat.dtype, device="cpu")
+            pinned = mm.pin_memory(host)
+            if pinned:
+                weakref.finalize(self, mm.unpin_memory, host)
+            host.copy_(self.flat.data, non_blocking=pinned)
+            if pinned and self.flat.device.type == "cuda":
+                self._host_done = torch.cuda.Event()
+                self._host_done.record()
+            self._count(host)
+            self._host = host
+        return self._host
+
+    def _copy(self, data: torch.Tensor, device: torch.device) -> torch.Tensor:
+        moved = data.to(device, non_blocking=data.is_pinned() and mm.device_supports_non_blocking(device))
+        self._count(data)
+        return moved
+
+    def _count(self, data: torch.Tensor) -> None:
+        self.transfers += 1
+        self.bytes_moved += data.numel() * data.element_size()
+
+    # --- ComfyUI memory management -------------------------------------------------------------------------------
+    def patcher(self, load_device: Optional[torch.device] = None) -> comfy.model_patcher.ModelPatcher:
+        """The ModelPatcher through which ComfyUI loads and evicts this pack (made once, for the device of the
+        UNet that uses it)."""
+        if self._patcher is None:
+            self._patcher = comfy.model_patcher.ModelPatcher(self, load_device=load_device or mm.get_torch_device(),
+                                                             offload_device=mm.unet_offload_device())
+        return self._patcher
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Room for ``nbytes`` more on ``device`` while keeping ComfyUI's own inference reserve free."""
+    if device.type == "cpu":
+        return True
+    return mm.get_free_memory(device) - nbytes > mm.minimum_inference_memory()
+
+
+def register(packs: Iterable[TensorPack], device: torch.device) -> None:
+    """Hand packs made directly on the compute device to ComfyUI's memory manager, so it can evict them when a model
+    needs the room (on the CPU there is nothing to manage)."""
+    patchers = [p.patcher(device) for p in packs if p.flat.device.type != "cpu"]
+    if patchers:
+        mm.load_models_gpu(patchers)

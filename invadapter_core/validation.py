@@ -1,0 +1,192 @@
+"""Every check an adapter or reference file must pass before anything uses it.
+
+Each failure is one line naming the file, the field and the fix; nothing reaches the sampler that would fail there
+with a raw shape error or turn the image black (NaN). Model-dependent checks (does this fit that UNet) live in
+``fit.py``; these need only the file.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+import torch
+
+from . import FORMAT_VERSION
+from .blocks import parse_block_name
+from .ddim import CONVENTIONS
+
+META = "invadapter."
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fail(error: type[Exception], path: str, what: str, fix: str):
+    raise error(f"{path}: {what}; {fix}")
+
+
+def _int_meta(meta: dict, key: str, default: Optional[str], error, path: str, fix: str) -> int:
+    raw = meta.get(META + key, default)
+    if raw is None:
+        _fail(error, path, f"metadata '{META}{key}' is missing", fix)
+    try:
+        return int(raw)
+    except ValueError:
+        _fail(error, path, f"metadata '{META}{key}' is {raw!r}, not an integer", fix)
+
+
+def _json_meta(meta: dict, key: str, error, path: str, fix: str, check: Callable[[object], bool], expected: str):
+    raw = meta.get(META + key)
+    if raw is None:
+        _fail(error, path, f"metadata '{META}{key}' is missing", fix)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        _fail(error, path, f"metadata '{META}{key}' is not valid JSON ({raw[:40]!r})", fix)
+    if not check(value):
+        _fail(error, path, f"metadata '{META}{key}' is {raw[:60]!r}, expected {expected}", fix)
+    return value
+
+
+def check_tensor(error, path: str, name: str, t: torch.Tensor, ndim: Optional[int], fix: str) -> None:
+    """A floating tensor of ``ndim`` dimensions (None: any), finite everywhere."""
+    if t.dtype not in FLOATS:
+        _fail(error, path, f"tensor '{name}' has dtype {str(t.dtype).replace('torch.', '')}, expected a float type",
+              fix)
+    if ndim is not None and t.ndim != ndim:
+        _fail(error, path, f"tensor '{name}' has shape {tuple(t.shape)} ({t.ndim}-D), expected {ndim}-D", fix)
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        _fail(error, path, f"tensor '{name}' holds {bad} NaN/infinite value(s) (it would turn the image black)", fix)
+
+
+# --------------------------------------------------------------------------------------------------- adapter files
+ADAPTER_FIX = "re-export it with `python -m invadapter_core.train export` or download it again"
+ADAPTER_LAYERS = {"self": ("to_k.weight", "to_v.weight"),
+                  "cross": ("token_agg.weight", "token_agg.bias", "to_k.weight", "to_v.weight")}
+
+
+def check_adapter_file(path: str, tensors: dict[str, torch.Tensor], meta: dict, error) -> dict:
+    """The parsed metadata and tensors grouped as {kind: {block: {param: tensor}}}, or ``error``."""
+    if META + "format_version" not in meta:
+        _fail(error, path, f"no '{META}format_version' metadata, so it is not an Inv-Adapter weights file",
+              "expected a file written by `python -m invadapter_core.train`")
+    version = _int_meta(meta, "format_version", None, error, path, ADAPTER_FIX)
+    if version > FORMAT_VERSION:
+        _fail(error, path, f"weight format {version} is newer than this pack reads ({FORMAT_VERSION})",
+              "update ComfyUI-InvAdapter")
+    resolution = _int_meta(meta, "reference_resolution", "0", error, path, ADAPTER_FIX) or None
+    tokens_m = _int_meta(meta, "tokens_m", "0", error, path, ADAPTER_FIX) or None
+    layers: dict[str, dict[str, dict[str, torch.Tensor]]] = {"self": {}, "cross": {}}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        kind = parts[0]
+        if kind not in ADAPTER_LAYERS or len(parts) < 5:
+            _fail(error, path, f"unexpected tensor '{name}' (expected self.<block>.to_k.weight, "
+                               f"cross.<block>.token_agg.weight, ...)", ADAPTER_FIX)
+        block, param = ".".join(parts[1:4]), ".".join(parts[4:])
+        try:
+            parse_block_name(block)
+        except ValueError:
+            _fail(error, path, f"tensor '{name}' names no UNet block ('{block}'; expected e.g. input.1.0)",
+                  ADAPTER_FIX)
+        if param not in ADAPTER_LAYERS[kind]:
+            _fail(error, path, f"unexpected tensor '{name}' ({kind} layers have {', '.join(ADAPTER_LAYERS[kind])})",
+                  ADAPTER_FIX)
+        check_tensor(error, path, name, t, 1 if param.endswith("bias") else 2, ADAPTER_FIX)
+        layers[kind].setdefault(block, {})[param] = t
+    for kind, blocks in layers.items():
+        for block, params in blocks.items():
+            missing = [p for p in ADAPTER_LAYERS[kind] if p not in params]
+            if missing:
+                _fail(error, path, f"{kind}.{block} lacks {', '.join(missing)} (the file is incomplete)", ADAPTER_FIX)
+            k, v = params["to_k.weight"], params["to_v.weight"]
+            if k.shape != v.shape:
+                _fail(error, path, f"{kind}.{block}.to_v.weight has shape {tuple(v.shape)} but to_k.weight "
+                                   f"{tuple(k.shape)}: they must match", ADAPTER_FIX)
+            if kind == "cross":
+                agg, bias = params["token_agg.weight"], params["token_agg.bias"]
+                if bias.shape[0] != agg.shape[0]:
+                    _fail(error, path, f"cross.{block}.token_agg.bias has {bias.shape[0]} entries, the weight "
+                                       f"{agg.shape[0]} rows", ADAPTER_FIX)
+                if tokens_m is not None and agg.shape[0] != tokens_m:
+                    _fail(error, path, f"cross.{block}.token_agg.weight has {agg.shape[0]} rows but the metadata says "
+                                       f"tokens_m = {tokens_m}", ADAPTER_FIX)
+    if layers["cross"] and resolution is None:
+        _fail(error, path, "it has a cross-attention EAA but no 'invadapter.reference_resolution' metadata",
+              ADAPTER_FIX)
+    return {"family": meta.get(META + "base_family", ""), "resolution": resolution, "tokens_m": tokens_m,
+            "layers": layers}
+
+
+# --------------------------------------------------------------------------------------------------- reference files
+REFERENCE_FIX = "save the reference again with InvAdapterSaveReference"
+COND_DIMS = {"c_crossattn": 3, "y": 2, "c_concat": 4}
+
+
+def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Parsed metadata (family, resolution, feature_sigmas, convention), or ReferenceFileError."""
+    from .reference import ReferenceFileError as E
+
+    if meta.get(META + "kind") != "reference":
+        _fail(E, path, f"no '{META}kind=reference' metadata, so it is not an Inv-Adapter reference",
+              "save one with InvAdapterSaveReference")
+    version = _int_meta(meta, "format_version", "0", E, path, REFERENCE_FIX)
+    if version > FORMAT_VERSION:
+        _fail(E, path, f"reference format {version} is newer than this pack reads ({FORMAT_VERSION})",
+              "update ComfyUI-InvAdapter")
+    family = meta.get(META + "base_family") or _fail(E, path, "metadata 'invadapter.base_family' is missing",
+                                                     REFERENCE_FIX)
+    resolution = _json_meta(meta, "resolution", E, path, REFERENCE_FIX,
+                            lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0
+                                                                                  for x in v), "[height, width]")
+    feature_sigmas = _json_meta(meta, "feature_sigmas", E, path, REFERENCE_FIX,
+                                lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and x > 0 for x in v),
+                                "a list of positive numbers")
+    convention = meta.get(META + "convention", "lowest sigma")
+    if convention not in CONVENTIONS:
+        _fail(E, path, f"metadata 'invadapter.convention' is {convention!r}, expected one of {CONVENTIONS}",
+              REFERENCE_FIX)
+    for name in ("trajectory.sigmas", "trajectory.states"):
+        if name not in tensors:
+            _fail(E, path, f"tensor '{name}' is missing (the file is incomplete)", REFERENCE_FIX)
+    sigmas, states = tensors["trajectory.sigmas"], tensors["trajectory.states"]
+    check_tensor(E, path, "trajectory.sigmas", sigmas, 1, REFERENCE_FIX)
+    check_tensor(E, path, "trajectory.states", states, 5, REFERENCE_FIX)
+    if sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()) or float(sigmas[0]) < 0:
+        _fail(E, path, "trajectory.sigmas is not an ascending list of at least 2 sigmas", REFERENCE_FIX)
+    if states.shape[0] != sigmas.shape[0]:
+        _fail(E, path, f"trajectory.states holds {states.shape[0]} states for {sigmas.shape[0]} sigmas",
+              REFERENCE_FIX)
+    images = states.shape[1]
+    conds = {k[5:]: v for k, v in tensors.items() if k.startswith("cond.")}
+    if "caption.context" in tensors:
+        conds.setdefault("c_crossattn", tensors["caption.context"])
+    if "c_crossattn" not in conds:
+        _fail(E, path, "the caption conditioning (cond.c_crossattn) is missing", REFERENCE_FIX)
+    for name, t in conds.items():
+        check_tensor(E, path, f"cond.{name}", t, COND_DIMS.get(name), REFERENCE_FIX)
+        if t.shape[0] not in (1, images):
+            _fail(E, path, f"cond.{name} has batch {t.shape[0]} for {images} image(s)", REFERENCE_FIX)
+    blocks_per_step: dict[int, set] = {}
+    for name, t in tensors.items():
+        if not name.startswith("features."):
+            continue
+        parts = name.split(".")
+        if len(parts) != 6 or not parts[1].isdigit() or parts[2] not in ("self", "cross"):
+            _fail(E, path, f"unexpected tensor '{name}' (expected features.<i>.self.<block>)", REFERENCE_FIX)
+        i, block = int(parts[1]), ".".join(parts[3:])
+        try:
+            parse_block_name(block)
+        except ValueError:
+            _fail(E, path, f"tensor '{name}' names no UNet block ('{block}')", REFERENCE_FIX)
+        if i >= len(feature_sigmas):
+            _fail(E, path, f"tensor '{name}' is for step {i}, but feature_sigmas lists {len(feature_sigmas)}",
+                  REFERENCE_FIX)
+        check_tensor(E, path, name, t, 3, REFERENCE_FIX)
+        if t.shape[0] != images:
+            _fail(E, path, f"tensor '{name}' has batch {t.shape[0]} for {images} image(s)", REFERENCE_FIX)
+        blocks_per_step.setdefault(i, set()).add((parts[2], block))
+    layouts = {frozenset(v) for v in blocks_per_step.values()}
+    if len(blocks_per_step) != len(feature_sigmas) or len(layouts) > 1:
+        _fail(E, path, "its features do not cover the same blocks at every listed sigma", REFERENCE_FIX)
+    return {"family": family, "resolution": tuple(resolution), "feature_sigmas": feature_sigmas,
+            "convention": convention}
