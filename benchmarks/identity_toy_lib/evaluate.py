@@ -11,6 +11,7 @@ import importlib.util
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -57,18 +58,23 @@ def make_plan(identities: int, per_identity: int, poses: int, seed: int) -> Plan
                 torch.randint(0, 2 ** 31 - 1, (r,), generator=gen))
 
 
-@dataclass
-class Arm:
-    name: str
-    adapter: Optional[object]  # an InvAdapter from InvAdapterLoader; None: the base model alone
-
-
 class Evaluation:
-    def __init__(self, base: ToyBase, judges: Judges, plan: Plan, settings: SamplerSettings,
+    def __init__(self, base: ToyBase, judges: Judges, plan: Plan, settings: SamplerSettings, inversion: str,
                  log: Callable[[str], None] = print):
         self.base, self.judges, self.plan, self.settings, self.log = base, judges, plan, settings, log
+        self.inversion = inversion
         self.pack = load_pack()
         self.reference_images = base.render(plan.identity, plan.reference_pose)  # [R, 3, 32, 32]
+
+    def arms(self, weights: Path) -> list[tuple[str, Optional[object]]]:
+        """(name, adapter) of every arm; the adapters come from InvAdapterLoader (the trained one from its file,
+        found through the loader's model folder)."""
+        import folder_paths
+
+        loader = self.pack.nodes.loader.InvAdapterLoader
+        folder_paths.add_model_folder_path(self.pack.nodes.folders.ADAPTERS, str(weights.parent))
+        return [("no adapter", None), ("training-free", loader.execute("init from model").args[0]),
+                ("trained", loader.execute(weights.name).args[0])]
 
     def encode(self, adapter, r: int):
         """InvAdapterEncodeReference on reference r: its image, its own pose as the caption."""
@@ -78,7 +84,8 @@ class Evaluation:
         image = self.reference_images[r:r + 1].movedim(1, -1)
         caption = [[self.base.context(self.plan.reference_pose[r:r + 1]), {}]]
         out = node.execute(self.base.model, self.base.vae, image, caption, self.settings.steps,
-                           self.settings.scheduler, render.SIZE, True, adapter)
+                           self.settings.scheduler, render.SIZE, True, adapter, sampler_name=self.settings.sampler,
+                           inversion=self.inversion)
         return out.args[0]
 
     def apply(self, adapter, reference):
@@ -86,21 +93,21 @@ class Evaluation:
         out = node.execute(self.base.model, adapter, reference, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")
         return out.args[0]
 
-    def run(self, arm: Arm) -> tuple[torch.Tensor, dict]:
+    def run(self, name: str, adapter) -> tuple[torch.Tensor, dict]:
         """Samples [R*K, 3, 32, 32] and the arm's seconds (encode + sampling)."""
         plan, started, encode_s = self.plan, time.time(), 0.0
         images = []
         for r in range(len(plan.identity)):
             model = self.base.model
-            if arm.adapter is not None:
+            if adapter is not None:
                 t = time.time()
-                reference = self.encode(arm.adapter, r)
+                reference = self.encode(adapter, r)
                 encode_s += time.time() - t
-                model = self.apply(arm.adapter, reference)
+                model = self.apply(adapter, reference)
             context = self.base.context(plan.target_pose[r])
             images.append(generate(model, context, self.base.empty_context(), int(plan.seed[r]), self.settings))
         seconds = time.time() - started
-        self.log(f"arm {arm.name}: {plan.samples} samples in {seconds:.0f} s (encoding {encode_s:.0f} s)")
+        self.log(f"arm {name}: {plan.samples} samples in {seconds:.0f} s (encoding {encode_s:.0f} s)")
         return torch.cat(images), {"seconds": round(seconds, 1), "encode_s": round(encode_s, 1)}
 
     def score(self, images: torch.Tensor) -> dict:
