@@ -69,12 +69,16 @@ class Evaluation:
     def arms(self, weights: Path) -> list[tuple[str, Optional[object]]]:
         """(name, adapter) of every arm; the adapters come from InvAdapterLoader (the trained one from its file,
         found through the loader's model folder)."""
+        loader = self.pack.nodes.loader.InvAdapterLoader
+        return [("no adapter", None), ("training-free", loader.execute("init from model").args[0]),
+                ("trained", self.load(weights))]
+
+    def load(self, weights: Path):
+        """A weights file through InvAdapterLoader: its folder is added to the loader's model folder first."""
         import folder_paths
 
-        loader = self.pack.nodes.loader.InvAdapterLoader
         folder_paths.add_model_folder_path(self.pack.nodes.folders.ADAPTERS, str(weights.parent))
-        return [("no adapter", None), ("training-free", loader.execute("init from model").args[0]),
-                ("trained", loader.execute(weights.name).args[0])]
+        return self.pack.nodes.loader.InvAdapterLoader.execute(weights.name).args[0]
 
     def encode(self, adapter, r: int):
         """InvAdapterEncodeReference on reference r: its image, its own pose as the caption."""
