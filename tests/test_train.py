@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tomllib
 from pathlib import Path
@@ -24,7 +25,7 @@ from invadapter_core.reference_pass import reference_pass
 from invadapter_core.unet import block_keys, tokens_per_block, transformer_blocks
 from invadapter_core.train.__main__ import main as cli
 from invadapter_core.train.config import Config, dump_toml, load_config
-from invadapter_core.train.data import ShardSet
+from invadapter_core.train.data import ShardSet, StreamOrder
 from invadapter_core.train.distributed import DistInfo
 from invadapter_core.train.loop import train
 from invadapter_core.train.model import build_adapter, count_parameters, pooling_matrix
@@ -63,7 +64,10 @@ def overrides(data: Path, cache: Path, out: Path, **extra) -> list[str]:
     values = {"data.source": str(data), "data.cache_dir": str(cache), "train.output_dir": str(out),
               "data.resolution": RES, "data.inversion_steps": 4, "data.shard_size": 2, "model.tokens_m": 16,
               "train.batch_size": 2, "train.max_steps": 3, "train.log_every": 1, "train.checkpoint_every": 0,
-              "train.caption_dropout": 0.5, "validation.every": 0, "train.export_dtype": "float32"}
+              "train.caption_dropout": 0.5, "validation.every": 0, "train.export_dtype": "float32",
+              # seed 2 drops the caption of the 2nd sample of the first batch but not the 1st (seed 0 never drops
+              # in 6 draws): every run here trains a batch mixing a dropped and a kept caption
+              "train.seed": 2}
     values.update(extra)
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
 
@@ -173,8 +177,14 @@ def test_bad_items_are_reported_and_skipped(tiny_data):
     sample = shards[0]
     # "simple" at 4 steps: 4 non-zero sigmas, the clean latent at the smallest, 3 inversion steps
     assert shards.sigmas.shape == (4,) and torch.all(shards.sigmas[1:] > shards.sigmas[:-1])
-    assert sample.states.shape == (4, 4, RES // 8, RES // 8) and sample.context.shape == (77, 768)
-    assert torch.isfinite(sample.states).all()
+    assert sample.reference_states.shape == (4, 4, RES // 8, RES // 8) and sample.context.shape == (77, 768)
+    assert torch.isfinite(sample.reference_states).all()
+    # a shard image is its own reference (the paper's setting)
+    assert torch.equal(sample.target, sample.reference_states[0])
+    assert torch.equal(sample.context, sample.reference_context)
+    assert shards.empty_context.shape == (77, 768)
+    assert summary["face_crop"] == "mtcnn"
+    assert json.loads((cache / "preprocess-r000.json").read_text())["face_crop"] == "mtcnn"
 
 
 def test_manifest_with_bad_lines_is_reported_and_skipped(tmp_path, clip_vae, tiny_model):
@@ -196,6 +206,7 @@ def test_steps_change_only_the_eaa(tiny_data, tmp_path, clip_vae, tiny_model):
     init = adapter_tensors(build_adapter(model, RES, 16))
     result = train(cfg, model, vae=clip_vae[1], progress=False)
     assert result.step == 3 and len(result.losses) == 3 and all(np.isfinite(result.losses))
+    assert 0 < result.dropped_captions < 6  # a batch mixed a dropped caption with a kept one (once a crash)
     after = model.model.state_dict()
     assert base_before.keys() == after.keys()
     assert all(torch.equal(base_before[k], after[k]) for k in base_before), "the frozen base model changed"
@@ -205,8 +216,8 @@ def test_steps_change_only_the_eaa(tiny_data, tmp_path, clip_vae, tiny_model):
     assert unchanged == [], unchanged  # every EAA tensor moved (cross to_v started at 0, to_k via it)
     assert result.parameters["total"] == sum(v.numel() for v in trained.values())
     samples = sorted(p.name for p in (tmp_path / "samples").iterdir())
-    assert samples == ["baseline-ref0-p0.png", "reference-0.png", "step-00000000-ref0-p0.png",
-                       "step-00000003-ref0-p0.png"]
+    # step 0 samples only the baseline (the adapter's images there would only show its initialisation)
+    assert samples == ["baseline-ref0-p0.png", "reference-0.png", "step-00000003-ref0-p0.png"]
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3] and all(e["images_per_s"] > 0 for e in log)
     loaded = load_adapter(str(result.weights))
@@ -222,6 +233,52 @@ def test_resume_continues_exactly(tiny_data, tmp_path, tiny_model):
     assert resumed.losses == straight.losses[2:]  # the same next losses, bit for bit
     a, b = adapter_tensors(straight.adapter), adapter_tensors(resumed.adapter)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+    assert log[2]["elapsed_s"] > log[1]["elapsed_s"]  # the clock goes on after a resume
+
+
+def test_heldout_loss_and_tensorboard(tiny_data, tmp_path, tiny_model):
+    cfg = tiny_config(tiny_data, tmp_path, **{"validation.holdout": 1, "validation.every": 2,
+                                              "validation.images": 0, "train.max_steps": 2})
+    result = train(cfg, tiny_model, progress=False)
+    steps = [(e["step"], sorted(e)) for e in result.heldout]
+    assert steps == [(0, ["heldout_loss", "heldout_loss_no_adapter", "step"]), (2, ["heldout_loss", "step"])]
+    first = result.heldout[0]
+    # the base initialisation is the training-free adapter, which already changes the prediction
+    assert first["heldout_loss"] != first["heldout_loss_no_adapter"]
+    assert all(np.isfinite(e["heldout_loss"]) for e in result.heldout)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e for e in log if "heldout_loss" in e] == result.heldout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "validation/heldout_loss", "validation/heldout_loss_no_adapter"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_a_streamed_source_trains_in_order_and_resumes_by_skipping(tiny_data, tmp_path, tiny_model):
+    """A plain iterable (no len / indexing) of TrainingSamples is a data source too."""
+    shards = ShardSet(str(tiny_data[1]))
+
+    class Stream:
+        empty_context = shards.empty_context
+
+        def __iter__(self):
+            return (shards[i] for i in range(len(shards)))
+
+    order = StreamOrder(2, 0, 1)
+    taken = [[s.caption for s, _ in order.samples(Stream(), k)] for k in range(3)]
+    assert taken == [shards.captions[:2], [shards.captions[2], shards.captions[0]], shards.captions[1:3]]
+    resumed = StreamOrder(2, 0, 1)
+    assert [s.caption for s, _ in resumed.samples(Stream(), 2)] == taken[2]
+    two = [StreamOrder(1, r, 2).samples(Stream(), 1) for r in (0, 1)]  # 2 processes x batch 1 == 1 x batch 2
+    one = StreamOrder(2, 0, 1).samples(Stream(), 1)
+    assert [(s.caption, d) for r in two for s, d in r] == [(s.caption, d) for s, d in one]
+    result = train(tiny_config(tiny_data, tmp_path), tiny_model, progress=False, data=Stream())
+    assert result.step == 3 and all(np.isfinite(result.losses))
 
 
 def test_two_processes_hold_identical_weights_equal_to_one_process(tiny_data, tmp_path, tiny_model):
@@ -297,6 +354,42 @@ def test_cli_writes_weights_for_the_checkpoint(cli_run):
     assert next(adapter.parameters()).dtype == torch.float16
     assert any(layer.to_v.weight.abs().sum() > 0 for layer in adapter.cross_layers().values())  # trained from 0
     assert count_parameters(adapter)["total"] == count_parameters(build_adapter(model, RES, 16))["total"]
+
+
+def test_missing_cache_is_one_line(cli_run, tmp_path, capsys):
+    code = cli(["train", "--config", str(cli_run / "train.toml"), "--quiet", "--set",
+                f"data.cache_dir={tmp_path / 'nowhere'}", "--set", f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: data.cache_dir") and "run `preprocess` first" in err[0]
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(cli_run):
+    """SIGINT mid-training: one line saying how to resume (no traceback), a checkpoint, and the same command
+    continuing from it with the clock (elapsed_s) going on."""
+    run = cli_run / "run-interrupted"
+    command = [python_exe(), "-m", "invadapter_core.train", "train", "--config", str(cli_run / "train.toml"),
+               "--quiet", "--set", f"train.output_dir={run}", "--set", "train.log_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command + ["--set", "train.max_steps=1000"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:  # the first logged step: training is under way
+        if line.startswith("step 1:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [x for x in err.splitlines() if not x.startswith("[r0]")]  # log lines carry the rank prefix
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert lines[0] == f"interrupted at step {step}; run the same command to resume from the checkpoint of step {step}"
+    assert (run / "checkpoints" / f"step-{step:08d}" / "COMPLETE").exists()
+    before = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    done = subprocess.run(command + ["--set", f"train.max_steps={step + 1}"], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()][len(before):]
+    assert [e["step"] for e in after] == [step + 1] and after[0]["elapsed_s"] > before[-1]["elapsed_s"]
 
 
 def _png(data: bytes) -> np.ndarray:

@@ -20,6 +20,8 @@ Train Inv-Adapter EAA weights for an SD 1.5 checkpoint (method.md section 5).
        only the EAA parameters train; checkpoints, log.jsonl and samples/ in train.output_dir; the final
        train.output_dir/invadapter.safetensors goes into ComfyUI/models/invadapter/
   Several GPUs / nodes: torchrun --nproc_per_node=N -m invadapter_core.train {preprocess,train} --config ...
+  (torchrun is installed beside this python: .venv/bin/torchrun; on CPUs the processes talk over gloo)
+  Ctrl-C saves a checkpoint; the same command resumes from it.
 
 Data: a folder of images with a caption .txt beside each (same name), or a .jsonl manifest of
 {"image": "relative/or/absolute.png", "caption": "..."} lines. Unreadable images, missing captions and images
@@ -72,11 +74,22 @@ def main(argv=None) -> int:
     setup_comfy()
     info = env_info()
     logging.basicConfig(level=logging.INFO, format=f"[r{info.rank}] %(levelname)s %(name)s: %(message)s")
+    from .data import DataError
+    from .loop import Interrupted
+
     try:
         return COMMANDS[args.command](cfg, args, info)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        where = (f"the checkpoint of step {e.resume_step}" if e.resume_step else "the start (no checkpoint yet)")
+        print(f"interrupted at step {e.step}; run the same command to resume from {where}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        again = {"preprocess": "finished shards are kept", "train": "no step was trained yet"}.get(args.command)
+        print(f"interrupted{f' ({again})' if again else ''}; run the same command to resume", file=sys.stderr)
+        return 130
 
 
 def run_preprocess(cfg, args, info) -> int:
@@ -96,6 +109,9 @@ def run_train(cfg, args, info) -> int:
     from .loop import train
     from .model import load_base, resolve_precision
 
+    from .data import ShardSet
+
+    ShardSet(require(cfg.data.cache_dir, "data.cache_dir"))  # a missing cache fails before the model loads
     precision = resolve_precision(cfg.train.mixed_precision, comfy.model_management.get_torch_device())
     model, clip, vae = load_base(require(cfg.model.checkpoint, "model.checkpoint"), precision,
                                  need_clip=bool(cfg.validation.prompts), need_vae=cfg.validation.every > 0)

@@ -2,7 +2,7 @@
 
 ``<output_dir>/checkpoints/step-<N>/``:
     adapter.safetensors  the EAA weights in the loader's format (usable in ComfyUI as they are)
-    trainer.pt           step, adapter state_dict (float32), optimizer, grad scaler, config
+    trainer.pt           step, training seconds so far, adapter state_dict (float32), optimizer, grad scaler, config
     rng-r<rank>.pt       torch / numpy / python (/ CUDA) RNG states of every process
     COMPLETE             written last: a checkpoint without it was interrupted and is ignored
 """
@@ -28,14 +28,15 @@ def checkpoint_dir(output_dir: str, step: int) -> Path:
 
 
 def save_checkpoint(output_dir: str, step: int, adapter, optimizer, scaler, config: dict, info: DistInfo,
-                    keep: int) -> Path:
+                    keep: int, elapsed_s: float = 0.0) -> Path:
     path = checkpoint_dir(output_dir, step)
     if info.is_main:
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
         save_adapter(adapter, str(path / "adapter.safetensors"))
-        torch.save({"step": step, "adapter": {k: v.detach().cpu() for k, v in adapter.state_dict().items()},
+        torch.save({"step": step, "elapsed_s": elapsed_s,
+                    "adapter": {k: v.detach().cpu() for k, v in adapter.state_dict().items()},
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "config": config, "world_size": info.world_size}, path / "trainer.pt")
     barrier()  # the folder exists for every rank
@@ -69,8 +70,8 @@ def find_resume(resume: str, output_dir: str) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: Path, adapter, optimizer, scaler, info: DistInfo) -> int:
-    """Restores the state in place; returns the step to continue from."""
+def load_checkpoint(path: Path, adapter, optimizer, scaler, info: DistInfo) -> tuple[int, float]:
+    """Restores the state in place; returns the step to continue from and the training seconds before it."""
     state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     adapter.load_state_dict(state["adapter"])
     optimizer.load_state_dict(state["optimizer"])
@@ -83,4 +84,4 @@ def load_checkpoint(path: Path, adapter, optimizer, scaler, info: DistInfo) -> i
         log.warning("resuming with %d processes from a %s-process checkpoint: global RNG states not restored",
                     info.world_size, state.get("world_size"))
     log.info("resumed from %s (step %d)", path, state["step"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("elapsed_s", 0.0))

@@ -70,6 +70,7 @@ class TrainConfig:
     resume: str = opt("auto", "'auto' (latest checkpoint in output_dir, if any), 'no', or a checkpoint folder",
                       path=True)
     export_dtype: str = opt("float16", "dtype of the final weights file: float16, bfloat16 or float32")
+    tensorboard: bool = opt(True, "also log to output_dir/tensorboard when the tensorboard package is installed")
 
 
 @dataclass
@@ -84,15 +85,19 @@ class OptimConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = opt(500, "steps between validation images (0: none); also at step 0 and at the end")
-    images: int = opt(2, "references to sample with (the first cached images)")
+    every: int = opt(500, "steps between validations (0: none): the held-out loss and images; also at the end, "
+                          "and at step 0 (the held-out loss with and without the adapter, and the baseline images)")
+    holdout: int = opt(-1, "images held out of training for the held-out loss (the last ones of the cache; -1: "
+                           "a tenth of them, at most 32; 0: none)")
+    images: int = opt(2, "references to sample with (the first held-out images, else the first cached ones)")
     prompts: list = opt([], "prompts to generate (empty: each reference's own caption)")
     steps: int = opt(20, "sampling steps")
     cfg: float = opt(5.0, "classifier-free guidance scale")
     sampler: str = opt("euler", "ComfyUI sampler name")
     scheduler: str = opt("normal", "ComfyUI scheduler name")
     size: int = opt(0, "generated image size in pixels (0: the reference resolution)")
-    seed: int = opt(0, "sampling seed (fixed, so images are comparable across steps)")
+    seed: int = opt(0, "sampling seed, and of the held-out loss's timesteps and noise (fixed, so validations are "
+                       "comparable across steps)")
     baseline: bool = opt(True, "also save the same images without the adapter (once, at the first validation)")
 
 

@@ -1,5 +1,12 @@
 """Training data: the raw items (image + caption), the preprocessed shards, and a resumable sample order.
 
+The trainer consumes ``TrainingSample``s from a *data source*: any Python iterable of them. The preprocessed shards
+(``ShardSet``) are one; another (e.g. ``benchmarks/identity_toy.py``'s synthetic identities) can be passed to
+``loop.train`` directly. A source with ``__len__`` and ``__getitem__`` is drawn in seeded epoch permutations
+(``SampleOrder``: exact resume, N processes == one with N x the batch); a plain iterable is streamed in order
+(``StreamOrder``: process r takes every W-th item, a resumed run skips the items already trained on). A source
+used with caption dropout gives the empty prompt as its ``empty_context`` attribute ([T, D]).
+
 A shard is one safetensors file holding, for S images of one reference resolution:
     states   [S, n+1, 4, h, w]  the DDIM inversion trajectory in sampler space (states[:, 0] = the clean latent)
     context  [S, 77, 768]       the caption's CLIP encoding (first 77 tokens)
@@ -122,10 +129,17 @@ def write_shard(path: str, states: torch.Tensor, context: torch.Tensor, sigmas: 
 
 
 @dataclass
-class Sample:
-    states: torch.Tensor   # [n+1, 4, h, w] float32
-    context: torch.Tensor  # [77, 768] float32
-    caption: str
+class TrainingSample:
+    """One training example. The generation pass denoises ``target`` under ``context``; the reference branch reads
+    its features off ``reference_states`` (the reference's inversion trajectory, inverted with
+    ``reference_context``). In the paper's setting the reference is the target image itself (what the shards hold);
+    it may as well be another image of the same identity."""
+    target: torch.Tensor             # [C, h, w] the clean latent, in sampler space (process_latent_in applied)
+    context: torch.Tensor            # [T, D] the generation's prompt (the caption)
+    reference_sigmas: torch.Tensor   # [n+1] ascending
+    reference_states: torch.Tensor   # [n+1, C, h, w] the reference's trajectory, in sampler space
+    reference_context: torch.Tensor  # [T, D] the caption the reference was inverted with
+    caption: str = ""
 
 
 class ShardSet:
@@ -166,7 +180,7 @@ class ShardSet:
         if not empty.is_file():
             raise DataError(f"{empty} is missing (rank 0 of `preprocess` writes it): run `preprocess` again")
         with safe_open(str(empty), framework="pt") as f:
-            self.empty_context = f.get_tensor("context").float()
+            self.empty_context = f.get_tensor("context").float()  # [T, D]
         self._open: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -179,10 +193,33 @@ class ShardSet:
             self._open[number] = safe_open(self.files[number], framework="pt")
         return self._open[number]
 
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, i: int) -> TrainingSample:
+        """Image i as its own reference (the paper's setting)."""
         number, row = self.index[i]
         f = self._handle(number)
-        return Sample(f.get_slice("states")[row].float(), f.get_slice("context")[row].float(), self.captions[i])
+        states, context = f.get_slice("states")[row].float(), f.get_slice("context")[row].float()
+        return TrainingSample(states[0], context, self.sigmas, states, context, self.captions[i])
+
+
+class Subset:
+    """Part of a map-style data source (the training part, or the held-out part)."""
+
+    def __init__(self, source, indices: range):
+        self.source, self.indices = source, indices
+        self.empty_context = getattr(source, "empty_context", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> TrainingSample:
+        return self.source[self.indices[i]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def is_map_style(source) -> bool:
+    return hasattr(source, "__len__") and hasattr(source, "__getitem__")
 
 
 # ------------------------------------------------------------------------------------------------ order
@@ -216,6 +253,46 @@ class SampleOrder:
         start = b * self.global_batch
         positions = [start + j * self.world + self.rank for j in range(self.batch)]
         return [(int(perm[p]), epoch * self.size + p) for p in positions]
+
+    def samples(self, source, micro_step: int) -> list[tuple[TrainingSample, int]]:
+        return [(source[index], draw_id) for index, draw_id in self.draw(micro_step)]
+
+
+class StreamOrder:
+    """A plain iterable, consumed in order: micro-step k takes the k-th run of ``batch x world`` items, this process
+    every W-th of them (positions r, r+W, ...), so the draw ids (the position in the stream) match SampleOrder's
+    guarantee that N processes train what one process with N x the batch would. When the iterable ends it is
+    iterated again (an epoch); a resumed run skips the items already trained on."""
+
+    batches_per_epoch = None
+
+    def __init__(self, batch: int, rank: int, world_size: int):
+        self.batch, self.rank, self.world = batch, rank, world_size
+        self.global_batch = batch * world_size
+        self._iterator, self._position = None, 0
+
+    def _next(self, source):
+        if self._iterator is None:
+            self._iterator = iter(source)
+        for attempt in range(2):
+            try:
+                item = next(self._iterator)
+                self._position += 1
+                return item
+            except StopIteration:
+                if attempt or self._position == 0:
+                    raise DataError("the training data source yields no samples") from None
+                self._iterator = iter(source)  # the next epoch
+        raise DataError("the training data source ran out and yields nothing when iterated again")
+
+    def samples(self, source, micro_step: int) -> list[tuple[TrainingSample, int]]:
+        start = micro_step * self.global_batch
+        if self._position > start:
+            raise RuntimeError(f"stream order at item {self._position} cannot go back to micro-step {micro_step}")
+        while self._position < start:  # a resumed run: skip what was trained on
+            self._next(source)
+        taken = [(self._next(source), start + j) for j in range(self.global_batch)]
+        return [taken[j * self.world + self.rank] for j in range(self.batch)]
 
 
 # ------------------------------------------------------------------------------------------------ RNG state

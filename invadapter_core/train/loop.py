@@ -1,14 +1,16 @@
-"""`train`: method.md §5 on preprocessed shards.
+"""`train`: method.md §5 on a data source (the preprocessed shards, or any iterable of ``TrainingSample``s).
 
 One micro-batch (per process):
 1. per sample, from its own seeded generator (see ``data.SampleOrder``): a timestep t ~ U[min_t, max_t] -> sigma,
    noise eps, and whether its caption is dropped (replaced by the empty prompt, for CFG);
-2. reference pass, no gradient: the reference latent at sigma read off the cached inversion trajectory
-   (``ddim.latent_at``), the frozen UNet with the caption, every block's f_s / f_c captured;
-3. generation pass with the EAA: x = x0 + sigma * eps of the same image, D = apply_model(x, sigma, caption');
+2. reference pass, no gradient: the reference latent at sigma read off the reference's inversion trajectory
+   (``ddim.latent_at``), the frozen UNet with the reference's caption, every block's f_s / f_c captured;
+3. generation pass with the EAA: x = x0 + sigma * eps of the target, D = apply_model(x, sigma, caption');
 4. loss = ||eps_hat - eps||^2 with eps_hat = (x - D) / sigma: the standard epsilon-prediction MSE (eq. 6) written
    through ComfyUI's x0 output (equivalently an x0 loss weighted by 1 / sigma^2).
 AdamW on the EAA parameters only; gradient accumulation, clipping, autocast on CUDA, DDP under torchrun.
+The base model is any ComfyUI ModelPatcher of a family the pack serves (the CLI loads a checkpoint; a caller can
+pass its own model object); the data source is the shards of ``data.cache_dir`` unless ``train`` is given one.
 """
 from __future__ import annotations
 
@@ -25,17 +27,19 @@ import torch
 import torch.nn.functional as F
 
 from ..ddim import latent_at
+from ..unet import model_family, tokens_per_block
 from ..weights import save_adapter
 from . import distributed
-from .checkpoint import find_resume, load_checkpoint, save_checkpoint
+from .checkpoint import find_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, require
-from .data import SampleOrder, ShardSet
+from .data import SampleOrder, ShardSet, StreamOrder, Subset, TrainingSample, is_map_style
 from .model import GenerationPass, build_adapter, count_parameters, freeze, load_fully, resolve_precision
 from .validate import Validator
 
 log = logging.getLogger("InvAdapter.train")
 PAPER_PARAMETERS = 48e6
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+HOLDOUT_AUTO = 32  # validation.holdout = -1: this many images (at most a tenth of the shards) are held out
 
 
 @dataclass
@@ -45,10 +49,20 @@ class TrainResult:
     adapter: Optional[torch.nn.Module] = None
     weights: Optional[Path] = None  # the exported weights file (rank 0)
     parameters: dict = field(default_factory=dict)
+    heldout: list[dict] = field(default_factory=list)  # {step, loss[, loss_no_adapter]} per validation (rank 0)
+    dropped_captions: int = 0  # training samples (this process) whose generation pass saw the empty prompt
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; ``resume_step`` is where the same command continues (None: from the start)."""
+
+    def __init__(self, step: int, resume_step: Optional[int]):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.resume_step = step, resume_step
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model, vae=None, clip=None, progress: bool = True):
+    def __init__(self, cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None):
         self.cfg, self.model, self.vae, self.progress = cfg, model, vae, progress
         self.out = Path(require(cfg.train.output_dir, "train.output_dir"))
         self.device = model.load_device
@@ -56,11 +70,16 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.mixed_precision, self.device)
         freeze(model)
         load_fully(model)
-        self.shards = ShardSet(require(cfg.data.cache_dir, "data.cache_dir"))
-        self._check_layout()
-        self.ms = model.get_model_object("model_sampling")
         t = cfg.train
-        self.order = SampleOrder(len(self.shards), t.batch_size, self.info.rank, self.info.world_size, t.seed)
+        self.data, self.holdout = self._sources(data, holdout)
+        self.empty_context = getattr(self.data, "empty_context", None)
+        if t.caption_dropout > 0 and self.empty_context is None:
+            raise ConfigError("train.caption_dropout needs the empty prompt: give the data source an `empty_context` "
+                              "attribute, or set train.caption_dropout = 0")
+        self.ms = model.get_model_object("model_sampling")
+        self.order = (SampleOrder(len(self.data), t.batch_size, self.info.rank, self.info.world_size, t.seed)
+                      if is_map_style(self.data) else StreamOrder(t.batch_size, self.info.rank, self.info.world_size))
+        self._warn_if_tokens_not_aggregated()
         adapter = build_adapter(model, cfg.data.resolution, cfg.model.tokens_m, cfg.model.init,
                                 cfg.model.train_self, cfg.model.train_cross)
         self.parameters = count_parameters(adapter)
@@ -71,21 +90,55 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.validator = Validator(cfg.validation, model, vae, self.shards, self.out / "samples",
-                                   self._prompt_contexts(clip)) if self.info.is_main else None
+        self.validator = None
+        self.board = None
+        if self.info.is_main:
+            shown = self.holdout if self.holdout else self.data
+            self.validator = Validator(cfg.validation, model, vae, shown, cfg.data.resolution, self.empty_context,
+                                       self.out / "samples", self._prompt_contexts(clip))
+            self.board = tensorboard_writer(self.out / "tensorboard") if t.tensorboard else None
         self.step = 0
+        self.elapsed_before = 0.0  # seconds trained before a resume (elapsed_s goes on from there)
+        self.dropped = 0
 
     # ------------------------------------------------------------------------------------------ setup
-    def _check_layout(self) -> None:
-        layout = self.shards.layout
+    def _sources(self, data, holdout):
+        """(training source, held-out samples or None): the given ones, or the shards with their last images held
+        out (``validation.holdout``)."""
+        if data is not None:
+            return data, (list(holdout) if holdout is not None else None)
+        shards = ShardSet(require(self.cfg.data.cache_dir, "data.cache_dir"))
+        self._check_layout(shards)
+        n, wanted = len(shards), self.cfg.validation.holdout
+        k = min(HOLDOUT_AUTO, n // 10) if wanted < 0 else wanted
+        if k and n - k < self.cfg.train.batch_size * self.info.world_size:
+            raise ConfigError(f"validation.holdout = {k} leaves {n - k} of {n} images to train on, fewer than one "
+                              f"global batch: lower validation.holdout or add data")
+        if not k:
+            return shards, None
+        return Subset(shards, range(n - k)), list(Subset(shards, range(n - k, n)))
+
+    def _check_layout(self, shards: ShardSet) -> None:
+        layout = shards.layout
         if layout["resolution"] != self.cfg.data.resolution:
             raise ConfigError(f"the shards in {self.cfg.data.cache_dir} were preprocessed at {layout['resolution']} "
                               f"px, data.resolution is {self.cfg.data.resolution}")
-        from ..unet import model_family
-
         if layout["family"] != model_family(self.model):
             raise ConfigError(f"the shards were made with a {layout['family']} model; this is "
                               f"{model_family(self.model)}")
+
+    def _warn_if_tokens_not_aggregated(self) -> None:
+        m = self.cfg.model.tokens_m
+        if not self.cfg.model.train_cross or not self.info.is_main:
+            return
+        tokens = tokens_per_block(self.model, self.cfg.data.resolution)
+        small = sorted({n for n in tokens.values() if n <= m})
+        if small:
+            log.warning("model.tokens_m = %d is not below the reference's %s tokens in %d of %d blocks at "
+                        "data.resolution %d px: token aggregation there keeps or expands the tokens instead of "
+                        "aggregating them (the paper aggregates 4096 -> 256 at 512 px); lower model.tokens_m or "
+                        "raise data.resolution", m, "/".join(map(str, small)),
+                        sum(n <= m for n in tokens.values()), len(tokens), self.cfg.data.resolution)
 
     def _prompt_contexts(self, clip) -> Optional[list[torch.Tensor]]:
         prompts = self.cfg.validation.prompts
@@ -103,39 +156,58 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------ one micro-batch
-    def draw(self, draw_id: int, latent_shape) -> tuple[int, torch.Tensor, bool]:
+    def draw(self, draw_id: int, latent_shape, seed: int, dropout: float) -> tuple[int, torch.Tensor, bool]:
         """This sample's timestep, noise and caption dropout: from its own generator, so they depend on neither
         the process count nor anything run before (exact resume, DDP == one process with the global batch)."""
-        g = torch.Generator().manual_seed((self.cfg.train.seed * 0x9E3779B97F4A7C15 + draw_id) % (2 ** 63))
+        g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + draw_id) % (2 ** 63))
         t = int(torch.randint(self.cfg.train.min_timestep, self.cfg.train.max_timestep + 1, (1,), generator=g))
         eps = torch.randn(latent_shape, generator=g)
-        drop = bool(torch.rand((), generator=g) < self.cfg.train.caption_dropout)
+        drop = bool(torch.rand((), generator=g) < dropout)
         return t, eps, drop
 
-    def micro_batch(self, micro_step: int):
+    def batch(self, samples: list[tuple[TrainingSample, int]], seed: int, dropout: float):
         xs_ref, x0s, epss, sigmas, captions, contexts = [], [], [], [], [], []
-        for index, draw_id in self.order.draw(micro_step):
-            sample = self.shards[index]
-            t, eps, drop = self.draw(draw_id, sample.states.shape[1:])
+        for sample, draw_id in samples:
+            t, eps, drop = self.draw(draw_id, sample.target.shape, seed, dropout)
             sigma = float(self.ms.sigma(torch.tensor(float(t))))
-            xs_ref.append(latent_at(self.shards.sigmas, sample.states, sigma))
-            x0s.append(sample.states[0])
+            xs_ref.append(latent_at(sample.reference_sigmas, sample.reference_states, sigma))
+            x0s.append(sample.target)
             epss.append(eps)
             sigmas.append(sigma)
-            captions.append(sample.context)
-            contexts.append(self.shards.empty_context[0] if drop else sample.context)
+            captions.append(sample.reference_context)
+            contexts.append(self.empty_context.reshape(sample.context.shape) if drop else sample.context)
+            self.dropped += drop
         on = lambda xs: torch.stack(xs).to(self.device, torch.float32)  # noqa: E731
         return on(xs_ref), on(x0s), on(epss), torch.tensor(sigmas, device=self.device), on(captions), on(contexts)
 
-    def loss(self, micro_step: int) -> torch.Tensor:
-        x_ref, x0, eps, sigmas, caption, context = self.micro_batch(micro_step)
+    def loss_of(self, batch, net, adapter: bool = True) -> torch.Tensor:
+        x_ref, x0, eps, sigmas, caption, context = batch
         with self.autocast():
-            # the reference branch always sees the caption it was inverted with; only the generation's is dropped
-            features = self.generation.reference_features(x_ref, sigmas, {"c_crossattn": caption})
             x = x0 + sigmas[:, None, None, None] * eps
-            denoised = self.net(x, sigmas, context, features.self_attn, features.cross_attn)
+            if adapter:
+                # the reference branch always sees the caption it was inverted with; only the generation's is dropped
+                features = self.generation.reference_features(x_ref, sigmas, {"c_crossattn": caption})
+                denoised = net(x, sigmas, context, features.self_attn, features.cross_attn)
+            else:
+                denoised = self.generation.base.apply_model(x, sigmas, c_crossattn=context)
         eps_hat = (x - denoised.float()) / sigmas[:, None, None, None]
         return F.mse_loss(eps_hat, eps)
+
+    def loss(self, micro_step: int) -> torch.Tensor:
+        t = self.cfg.train
+        return self.loss_of(self.batch(self.order.samples(self.data, micro_step), t.seed, t.caption_dropout),
+                            self.net)
+
+    @torch.no_grad()
+    def heldout_loss(self, adapter: bool = True) -> float:
+        """The loss on the held-out samples, each with the same timestep and noise at every validation (drawn from
+        ``validation.seed``), no caption dropout; ``adapter=False``: the base model alone."""
+        size, total = self.cfg.train.batch_size, 0.0
+        for start in range(0, len(self.holdout), size):
+            chunk = [(s, start + j) for j, s in enumerate(self.holdout[start:start + size])]
+            batch = self.batch(chunk, self.cfg.validation.seed, 0.0)
+            total += float(self.loss_of(batch, self.generation, adapter)) * len(chunk)
+        return total / len(self.holdout)
 
     # ------------------------------------------------------------------------------------------ one step
     def lr_at(self, step: int) -> float:
@@ -175,9 +247,10 @@ class Trainer:
             print(f"Inv-Adapter training: {p['total']:,} EAA parameters (self W'k/W'v {p['self_kv']:,}, cross "
                   f"W''k/W''v {p['cross_kv']:,}, token aggregation W_agg {p['token_agg']:,}; paper: about "
                   f"{PAPER_PARAMETERS / 1e6:.0f}M); base model frozen", flush=True)
-            print(f"  {len(self.shards)} images, {info.world_size} process(es) on {self.device}, precision "
-                  f"{self.precision}, global batch {t.batch_size * t.grad_accum * info.world_size}, "
-                  f"{t.max_steps} steps", flush=True)
+            size = f"{len(self.data)} images" if is_map_style(self.data) else "a streamed data source"
+            held = f", {len(self.holdout)} held out" if self.holdout else ""
+            print(f"  {size}{held}, {info.world_size} process(es) on {self.device}, precision {self.precision}, "
+                  f"global batch {t.batch_size * t.grad_accum * info.world_size}, {t.max_steps} steps", flush=True)
 
     def run(self) -> TrainResult:
         from tqdm import tqdm
@@ -187,14 +260,17 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         resume = find_resume(t.resume, str(self.out))
         if resume is not None:
-            self.step = load_checkpoint(resume, self.adapter, self.optimizer, self.scaler, info)
+            self.step, self.elapsed_before = load_checkpoint(resume, self.adapter, self.optimizer, self.scaler, info)
         if info.is_main:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         result = TrainResult(self.step, adapter=self.adapter, parameters=self.parameters)
-        self._validate_if_due()
+        self.result = result
+        if resume is None:
+            self._validate_if_due()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", disable=not (self.progress and info.is_main),
                    dynamic_ncols=True)
-        window, started, window_seconds = [], time.time(), 0.0  # throughput counts training steps only
+        window, window_seconds = [], 0.0  # throughput counts training steps only
+        self.started = time.time()
         try:
             while self.step < t.max_steps:
                 step_start = time.time()
@@ -205,55 +281,99 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    self._log(bar, window, norm, window_seconds, time.time() - started)
+                    self._log(bar, window, norm, window_seconds)
                     window, window_seconds = [], 0.0
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self._checkpoint()
                 self._validate_if_due()
         except KeyboardInterrupt:
             if not info.enabled:  # with several processes the others would wait forever in a collective
-                log.warning("interrupted at step %d: saving a checkpoint to resume from", self.step)
+                log.info("interrupted at step %d: saving a checkpoint to resume from", self.step)
                 self._checkpoint()
-            raise
+                raise Interrupted(self.step, self.step) from None
+            last = latest_checkpoint(str(self.out))
+            raise Interrupted(self.step, int(last.name.split("-")[1]) if last else None) from None
         finally:
             bar.close()
         self._checkpoint()
         result.step = self.step
+        result.dropped_captions = self.dropped
         if info.is_main:
             result.weights = self.out / "invadapter.safetensors"
             save_adapter(self.adapter, str(result.weights), EXPORT_DTYPES[t.export_dtype])
             print(f"weights: {result.weights}", flush=True)
+            if self.board is not None:
+                self.board.close()
         distributed.barrier()
         return result
 
+    def elapsed(self) -> float:
+        """Training seconds including those before a resume."""
+        return self.elapsed_before + time.time() - self.started
+
     def _checkpoint(self) -> None:
         save_checkpoint(str(self.out), self.step, self.adapter, self.optimizer, self.scaler, self.cfg.to_dict(),
-                        self.info, self.cfg.train.keep_checkpoints)
+                        self.info, self.cfg.train.keep_checkpoints, self.elapsed() if self.step else 0.0)
 
     def _validate_if_due(self) -> None:
         if self.validator is not None and self.validator.due(self.step, self.cfg.train.max_steps):
+            if self.holdout:
+                self._validate_loss()
             self.validator.run(self.adapter, self.step)
         distributed.barrier()
 
-    def _log(self, bar, window: list[float], norm: float, seconds: float, elapsed: float) -> None:
+    def _validate_loss(self) -> None:
+        started = time.time()
+        entry = {"step": self.step, "heldout_loss": self.heldout_loss()}
+        if self.step == 0 or not self.result.heldout:
+            entry["heldout_loss_no_adapter"] = self.heldout_loss(adapter=False)
+        self.result.heldout.append(entry)
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        plain = entry.get("heldout_loss_no_adapter")
+        print(f"validation at step {self.step}: held-out loss {entry['heldout_loss']:.4f} on {len(self.holdout)} "
+              f"samples" + (f" (base model alone: {plain:.4f})" if plain is not None else "") +
+              f", {time.time() - started:.1f} s", flush=True)
+        if self.board is not None:
+            for key in ("heldout_loss", "heldout_loss_no_adapter"):
+                if key in entry:
+                    self.board.add_scalar(f"validation/{key}", entry[key], self.step)
+
+    def _log(self, bar, window: list[float], norm: float, seconds: float) -> None:
         if not self.info.is_main:
             return
         t = self.cfg.train
         images = len(window) * t.batch_size * t.grad_accum * self.info.world_size
+        per_epoch = self.order.batches_per_epoch
         entry = {"step": self.step, "loss": sum(window) / len(window), "lr": self.lr_at(self.step - 1),
                  "grad_norm": norm, "images_per_s": images / max(seconds, 1e-9),
-                 "s_per_step": seconds / len(window), "elapsed_s": round(elapsed, 2),
-                 "epoch": self.step * t.grad_accum / self.order.batches_per_epoch}
+                 "s_per_step": seconds / len(window), "elapsed_s": round(self.elapsed(), 2),
+                 "epoch": self.step * t.grad_accum / per_epoch if per_epoch else None}
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
         bar.write(f"step {entry['step']}: loss {entry['loss']:.4f}, grad norm {norm:.3g}, "
                   f"{entry['images_per_s']:.2f} images/s, {entry['s_per_step']:.2f} s/step")
+        if self.board is not None:
+            for key in ("loss", "lr", "grad_norm", "images_per_s"):
+                self.board.add_scalar(f"train/{key}", entry[key], self.step)
 
 
-def train(cfg: Config, model, vae=None, clip=None, progress: bool = True) -> TrainResult:
-    """Trains on ``cfg.data.cache_dir``; under torchrun every process calls this with its own model copy."""
+def tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter when the optional ``tensorboard`` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("TensorBoard logging off: `pip install tensorboard` to get it (train.tensorboard)")
+        return None
+    return SummaryWriter(str(folder))
+
+
+def train(cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None) -> TrainResult:
+    """Trains the EAA of ``model`` (a ComfyUI ModelPatcher) on ``data`` (an iterable of ``TrainingSample``s; by
+    default the shards of ``cfg.data.cache_dir``), with ``holdout`` samples for the held-out loss (by default the
+    last ``validation.holdout`` shard images). Under torchrun every process calls this with its own model copy."""
     if cfg.train.export_dtype not in EXPORT_DTYPES:
         raise ConfigError(f"train.export_dtype must be one of {list(EXPORT_DTYPES)}")
     if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
-    return Trainer(cfg, model, vae, clip, progress).run()
+    return Trainer(cfg, model, vae, clip, progress, data, holdout).run()

@@ -31,8 +31,9 @@ FACE_CROP_MODES = ("auto", "detect", "center")
 
 
 # ------------------------------------------------------------------------------------------------ cropping
-def make_cropper(cfg: Config) -> Callable[[torch.Tensor], torch.Tensor]:
-    """image [H, W, 3] -> the square crop [res, res, 3]; SkipItem when face detection is on and finds no face."""
+def make_cropper(cfg: Config) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """(image [H, W, 3] -> the square crop [res, res, 3], how it crops: the detector's name or "centre crop");
+    the crop raises SkipItem when face detection is on and finds no face."""
     d = cfg.data
     if d.face_crop not in FACE_CROP_MODES:
         raise ValueError(f"data.face_crop must be one of {FACE_CROP_MODES}, got {d.face_crop!r}")
@@ -60,7 +61,7 @@ def make_cropper(cfg: Config) -> Callable[[torch.Tensor], torch.Tensor]:
         x1, y1, x2, y2 = box
         return face.resize_hwc(image[y1:y2, x1:x2], d.resolution, d.resolution)
 
-    return crop
+    return crop, (detector.name if detector is not None else "centre crop")
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -123,7 +124,9 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     _refuse_other_world_sizes(out, info.world_size)
     items = list_items(cfg.data.source)
     mine = items[info.rank::info.world_size]
-    crop = make_cropper(cfg)
+    crop, cropping = make_cropper(cfg)
+    log.info("face crop: %s (data.face_crop = %s, data.face_detector = %s)", cropping, cfg.data.face_crop,
+             cfg.data.face_detector)
     storage = {"float16": torch.float16, "float32": torch.float32}.get(cfg.data.storage_dtype)
     if storage is None:
         raise ValueError(f"data.storage_dtype must be float16 or float32, got {cfg.data.storage_dtype!r}")
@@ -133,7 +136,7 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     report = Reporter(out / f"report-r{info.rank:03d}.jsonl")
     shape = layout(cfg, model)
     size = cfg.data.shard_size
-    summary = {"rank": info.rank, "items": len(mine), "kept": 0, "skipped": 0, "truncated_captions": 0,
+    summary = {"rank": info.rank, "face_crop": cropping, "items": len(mine), "kept": 0, "skipped": 0, "truncated_captions": 0,
                "shards_written": 0, "shards_kept": 0}
     start = time.time()
     bar = tqdm(total=len(mine), desc=f"preprocess r{info.rank}", disable=not (progress and info.is_main),
@@ -156,8 +159,9 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     summary["skip_reasons"] = report.counts
     summary["seconds"] = round(time.time() - start, 2)
     (out / f"preprocess-r{info.rank:03d}.json").write_text(json.dumps(summary, indent=1))
-    log.info("preprocess rank %d: %d kept, %d skipped %s, %d shards in %.1f s", info.rank, summary["kept"],
-             summary["skipped"], report.counts or "", summary["shards_written"], summary["seconds"])
+    log.info("preprocess rank %d: %d kept, %d skipped %s, %d shards in %.1f s (face crop: %s)", info.rank,
+             summary["kept"], summary["skipped"], report.counts or "", summary["shards_written"], summary["seconds"],
+             cropping)
     return summary
 
 

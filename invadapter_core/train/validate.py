@@ -1,11 +1,14 @@
 """Validation images: a few references sampled with the adapter through ComfyUI's own sampler, saved as PNGs.
 
 The adapter is installed exactly as InvAdapterApply installs it (``comfy_model.install``), with a Reference built
-from the cached inversion trajectory, so these images show what a user of the current weights would get.
+from the sample's inversion trajectory, so these images show what a user of the current weights would get. The
+baseline (no adapter) is sampled once, at the first validation; the adapter's images from the first validation
+after step 0 on (at step 0 they would only show the initialisation).
 """
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -14,8 +17,9 @@ import torch
 
 from ..comfy_model import Application, install
 from ..reference import Reference
+from ..unet import latent_downscale, model_family
 from .config import ValidationConfig
-from .data import ShardSet
+from .data import TrainingSample
 
 log = logging.getLogger("InvAdapter.train")
 
@@ -27,20 +31,20 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(arr).save(path)
 
 
-def reference_from_sample(shards: ShardSet, index: int, family: str) -> Reference:
-    sample = shards[index]
-    resolution = shards.layout["resolution"]
-    return Reference(family=family, resolution=(resolution, resolution), sigmas=shards.sigmas.clone(),
-                     states=sample.states[:, None].contiguous(), conds={"c_crossattn": sample.context[None].contiguous()})
+def reference_from_sample(sample: TrainingSample, family: str, resolution: int) -> Reference:
+    return Reference(family=family, resolution=(resolution, resolution), sigmas=sample.reference_sigmas.double(),
+                     states=sample.reference_states[:, None].contiguous(),
+                     conds={"c_crossattn": sample.reference_context[None].contiguous()})
 
 
 class Validator:
-    def __init__(self, cfg: ValidationConfig, model, vae, shards: ShardSet, out_dir: Path,
+    def __init__(self, cfg: ValidationConfig, model, vae, source, resolution: int, empty_context, out_dir: Path,
                  prompt_contexts: Optional[list[torch.Tensor]] = None):
-        self.cfg, self.model, self.vae, self.shards = cfg, model, vae, shards
+        self.cfg, self.model, self.vae, self.resolution = cfg, model, vae, resolution
         self.out = out_dir
-        self.indices = list(range(min(cfg.images, len(shards))))
-        self.prompts = prompt_contexts  # None: each reference's own caption
+        self.samples = [s for _, s in zip(range(cfg.images), source)] if vae is not None else []
+        self.empty_context = empty_context
+        self.prompts = prompt_contexts  # None: each sample's own prompt
         self.baseline_done = False
         self.references: dict = {}
 
@@ -51,35 +55,44 @@ class Validator:
     def run(self, adapter, step: int) -> list[Path]:
         import comfy.model_management
 
-        if self.vae is None:
+        want_baseline = self.cfg.baseline and not self.baseline_done
+        if not self.samples or (step == 0 and not want_baseline):
             return []
         self.out.mkdir(parents=True, exist_ok=True)
-        family = adapter.family
+        family = model_family(self.model)
         written = []
-        for i in self.indices:
-            ref = self.references.setdefault(i, reference_from_sample(self.shards, i, family))
+        jobs = [(i, p, c) for i, sample in enumerate(self.samples) for p, c in enumerate(self.prompts or [None])]
+        total = len(jobs) * (int(want_baseline) + int(step > 0))
+        started = time.time()
+        for i, p, context in jobs:
+            sample = self.samples[i]
+            ref = self.references.setdefault(i, reference_from_sample(sample, family, self.resolution))
             if not (self.out / f"reference-{i}.png").exists():
                 save_png(self.vae.decode(self.model.model.process_latent_out(ref.states[0]))[0],
                          self.out / f"reference-{i}.png")
-            contexts = self.prompts or [ref.context]
-            for p, context in enumerate(contexts):
-                if self.cfg.baseline and not self.baseline_done:
-                    written.append(self._sample(self.model, context, self.out / f"baseline-ref{i}-p{p}.png"))
-                # a fresh Application every time: its cast copies of the adapter must not outlive these weights
-                app = Application(adapter, ref, self.model, 1.0, 1.0)
-                written.append(self._sample(install(self.model, app), context,
-                                            self.out / f"step-{step:08d}-ref{i}-p{p}.png"))
+            context = sample.context[None] if context is None else context
+            runs = ([("baseline", self.model, f"baseline-ref{i}-p{p}.png")] if want_baseline else []) + \
+                ([("adapter", None, f"step-{step:08d}-ref{i}-p{p}.png")] if step > 0 else [])
+            for what, model, name in runs:
+                if model is None:
+                    model = install(self.model, Application(adapter, ref, self.model, 1.0, 1.0))
+                written.append(self._sample(model, context, sample.target.shape, self.out / name))
+                print(f"validation at step {step}: image {len(written)}/{total} ({what}, reference {i}, prompt {p}), "
+                      f"{time.time() - started:.1f} s", flush=True)
         self.baseline_done = True
         comfy.model_management.load_models_gpu([self.model], force_full_load=True)  # back for training
         return written
 
-    def _sample(self, model, context: torch.Tensor, path: Path) -> Path:
+    def _sample(self, model, context: torch.Tensor, latent_shape, path: Path) -> Path:
         import comfy.sample
 
-        size = self.cfg.size or self.shards.layout["resolution"]
-        latent = torch.zeros(1, 4, size // 8, size // 8)
+        channels, h, w = latent_shape
+        if self.cfg.size:
+            h = w = -(-self.cfg.size // latent_downscale(self.model))
+        latent = torch.zeros(1, channels, h, w)
         noise = comfy.sample.prepare_noise(latent, self.cfg.seed)
-        negative = self.shards.empty_context[None]
+        negative = self.empty_context.reshape(context.shape) if self.empty_context is not None \
+            else torch.zeros_like(context)
         samples = comfy.sample.sample(model, noise, self.cfg.steps, self.cfg.cfg, self.cfg.sampler,
                                       self.cfg.scheduler, [[context, {}]], [[negative, {}]], latent, denoise=1.0,
                                       disable_pbar=True, seed=self.cfg.seed)

@@ -1,0 +1,184 @@
+"""Does the pack's EAA, trained by the pack's trainer, carry identity? A toy-scale proof that runs on a CPU.
+
+    .venv/bin/python benchmarks/identity_toy.py [--threads 2] [--out out/identity-toy]
+
+1. A tiny base model (ComfyUI's UNetModel as an SD15-family model, 32x32 synthetic cartoon faces of 16 identities,
+   conditioned on the pose only) and identity/attribute classifiers are pretrained, or taken from the cache
+   (~/.cache/invadapter-comfyui/identity-toy, regenerated when missing).
+2. An EAA is trained by the pack's trainer (``invadapter_core.train.loop.train``: its EAA modules, injection, loop,
+   optimiser, checkpoints and weights file); the data source gives each target a reference of the same identity in
+   another pose, inverted by the pack's inversion.
+3. Three arms sample the same target poses with the same noise through the pack's nodes: no adapter, the
+   training-free default ("init from model"), and the trained weights file loaded by InvAdapterLoader; references
+   are encoded by InvAdapterEncodeReference. Measured: identity accuracy (the identity classifier picks the
+   reference's identity; chance 1/16), mean p(reference identity), the strict known-identity rate (the attribute
+   classifier reads exactly one of the 16 identities), the strict reference rate (exactly the reference's), and the
+   anti-copy rate (the sample is closer to the reference identity drawn in the target pose than to the reference
+   image itself).
+The last line printed is one JSON object; a grid image (reference | no adapter | training-free | trained) is written
+to --out. Progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from invadapter_core.host import use_comfyui  # noqa: E402
+
+CONVENTIONS = ("lowest sigma", "classic")  # invadapter_core.ddim.CONVENTIONS (importable only after ComfyUI is set up)
+ARMS = ("no adapter", "training-free", "trained")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default=str(REPO / "out" / "identity-toy"), help="grid image and the training run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter training and the evaluation plan")
+    g = p.add_argument_group("base model and classifiers (cached by these settings)")
+    g.add_argument("--base-steps", type=int, default=1400)
+    g.add_argument("--base-batch", type=int, default=64)
+    g.add_argument("--classifier-steps", type=int, default=600)
+    g = p.add_argument_group("adapter training (the pack's trainer)")
+    g.add_argument("--train-steps", type=int, default=600)
+    g.add_argument("--batch", type=int, default=64)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--warmup", type=int, default=20)
+    g.add_argument("--tokens-m", type=int, default=16, help="M of the cross EAA's token aggregation")
+    g.add_argument("--pool", type=int, default=16, help="reference images per identity in the training pool")
+    g.add_argument("--holdout", type=int, default=64, help="held-out samples for the held-out loss")
+    g.add_argument("--validate-every", type=int, default=100, help="steps between held-out losses")
+    g.add_argument("--min-timestep", type=int, default=600,
+                   help="train.min_timestep: identity is decided at high noise (0: 16 %% identity accuracy, 400: 50 %%, "
+                        "600: 68 %%, measured)")
+    g = p.add_argument_group("sampling and evaluation")
+    g.add_argument("--sample-steps", type=int, default=50)
+    g.add_argument("--sampler", default="euler_ancestral", help="ComfyUI sampler (euler_ancestral: DDIM eta = 1)")
+    g.add_argument("--scheduler", default="normal")
+    g.add_argument("--inversion", default=CONVENTIONS[0], choices=CONVENTIONS, help="the encode node's convention")
+    g.add_argument("--eval-refs", type=int, default=2, help="references per identity")
+    g.add_argument("--eval-poses", type=int, default=8, help="target poses per reference")
+    g.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
+    g.add_argument("--no-eval", action="store_true", help="train only (no classifiers, no sampling)")
+    g.add_argument("--curve-every", type=int, default=0,
+                   help="also checkpoint every N steps and evaluate each checkpoint's weights (trained arm): the "
+                        "identity-accuracy learning curve (0: off)")
+    return p.parse_args(argv)
+
+
+def say(message: str) -> None:
+    print(f"[identity-toy] {message}", file=sys.stderr, flush=True)
+
+
+def trainer_config(args, out: Path):
+    from invadapter_core.train.config import load_config
+
+    values = {"data.resolution": 32, "model.tokens_m": args.tokens_m, "train.output_dir": str(out),
+              "train.batch_size": args.batch, "train.max_steps": args.train_steps, "train.seed": args.seed,
+              "train.log_every": 25, "train.checkpoint_every": args.curve_every or max(args.train_steps // 2, 1),
+              "train.keep_checkpoints": 1000 if args.curve_every else 3, "train.resume": "no",
+              "train.min_timestep": args.min_timestep, "optim.lr": args.lr, "optim.warmup_steps": args.warmup, "validation.every": args.validate_every,
+              "validation.images": 0, "validation.seed": args.seed + 1}
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+
+
+def learning_curve(evaluation, run: Path, last_step: int, last: dict | None) -> list[dict]:
+    """Identity accuracy of every intermediate checkpoint's weights (the trained arm's measurement)."""
+    curve = []
+    for folder in sorted((run / "checkpoints").glob("step-*")):
+        step = int(folder.name.split("-")[1])
+        if step == last_step:
+            continue
+        named = run / "curve" / f"step-{step}.safetensors"  # every checkpoint's file is adapter.safetensors:
+        named.parent.mkdir(exist_ok=True)                     # a unique name for the loader's folder lookup
+        shutil.copy(folder / "adapter.safetensors", named)
+        images, cost = evaluation.run(f"checkpoint {step}", evaluation.load(named))
+        curve.append({"step": step, **evaluation.score(images), **cost})
+        say(f"checkpoint {step}: {curve[-1]}")
+    if last is not None:
+        curve.append({"step": last_step, **last})
+    return curve
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    started = time.time()
+    use_comfyui()
+    import comfy.cli_args
+
+    # torch's SDPA for the UNet's own attention (ComfyUI falls back to chunked attention on a CPU without the flag)
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    import comfy.utils
+    import torch
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # hundreds of short inversions: their console bars would drown the log
+
+    torch.set_num_threads(args.threads)
+    from identity_toy_lib import base as toy_base
+    from identity_toy_lib import classifiers, data, evaluate, grid
+    from identity_toy_lib.sampling import SamplerSettings
+    from invadapter_core.train.loop import train
+
+    timings = {}
+    t = time.time()
+    recipe = toy_base.PretrainRecipe(steps=args.base_steps, batch=args.base_batch)
+    base, base_info = toy_base.load_or_pretrain(recipe, say)
+    timings["base_s"] = round(time.time() - t, 1)
+    judges = None
+    if not args.no_eval:
+        t = time.time()
+        judges, classifier_info = classifiers.load_or_train(base.identities, steps=args.classifier_steps, log=say)
+        timings["classifiers_s"] = round(time.time() - t, 1)
+
+    settings = SamplerSettings(steps=args.sample_steps, sampler=args.sampler, scheduler=args.scheduler)
+    t = time.time()
+    pool, cached = data.load_or_build_pool(base, Path(base_info["path"]).stem, args.pool, settings.steps,
+                                           settings.scheduler, settings.sampler, args.inversion, seed=args.seed + 2)
+    timings["pool_s"] = round(time.time() - t, 1)
+    say(f"reference pool: {len(pool.identity)} references inverted ({args.inversion}){' (cached)' if cached else ''}"
+        f" in {timings['pool_s']} s")
+
+    out = Path(args.out)
+    run = out / "run"
+    if run.exists():
+        shutil.rmtree(run)  # the benchmark's own run folder: every run starts from the same initialisation
+    t = time.time()
+    result = train(trainer_config(args, run), base.model, vae=base.vae, progress=False,
+                   data=data.ToySamples(base, pool, args.batch * max(args.train_steps, 1), seed=args.seed + 3),
+                   holdout=data.ToySamples(base, pool, args.holdout, seed=args.seed + 4))
+    timings["train_s"] = round(time.time() - t, 1)
+    report = {"chance": 1 / len(base.identities), "threads": args.threads, "inversion": args.inversion,
+              "heldout": result.heldout, "train_loss_first_last": [result.losses[0], result.losses[-1]],
+              "weights": str(result.weights), "parameters": result.parameters["total"],
+              "base": {**base_info, "steps": recipe.steps, "batch": recipe.batch}}
+
+    if judges is not None:
+        plan = evaluate.make_plan(len(base.identities), args.eval_refs, args.eval_poses, seed=args.seed + 5)
+        evaluation = evaluate.Evaluation(base, judges, plan, settings, args.inversion, say)
+        arms, images = {}, {}
+        wanted = [a.strip() for a in args.arms.split(",")]
+        for name, adapter in evaluation.arms(result.weights):
+            if name not in wanted:
+                continue
+            images[name], cost = evaluation.run(name, adapter)
+            arms[name] = {**evaluation.score(images[name]), **cost}
+            say(f"{name}: {arms[name]}")
+        if args.curve_every:
+            report["curve"] = learning_curve(evaluation, run, result.step, arms.get("trained"))
+        out.mkdir(parents=True, exist_ok=True)
+        grid_path = out / "grid.png"
+        grid.save(grid_path, evaluation.reference_images, images, args.eval_poses, every=args.eval_refs)
+        report.update(arms=arms, grid=str(grid_path), samples_per_arm=plan.samples)
+    timings["total_s"] = round(time.time() - started, 1)
+    report["timings"] = timings
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
