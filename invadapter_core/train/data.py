@@ -5,7 +5,8 @@ The trainer consumes ``TrainingSample``s from a *data source*: any Python iterab
 ``loop.train`` directly. A source with ``__len__`` and ``__getitem__`` is drawn in seeded epoch permutations
 (``SampleOrder``: exact resume, N processes == one with N x the batch); a plain iterable is streamed in order
 (``StreamOrder``: process r takes every W-th item, a resumed run skips the items already trained on). A source
-used with caption dropout gives the empty prompt as its ``empty_context`` attribute ([T, D]).
+used with caption dropout gives the empty prompt as its ``empty_context`` attribute ([T, D]) (for UNets with an ADM
+input also ``empty_adm`` [A] and ``empty_pooled`` [P]).
 
 A shard is one safetensors file holding, for S images of one reference resolution:
     states   [S, n+1, 4, h, w]  the DDIM inversion trajectory in sampler space (states[:, 0] = the clean latent)
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SHARD_KIND = "training shard"
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"
+EMPTY_PROMPT = ("empty_context", "empty_adm", "empty_pooled")  # what a data source gives of the empty prompt
 
 
 class DataError(ValueError):
@@ -119,12 +121,14 @@ def shard_name(rank: int, world_size: int, index: int) -> str:
 
 
 def write_shard(path: str, states: torch.Tensor, context: torch.Tensor, sigmas: torch.Tensor, captions: list[str],
-                images: list[str], layout: dict) -> None:
+                images: list[str], layout: dict, extra: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """``extra``: per-sample tensors beside the context (SDXL: "adm" [S, A] and "pooled" [S, P])."""
     meta = {"invadapter.kind": SHARD_KIND, "captions": json.dumps(captions), "images": json.dumps(images),
             "layout": json.dumps(layout, sort_keys=True)}
     tmp = path + ".partial"
-    save_file({"states": states.contiguous(), "context": context.contiguous(), "sigmas": sigmas.contiguous()},
-              tmp, metadata=meta)
+    tensors = {"states": states.contiguous(), "context": context.contiguous(), "sigmas": sigmas.contiguous()}
+    tensors.update({k: v.contiguous() for k, v in (extra or {}).items()})
+    save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)  # an interrupted preprocess never leaves a half shard under the real name
 
 
@@ -140,6 +144,11 @@ class TrainingSample:
     reference_states: torch.Tensor   # [n+1, C, h, w] the reference's trajectory, in sampler space
     reference_context: torch.Tensor  # [T, D] the caption the reference was inverted with
     caption: str = ""
+    # UNets with an ADM input (SDXL): the generation's and the reference pass's ADM vectors ([A]: the caption's pooled
+    # output and the image's size), and the caption's pooled output (what ComfyUI's sampler builds the ADM from)
+    adm: Optional[torch.Tensor] = None
+    reference_adm: Optional[torch.Tensor] = None
+    pooled: Optional[torch.Tensor] = None
 
 
 class ShardSet:
@@ -181,6 +190,9 @@ class ShardSet:
             raise DataError(f"{empty} is missing (rank 0 of `preprocess` writes it): run `preprocess` again")
         with safe_open(str(empty), framework="pt") as f:
             self.empty_context = f.get_tensor("context").float()  # [T, D]
+            # the empty prompt's ADM vector and pooled output, for models with an ADM input (SDXL)
+            self.empty_adm = f.get_tensor("adm").float() if "adm" in f.keys() else None
+            self.empty_pooled = f.get_tensor("pooled").float() if "pooled" in f.keys() else None
         self._open: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -198,7 +210,10 @@ class ShardSet:
         number, row = self.index[i]
         f = self._handle(number)
         states, context = f.get_slice("states")[row].float(), f.get_slice("context")[row].float()
-        return TrainingSample(states[0], context, self.sigmas, states, context, self.captions[i])
+        extra = {key: f.get_slice(key)[row].float() for key in ("adm", "pooled") if key in f.keys()}
+        adm = extra.get("adm")
+        return TrainingSample(states[0], context, self.sigmas, states, context, self.captions[i], adm=adm,
+                              reference_adm=adm, pooled=extra.get("pooled"))
 
 
 class Subset:
@@ -206,7 +221,8 @@ class Subset:
 
     def __init__(self, source, indices: range):
         self.source, self.indices = source, indices
-        self.empty_context = getattr(source, "empty_context", None)
+        for name in EMPTY_PROMPT:
+            setattr(self, name, getattr(source, name, None))
 
     def __len__(self) -> int:
         return len(self.indices)

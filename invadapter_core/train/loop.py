@@ -68,11 +68,15 @@ class Trainer:
         self.device = model.load_device
         self.info = distributed.setup(self.device)
         self.precision = resolve_precision(cfg.train.mixed_precision, self.device)
+        if getattr(model.model, "concat_keys", ()):
+            raise ConfigError(f"this {model_family(model)} checkpoint is an inpainting model: train the EAA on its "
+                              f"base (non-inpainting) checkpoint; the weights then work with both")
         freeze(model)
         load_fully(model)
         t = cfg.train
         self.data, self.holdout = self._sources(data, holdout)
         self.empty_context = getattr(self.data, "empty_context", None)
+        self.empty_adm = getattr(self.data, "empty_adm", None)
         if t.caption_dropout > 0 and self.empty_context is None:
             raise ConfigError("train.caption_dropout needs the empty prompt: give the data source an `empty_context` "
                               "attribute, or set train.caption_dropout = 0")
@@ -140,15 +144,18 @@ class Trainer:
                         "raise data.resolution", m, "/".join(map(str, small)),
                         sum(n <= m for n in tokens.values()), len(tokens), self.cfg.data.resolution)
 
-    def _prompt_contexts(self, clip) -> Optional[list[torch.Tensor]]:
+    def _prompt_contexts(self, clip) -> Optional[list[tuple[torch.Tensor, dict]]]:
         prompts = self.cfg.validation.prompts
         if not prompts:
             return None
         if clip is None:
             raise ConfigError("validation.prompts needs the text encoder: pass clip (the CLI loads it)")
-        from .preprocess import encode_caption
+        from .preprocess import encode_caption, has_adm
+        from .validate import prompt_options
 
-        return [encode_caption(clip, p)[0][None] for p in prompts]
+        encoded = [encode_caption(clip, p) for p in prompts]
+        return [(context[None], prompt_options(pooled if has_adm(self.model) else None))
+                for context, pooled, _ in encoded]
 
     def autocast(self):
         if self.precision in ("bf16", "fp16"):
@@ -166,7 +173,7 @@ class Trainer:
         return t, eps, drop
 
     def batch(self, samples: list[tuple[TrainingSample, int]], seed: int, dropout: float):
-        xs_ref, x0s, epss, sigmas, captions, contexts = [], [], [], [], [], []
+        xs_ref, x0s, epss, sigmas, captions, contexts, adms, ref_adms = [], [], [], [], [], [], [], []
         for sample, draw_id in samples:
             t, eps, drop = self.draw(draw_id, sample.target.shape, seed, dropout)
             sigma = float(self.ms.sigma(torch.tensor(float(t))))
@@ -176,20 +183,26 @@ class Trainer:
             sigmas.append(sigma)
             captions.append(sample.reference_context)
             contexts.append(self.empty_context.reshape(sample.context.shape) if drop else sample.context)
+            adms.append(self.empty_adm if drop else sample.adm)
+            ref_adms.append(sample.reference_adm)
             self.dropped += drop
         on = lambda xs: torch.stack(xs).to(self.device, torch.float32)  # noqa: E731
-        return on(xs_ref), on(x0s), on(epss), torch.tensor(sigmas, device=self.device), on(captions), on(contexts)
+        maybe = lambda xs: None if any(x is None for x in xs) else on(xs)  # noqa: E731 - no ADM input: None
+        return (on(xs_ref), on(x0s), on(epss), torch.tensor(sigmas, device=self.device), on(captions), on(contexts),
+                maybe(adms), maybe(ref_adms))
 
     def loss_of(self, batch, net, adapter: bool = True) -> torch.Tensor:
-        x_ref, x0, eps, sigmas, caption, context = batch
+        x_ref, x0, eps, sigmas, caption, context, adm, ref_adm = batch
         with self.autocast():
             x = x0 + sigmas[:, None, None, None] * eps
             if adapter:
                 # the reference branch always sees the caption it was inverted with; only the generation's is dropped
-                features = self.generation.reference_features(x_ref, sigmas, {"c_crossattn": caption})
-                denoised = net(x, sigmas, context, features.self_attn, features.cross_attn)
+                conds = {"c_crossattn": caption} if ref_adm is None else {"c_crossattn": caption, "y": ref_adm}
+                features = self.generation.reference_features(x_ref, sigmas, conds)
+                denoised = net(x, sigmas, context, features.self_attn, features.cross_attn, adm)
             else:
-                denoised = self.generation.base.apply_model(x, sigmas, c_crossattn=context)
+                denoised = self.generation.base.apply_model(x, sigmas, c_crossattn=context,
+                                                            **({} if adm is None else {"y": adm}))
         eps_hat = (x - denoised.float()) / sigmas[:, None, None, None]
         return F.mse_loss(eps_hat, eps)
 

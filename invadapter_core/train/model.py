@@ -178,10 +178,12 @@ class GenerationPass(nn.Module):
         return features
 
     def forward(self, x: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, f_self: dict,
-                f_cross: Optional[dict]) -> torch.Tensor:
+                f_cross: Optional[dict], adm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """D(x, sigma): the x0 prediction with the EAA fed by the reference features (plain dicts, so DDP passes
         them through untouched). Reference i serves sample i; K/V come from the adapter's own float32 parameters
-        (the EAA layers cast their inputs), so gradients reach them under autocast or a half-precision UNet."""
+        (the EAA layers cast their inputs), so gradients reach them under autocast or a half-precision UNet.
+        ``adm``: the ADM vectors ([B, A]) of UNets that take one (SDXL)."""
         kv = self.injection.project_kv(self.adapter, Features(f_self, f_cross), PER_SAMPLE)
         options = transformer_options([Step(self.injection, kv, float(sigmas.reshape(-1)[0]))])
-        return self.base.apply_model(x, sigmas, c_crossattn=context, transformer_options=options)
+        return self.base.apply_model(x, sigmas, c_crossattn=context, transformer_options=options,
+                                     **({} if adm is None else {"y": adm}))

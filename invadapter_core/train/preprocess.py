@@ -17,9 +17,9 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import save_file
 
-from ..encode import invert_latent
-from ..fit import check_served
-from ..unet import model_family
+from ..encode import invert_latent, reference_conds
+from ..fit import check_served, latent_channels
+from ..unet import latent_downscale, model_family
 from .config import Config, require
 from .data import (EMPTY_CONTEXT_FILE, Item, SkipItem, clean_caption, list_items, load_image, shard_name,
                    write_shard)
@@ -65,11 +65,31 @@ def make_cropper(cfg: Config) -> tuple[Callable[[torch.Tensor], torch.Tensor], s
 
 
 # ------------------------------------------------------------------------------------------------ encoding
-def encode_caption(clip, caption: str) -> tuple[torch.Tensor, bool]:
-    """[77, 768] float32, and whether the caption was longer than one CLIP window (then cut)."""
+def encode_caption(clip, caption: str) -> tuple[torch.Tensor, Optional[torch.Tensor], bool]:
+    """[77, D] float32, the pooled output [P] (what an SDXL UNet's ADM vector is built from; None if the text
+    encoder has none), and whether the caption was longer than one CLIP window (then cut)."""
     with torch.no_grad():
-        context = clip.encode_from_tokens(clip.tokenize(caption))
-    return context[0, :CONTEXT_TOKENS].float().cpu(), context.shape[1] > CONTEXT_TOKENS
+        context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+    pooled = None if pooled is None else pooled[0].float().cpu()
+    return context[0, :CONTEXT_TOKENS].float().cpu(), pooled, context.shape[1] > CONTEXT_TOKENS
+
+
+def has_adm(model) -> bool:
+    """The UNet takes an ADM vector (SDXL's pooled text and size conditioning)."""
+    return model.model.model_config.unet_config.get("adm_in_channels") is not None
+
+
+def prompt_tensors(model, context: torch.Tensor, pooled: Optional[torch.Tensor], resolution: int) -> dict:
+    """What a shard keeps of a batch of prompts: "context" [B, T, D]; for a UNet with an ADM input also "adm"
+    [B, A] (built by the model's own extra_conds, with the image's own size: ``encode.reference_conds``) and
+    "pooled" [B, P]."""
+    tensors = {"context": context}
+    if has_adm(model):
+        side = -(-resolution // latent_downscale(model))
+        x0 = torch.zeros(context.shape[0], latent_channels(model), side, side)
+        conds = reference_conds(model, context, {"pooled_output": pooled}, x0, (resolution, resolution))
+        tensors.update(adm=conds["y"], pooled=pooled)
+    return tensors
 
 
 def layout(cfg: Config, model) -> dict:
@@ -102,15 +122,18 @@ def prepare_item(item: Item, crop) -> tuple[torch.Tensor, str]:
 
 
 def process_batch(model, clip, vae, cfg: Config, pixels: list[torch.Tensor], captions: list[str]):
-    """(states [B, n+1, 4, h, w], contexts [B, 77, 768], sigmas [n+1], truncated captions)."""
-    contexts, cut = zip(*(encode_caption(clip, c) for c in captions))
-    context = torch.stack(contexts)
+    """(states [B, n+1, C, h, w], prompt tensors {"context" [B, 77, D], SDXL: "adm", "pooled"}, sigmas [n+1],
+    truncated captions)."""
+    encoded = [encode_caption(clip, c) for c in captions]
+    pooled = torch.stack([e[1] for e in encoded]) if has_adm(model) else None
+    tensors = prompt_tensors(model, torch.stack([e[0] for e in encoded]), pooled, cfg.data.resolution)
     with torch.no_grad():
         latent = vae.encode(torch.stack(pixels))
-        # one inversion for the batch: every sample with its own caption (reference_pass takes per-sample contexts)
-        ref = invert_latent(model, latent, context, cfg.data.inversion_steps, cfg.data.inversion_scheduler,
+        # one inversion for the batch: every sample with its own caption (reference_pass takes per-sample conds)
+        conds = {"c_crossattn": tensors["context"], **({"y": tensors["adm"]} if "adm" in tensors else {})}
+        ref = invert_latent(model, latent, conds, cfg.data.inversion_steps, cfg.data.inversion_scheduler,
                             (cfg.data.resolution, cfg.data.resolution), keep_features=False)
-    return ref.states.movedim(1, 0), context, ref.sigmas.float(), sum(cut)
+    return ref.states.movedim(1, 0), tensors, ref.sigmas.float(), sum(e[2] for e in encoded)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -131,8 +154,10 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     if storage is None:
         raise ValueError(f"data.storage_dtype must be float16 or float32, got {cfg.data.storage_dtype!r}")
     if info.is_main:
-        empty, _ = encode_caption(clip, "")
-        save_file({"context": empty.contiguous()}, str(out / EMPTY_CONTEXT_FILE))
+        empty, empty_pooled, _ = encode_caption(clip, "")
+        tensors = prompt_tensors(model, empty[None], None if empty_pooled is None else empty_pooled[None],
+                                 cfg.data.resolution)
+        save_file({k: v[0].contiguous() for k, v in tensors.items()}, str(out / EMPTY_CONTEXT_FILE))
     report = Reporter(out / f"report-r{info.rank:03d}.jsonl")
     shape = layout(cfg, model)
     size = cfg.data.shard_size
@@ -151,8 +176,10 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
         kept = _process_chunk(model, clip, vae, cfg, chunk, crop, report, summary, bar)
         if kept is None:
             continue
-        states, context, sigmas, captions, images = kept
-        write_shard(str(path), states.to(storage), context.to(storage), sigmas, captions, images, shape)
+        states, tensors, sigmas, captions, images = kept
+        extra = {k: v.to(storage) for k, v in tensors.items() if k != "context"}
+        write_shard(str(path), states.to(storage), tensors["context"].to(storage), sigmas, captions, images, shape,
+                    extra)
         summary["shards_written"] += 1
     bar.close()
     summary["skipped"] = sum(report.counts.values())
@@ -166,7 +193,7 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
 
 
 def _process_chunk(model, clip, vae, cfg, chunk, crop, report, summary, bar) -> Optional[tuple]:
-    states, contexts, captions, images = [], [], [], []
+    states, tensors, captions, images = [], {}, [], []
     sigmas = None
     batch: list[tuple[Item, torch.Tensor, str]] = []
 
@@ -174,9 +201,10 @@ def _process_chunk(model, clip, vae, cfg, chunk, crop, report, summary, bar) -> 
         nonlocal sigmas
         if not batch:
             return
-        s, c, sig, cut = process_batch(model, clip, vae, cfg, [b[1] for b in batch], [b[2] for b in batch])
+        s, prompt, sig, cut = process_batch(model, clip, vae, cfg, [b[1] for b in batch], [b[2] for b in batch])
         states.append(s.cpu())
-        contexts.append(c)
+        for key, t in prompt.items():
+            tensors.setdefault(key, []).append(t.cpu())
         sigmas = sig
         captions.extend(b[2] for b in batch)
         images.extend(b[0].image for b in batch)
@@ -198,7 +226,7 @@ def _process_chunk(model, clip, vae, cfg, chunk, crop, report, summary, bar) -> 
     flush()
     if not states:
         return None
-    return torch.cat(states), torch.cat(contexts), sigmas, captions, images
+    return torch.cat(states), {k: torch.cat(v) for k, v in tensors.items()}, sigmas, captions, images
 
 
 def _refuse_other_world_sizes(out: Path, world_size: int) -> None:

@@ -32,19 +32,27 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def reference_from_sample(sample: TrainingSample, family: str, resolution: int) -> Reference:
+    conds = {"c_crossattn": sample.reference_context[None].contiguous()}
+    if sample.reference_adm is not None:
+        conds["y"] = sample.reference_adm[None].contiguous()
     return Reference(family=family, resolution=(resolution, resolution), sigmas=sample.reference_sigmas.double(),
-                     states=sample.reference_states[:, None].contiguous(),
-                     conds={"c_crossattn": sample.reference_context[None].contiguous()})
+                     states=sample.reference_states[:, None].contiguous(), conds=conds)
+
+
+def prompt_options(pooled: Optional[torch.Tensor]) -> dict:
+    """A CONDITIONING entry's options: the pooled output ComfyUI builds an SDXL UNet's ADM vector from."""
+    return {} if pooled is None else {"pooled_output": pooled.reshape(1, -1)}
 
 
 class Validator:
     def __init__(self, cfg: ValidationConfig, model, vae, source, resolution: int, empty_context, out_dir: Path,
-                 prompt_contexts: Optional[list[torch.Tensor]] = None):
+                 prompt_contexts: Optional[list[tuple[torch.Tensor, dict]]] = None):
         self.cfg, self.model, self.vae, self.resolution = cfg, model, vae, resolution
         self.out = out_dir
         self.samples = [s for _, s in zip(range(cfg.images), source)] if vae is not None else []
         self.empty_context = empty_context
-        self.prompts = prompt_contexts  # None: each sample's own prompt
+        self.empty_options = prompt_options(getattr(source, "empty_pooled", None))
+        self.prompts = prompt_contexts  # None: each sample's own prompt; else (context [1, T, D], options)
         self.baseline_done = False
         self.references: dict = {}
 
@@ -70,7 +78,7 @@ class Validator:
             if not (self.out / f"reference-{i}.png").exists():
                 save_png(self.vae.decode(self.model.model.process_latent_out(ref.states[0]))[0],
                          self.out / f"reference-{i}.png")
-            context = sample.context[None] if context is None else context
+            context = (sample.context[None], prompt_options(sample.pooled)) if context is None else context
             runs = ([("baseline", self.model, f"baseline-ref{i}-p{p}.png")] if want_baseline else []) + \
                 ([("adapter", None, f"step-{step:08d}-ref{i}-p{p}.png")] if step > 0 else [])
             for what, model, name in runs:
@@ -83,9 +91,10 @@ class Validator:
         comfy.model_management.load_models_gpu([self.model], force_full_load=True)  # back for training
         return written
 
-    def _sample(self, model, context: torch.Tensor, latent_shape, path: Path) -> Path:
+    def _sample(self, model, prompt: tuple[torch.Tensor, dict], latent_shape, path: Path) -> Path:
         import comfy.sample
 
+        context, options = prompt
         channels, h, w = latent_shape
         if self.cfg.size:
             h = w = -(-self.cfg.size // latent_downscale(self.model))
@@ -93,8 +102,10 @@ class Validator:
         noise = comfy.sample.prepare_noise(latent, self.cfg.seed)
         negative = self.empty_context.reshape(context.shape) if self.empty_context is not None \
             else torch.zeros_like(context)
+        size = {"width": w * latent_downscale(self.model), "height": h * latent_downscale(self.model)}
         samples = comfy.sample.sample(model, noise, self.cfg.steps, self.cfg.cfg, self.cfg.sampler,
-                                      self.cfg.scheduler, [[context, {}]], [[negative, {}]], latent, denoise=1.0,
+                                      self.cfg.scheduler, [[context, dict(options, **size)]],
+                                      [[negative, dict(self.empty_options, **size)]], latent, denoise=1.0,
                                       disable_pbar=True, seed=self.cfg.seed)
         save_png(self.vae.decode(samples)[0], path)
         return path
