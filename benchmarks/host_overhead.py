@@ -1,5 +1,6 @@
 """What a CPU can show of the EAA's cost on a GPU, where sampling is launch-bound: host work per patched block call,
-operators per UNet call, and bytes moved between devices per run.
+operators per UNet call, bytes moved between devices per run, and what keeping the reference's K/V (twice the
+features' memory) saves against projecting them from the kept features at every step.
 
     python benchmarks/host_overhead.py [--steps 20] [--repeats 5]
 
@@ -103,15 +104,29 @@ def main() -> int:
     calls = []
     sample(counted_unet_calls(model, calls))
     plain_ops, warm_ops = aten_ops(lambda: sample(model)), aten_ops(lambda: sample(applied))
+    warm_passes = ref.features.passes - passes
     blocks = len(app.injection.names)
+    # keeping K/V (the store) against keeping only f_s and projecting K/V from it at every step
+    projecting = install(model, Application(init_from_model(""), ref, model, 1.0, 1.0, keep_kv=False))
+    sample(projecting)
+    projected_ops = aten_ops(lambda: sample(projecting))
+    warm_s = {"kv_kept": [], "kv_projected": []}
+    for _ in range(args.repeats):
+        for key, m in (("kv_kept", applied), ("kv_projected", projecting)):
+            start = time.perf_counter()
+            sample(m)
+            warm_s[key].append(time.perf_counter() - start)
     result = {
         "host_us_per_patched_block_call": round(statistics.median(per_call) * 1e6, 1),
         "aten_ops_per_unet_call": {"plain": round(plain_ops / len(calls), 1), "warm": round(warm_ops / len(calls), 1),
                                    "extra_per_block": round((warm_ops - plain_ops) / len(calls) / blocks, 2)},
-        "reference_passes_warm_run": ref.features.passes - passes,
+        "reference_passes_warm_run": warm_passes,
+        "reference_passes_alternating": ref.features.passes - passes - warm_passes,
         "bytes_moved_between_devices_warm_run": sum(p.bytes_moved for p in ref.features.packs() + [app.kv_store.pack])
                                                 - sum(moved),
         "kv_store_mb": round(app.kv_store.pack.nbytes / 2**20, 3), "feature_cache_mb": round(ref.features.nbytes() / 2**20, 3),
+        "warm_run_s": {k: round(statistics.median(v), 4) for k, v in warm_s.items()},
+        "aten_ops_per_unet_call_kv_projected": round(projected_ops / len(calls), 1),
         "settings": {"model": "tiny SD1.5-shaped (tests/support/models.py)", "latent": "8x8", "steps": args.steps,
                      "cfg": 7.0, "blocks": blocks, "unet_calls": len(calls), "threads": 1,
                      "torch": torch.__version__},

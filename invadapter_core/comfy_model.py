@@ -145,6 +145,9 @@ class Application:
         cache = ref.features if ref.weights is None else ref.cache_for(weights)  # a file's features: checked later
         self.run = Run(weights, sigmas, cache, checked=ref.weights is not None)
         self._start(cache)
+        store = self.kv_store
+        if store is not None and store.weights == weights and store.sigmas == sigmas:
+            cache.touch(sigmas)  # what the store was built from stays while the schedule is in use
         if ref.weights is not None and weights != ref.weights and len(ref.features):
             self._tell_recomputed(weights)
 

@@ -115,6 +115,14 @@ class FeatureCache:
         cross = {k[2]: v for k, v in views.items() if k[1] == "cross"} if has_cross else None
         return Features(self_attn, cross)
 
+    def touch(self, sigmas: list[float]) -> None:
+        """Mark the entries at ``sigmas`` as used by the current run (a run served from a K/V store built on them
+        reads no features, but another application of the reference may)."""
+        for sigma in sigmas:
+            s = self._match(sigma)
+            if s is not None:
+                self._last_used[s] = self._run
+
     def start_run(self) -> None:
         self._run += 1
 

@@ -251,3 +251,18 @@ def test_the_caches_are_models_to_comfyui_memory_management(model, caption):
     assert not any(lm.model is not None and lm.model.model is app.kv_store.pack for lm in mm.current_loaded_models)
     passes = ref.features.passes
     assert torch.equal(sample(m, caption), first) and ref.features.passes == passes
+
+
+def test_applications_of_one_reference_alternating_recompute_nothing(model, caption):
+    """One application served from its K/V store, another projecting from the features (no store): what the first
+    never reads still serves the second, so alternating runs make no reference pass after the first."""
+    ref = encode(model, caption)
+    kept, _ = applied(model, ref)
+    projecting = install(model, Application(init_from_model(""), ref, model, 0.7, 1.0, 1e9, 0.0, keep_kv=False))
+    sample(kept, caption)
+    sample(projecting, caption)
+    passes = ref.features.passes
+    for _ in range(2):
+        sample(kept, caption)
+        sample(projecting, caption)
+    assert ref.features.passes == passes
