@@ -43,6 +43,9 @@ def parse(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("base model and classifiers (cached by these settings)")
     g.add_argument("--base-steps", type=int, default=1400)
     g.add_argument("--base-batch", type=int, default=64)
+    g.add_argument("--identities", type=int, default=16, help="how many of the 16 identities (the CI test: 4)")
+    g.add_argument("--base-ema", type=float, default=0.998, help="EMA decay of the base's weights (0.99 for a "
+                                                                 "few hundred steps)")
     g.add_argument("--classifier-steps", type=int, default=600)
     g = p.add_argument_group("adapter training (the pack's trainer)")
     g.add_argument("--train-steps", type=int, default=600)
@@ -122,11 +125,12 @@ def main(argv=None) -> int:
     from identity_toy_lib import base as toy_base
     from identity_toy_lib import classifiers, data, evaluate, grid
     from identity_toy_lib.sampling import SamplerSettings
-    from invadapter_core.train.loop import train
+    from invadapter_core.train.loop import Trainer
 
     timings = {}
     t = time.time()
-    recipe = toy_base.PretrainRecipe(steps=args.base_steps, batch=args.base_batch)
+    recipe = toy_base.PretrainRecipe(steps=args.base_steps, batch=args.base_batch, identities=args.identities,
+                                     ema=args.base_ema)
     base, base_info = toy_base.load_or_pretrain(recipe, say)
     timings["base_s"] = round(time.time() - t, 1)
     judges = None
@@ -148,14 +152,18 @@ def main(argv=None) -> int:
     if run.exists():
         shutil.rmtree(run)  # the benchmark's own run folder: every run starts from the same initialisation
     t = time.time()
-    result = train(trainer_config(args, run), base.model, vae=base.vae, progress=False,
-                   data=data.ToySamples(base, pool, args.batch * max(args.train_steps, 1), seed=args.seed + 3),
-                   holdout=data.ToySamples(base, pool, args.holdout, seed=args.seed + 4))
+    trainer = Trainer(trainer_config(args, run), base.model, vae=base.vae, progress=False,
+                      data=data.ToySamples(base, pool, args.batch * max(args.train_steps, 1), seed=args.seed + 3),
+                      holdout=data.ToySamples(base, pool, args.holdout, seed=args.seed + 4))
+    result = trainer.run()
     timings["train_s"] = round(time.time() - t, 1)
+    # the same held-out targets, timesteps and noise, each with a reference of another identity
+    other = list(data.ToySamples(base, pool, args.holdout, seed=args.seed + 4, other_identity=True))
     report = {"chance": 1 / len(base.identities), "threads": args.threads, "inversion": args.inversion,
-              "heldout": result.heldout, "train_loss_first_last": [result.losses[0], result.losses[-1]],
+              "heldout": result.heldout, "heldout_loss_other_identity": trainer.heldout_loss(samples=other),
+              "train_loss_first_last": [result.losses[0], result.losses[-1]],
               "weights": str(result.weights), "parameters": result.parameters["total"],
-              "base": {**base_info, "steps": recipe.steps, "batch": recipe.batch}}
+              "base": {**base_info, "steps": recipe.steps, "batch": recipe.batch, "ema": recipe.ema}}
 
     if judges is not None:
         plan = evaluate.make_plan(len(base.identities), args.eval_refs, args.eval_poses, seed=args.seed + 5)

@@ -85,14 +85,25 @@ def test_template_browser_lists_every_example_with_its_thumbnail(frontend):
     frontend.evaluate("async () => { await window.app.loadGraphData({nodes: [], links: [], version: 0.4}); }")
     frontend.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     frontend.get_by_text(PACK_LINK_NAME, exact=True).click()
-    cards_loaded = ("() => [...document.querySelectorAll('[data-testid^=template-workflow-]')]"
-                    ".filter(c => c.querySelector('img')?.naturalWidth > 0).length")
-    try:  # thumbnails arrive as blobs after the cards
-        frontend.wait_for_function(f"() => ({cards_loaded})() >= {len(UI_FILES)}", timeout=30_000)
+    cards = frontend.locator("[data-testid^=template-workflow-]")
+    try:
+        frontend.wait_for_function("n => document.querySelectorAll('[data-testid^=template-workflow-]').length >= n",
+                                   arg=len(UI_FILES), timeout=30_000)
     except PlaywrightTimeout:
         pass  # the assertions below say which
-    cards = frontend.evaluate("""() => Object.fromEntries([...document.querySelectorAll('[data-testid^=template-workflow-]')]
-        .map(c => [c.dataset.testid.replace('template-workflow-', ''), c.querySelector('img')?.naturalWidth ?? 0]))""")
+    widths = {}  # thumbnails load lazily as a card scrolls into view, and unload out of view: look at each in view
+    for i in range(cards.count()):
+        card = cards.nth(i)
+        card.scroll_into_view_if_needed()
+        name = card.get_attribute("data-testid").replace("template-workflow-", "")
+        try:  # they arrive as blobs after the cards
+            widths[name] = card.locator("img").first.evaluate(
+                "img => new Promise(done => { const width = () => done(img.naturalWidth); setTimeout(width, 30000);"
+                " if (img.complete && img.naturalWidth) width();"
+                " else ['load', 'error'].forEach(e => img.addEventListener(e, width)); })", timeout=30_000)
+        except PlaywrightTimeout:
+            widths[name] = 0  # no image element at all
+    cards = widths
     assert set(cards) == {p.stem for p in UI_FILES}
     assert all(width > 0 for width in cards.values()), f"thumbnails that did not load: {cards}"
     first = UI_FILES[0]

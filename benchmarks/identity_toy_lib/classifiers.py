@@ -1,4 +1,4 @@
-"""Judges of the toy's samples: an identity classifier (which of the 16 identities) and an attribute classifier
+"""Judges of the toy's samples: an identity classifier (which of the known identities) and an attribute classifier
 (each of the five attributes, trained on all 1,280 combinations, so "exactly a known identity" can be checked).
 
 Both are a 6-conv CNN (width 32, 0.29 M parameters) trained on renders in random poses with pixel noise
@@ -33,9 +33,6 @@ class Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(images * 2 - 1).mean(dim=(2, 3))
         return {name: head(f) for name, head in self.heads.items()}
-
-
-IDENTITY_HEADS = {"identity": 16}
 
 
 def train_classifier(heads: dict[str, int], draw: Callable[[int, torch.Generator], tuple], steps: int,
@@ -105,19 +102,19 @@ class Judges:
 
 def load_or_train(identities: torch.Tensor, steps: int = 600, batch: int = 128, seed: int = 0,
                   log: Callable[[str], None] = print) -> tuple[Judges, dict]:
-    path = store.cache_path("classifiers", steps=steps, batch=batch, seed=seed)
-    attribute_heads = dict(render.ATTRIBUTES)
+    path = store.cache_path("classifiers", ids=len(identities), steps=steps, batch=batch, seed=seed)
+    identity_heads, attribute_heads = {"identity": len(identities)}, dict(render.ATTRIBUTES)
     info = {"path": str(path), "cached": path.exists(), "seconds": 0.0}
     if path.exists():
         tensors, _ = store.load(path)
-        identity, attributes = Classifier(IDENTITY_HEADS), Classifier(attribute_heads)
+        identity, attributes = Classifier(identity_heads), Classifier(attribute_heads)
         identity.load_state_dict(store.prefixed(tensors, "identity."))
         attributes.load_state_dict(store.prefixed(tensors, "attributes."))
         identity.eval().requires_grad_(False)
         attributes.eval().requires_grad_(False)
     else:
         started = time.time()
-        identity = train_classifier(IDENTITY_HEADS, identity_draw(identities), steps, batch, seed, log)
+        identity = train_classifier(identity_heads, identity_draw(identities), steps, batch, seed, log)
         attributes = train_classifier(attribute_heads, attribute_draw, steps, batch, seed + 10, log)
         info["seconds"] = round(time.time() - started, 1)
         store.save(path, {**{f"identity.{k}": v for k, v in identity.state_dict().items()},

@@ -63,10 +63,13 @@ def build_pool(base: ToyBase, per_identity: int, steps: int, scheduler: str, sam
 
 
 class ToySamples:
-    """Map-style data source: ``size`` samples, sample i drawn from ``seed`` and i."""
+    """Map-style data source: ``size`` samples, sample i drawn from ``seed`` and i. ``other_identity``: the
+    reference shows another identity than the target (a control: an adapter that reads identity from the reference
+    does worse there than with the right one)."""
 
-    def __init__(self, base: ToyBase, pool: ReferencePool, size: int, seed: int):
+    def __init__(self, base: ToyBase, pool: ReferencePool, size: int, seed: int, other_identity: bool = False):
         self.base, self.pool, self.size, self.seed = base, pool, size, seed
+        self.other_identity = other_identity
         self.empty_context = base.empty_context(1)[0]  # [2, 32]: the null pose token
         self.by_identity = [pool.of_identity(i) for i in range(len(base.identities))]
 
@@ -77,8 +80,10 @@ class ToySamples:
         if not 0 <= i < self.size:
             raise IndexError(i)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        who = int(torch.randint(0, len(self.by_identity), (1,), generator=gen))
-        choices = self.by_identity[who]
+        n = len(self.by_identity)
+        who = int(torch.randint(0, n, (1,), generator=gen))
+        shown = (who + int(torch.randint(1, n, (1,), generator=gen))) % n if self.other_identity else who
+        choices = self.by_identity[shown]
         r = int(choices[torch.randint(0, len(choices), (1,), generator=gen)])
         pose = render.random_poses(1, gen)
         target = self.base.model.model.process_latent_in(images_to_latent(self.base.render(torch.tensor([who]), pose)))

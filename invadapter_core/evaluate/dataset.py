@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.data import IMAGE_EXTENSIONS
+from ..train.data import IMAGE_EXTENSIONS, manifest_entries
 
 PROMPTS_FILE = "prompts.txt"
 CAPTION_FILE = "caption.txt"
@@ -98,14 +98,10 @@ def _from_folder(folder: Path, caption: str) -> list[Identity]:
 
 def _from_manifest(manifest: Path, caption: str) -> list[Identity]:
     identities = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, entry in manifest_entries(manifest):
         where = f"{manifest} line {number}"
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where} is not JSON ({e})") from None
+        if isinstance(entry, json.JSONDecodeError):
+            raise DatasetError(f"{where} is not JSON ({entry})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("photos"), list) or not entry["photos"]:
             raise DatasetError(f'{where}: expected {{"identity": "...", "photos": ["a.jpg", ...], "prompts": '
                                f'[...]}} with at least one photo')

@@ -72,14 +72,24 @@ def _folder_items(folder: Path) -> list[Item]:
     return items
 
 
+def manifest_entries(manifest: Path):
+    """(line number, parsed JSON or the JSONDecodeError) for each non-blank line of a JSONL manifest: the caller
+    decides whether a bad line stops everything or only skips itself."""
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield number, e
+
+
 def _manifest_items(manifest: Path) -> list[Item]:
     items = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, entry in manifest_entries(manifest):
         where = f"{manifest.name} line {number}"
         try:
-            entry = json.loads(line)
+            if isinstance(entry, Exception):
+                raise entry
             image = entry["image"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             items.append(Item(where, None, problem=f"bad manifest line ({type(e).__name__}: {e})"))

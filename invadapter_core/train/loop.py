@@ -212,15 +212,16 @@ class Trainer:
                             self.net)
 
     @torch.no_grad()
-    def heldout_loss(self, adapter: bool = True) -> float:
-        """The loss on the held-out samples, each with the same timestep and noise at every validation (drawn from
-        ``validation.seed``), no caption dropout; ``adapter=False``: the base model alone."""
+    def heldout_loss(self, adapter: bool = True, samples: Optional[list[TrainingSample]] = None) -> float:
+        """The loss on the held-out samples (or on ``samples``), sample i with the same timestep and noise at every
+        validation (drawn from ``validation.seed``), no caption dropout; ``adapter=False``: the base model alone."""
+        samples = self.holdout if samples is None else samples
         size, total = self.cfg.train.batch_size, 0.0
-        for start in range(0, len(self.holdout), size):
-            chunk = [(s, start + j) for j, s in enumerate(self.holdout[start:start + size])]
+        for start in range(0, len(samples), size):
+            chunk = [(s, start + j) for j, s in enumerate(samples[start:start + size])]
             batch = self.batch(chunk, self.cfg.validation.seed, 0.0)
             total += float(self.loss_of(batch, self.generation, adapter)) * len(chunk)
-        return total / len(self.holdout)
+        return total / len(samples)
 
     # ------------------------------------------------------------------------------------------ one step
     def lr_at(self, step: int) -> float:
