@@ -18,7 +18,7 @@ from PIL import Image
 from invadapter_core.evaluate import dataset, results
 from invadapter_core.evaluate.pipeline import Config
 from support import faces, models
-from support.host import python_exe
+from support.host import ctrl_c_reaches_the_child, python_exe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,8 @@ def test_end_to_end_interrupted_then_resumed(tmp_path, photos):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
     # first run: Ctrl-C once the first image is written
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_reaches_the_child)
     seen = []
     for line in proc.stderr:
         seen.append(line)

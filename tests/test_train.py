@@ -33,7 +33,7 @@ from invadapter_core.train.preprocess import preprocess
 from invadapter_core.weights import load_adapter
 from support import models
 from support.fixtures import CHECKPOINT
-from support.host import python_exe
+from support.host import ctrl_c_reaches_the_child, python_exe
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64  # reference resolution of every test here: 8x8 latents
@@ -372,7 +372,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(cli_run):
                "--quiet", "--set", f"train.output_dir={run}", "--set", "train.log_every=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(command + ["--set", "train.max_steps=1000"], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=ctrl_c_reaches_the_child)
     for line in proc.stdout:  # the first logged step: training is under way
         if line.startswith("step 1:"):
             break

@@ -24,3 +24,11 @@ def import_comfy_cpu() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.disable_api_nodes = True
+
+
+def ctrl_c_reaches_the_child() -> None:
+    """``preexec_fn`` for a child a test interrupts as Ctrl-C would: a test run started in the background by a
+    non-interactive shell ignores SIGINT, children inherit that, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
