@@ -43,7 +43,7 @@ def parse(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("base model and classifiers (cached by these settings)")
     g.add_argument("--base-steps", type=int, default=1400)
     g.add_argument("--base-batch", type=int, default=64)
-    g.add_argument("--identities", type=int, default=16, help="how many of the 16 identities (the CI test: 4)")
+    g.add_argument("--identities", type=int, default=16, help="how many of the 16 identities")
     g.add_argument("--base-ema", type=float, default=0.998, help="EMA decay of the base's weights (0.99 for a "
                                                                  "few hundred steps)")
     g.add_argument("--classifier-steps", type=int, default=600)

@@ -13,13 +13,15 @@ import subprocess
 
 from support import host
 
-# Measured with this recipe (1 thread) at training seeds 0, 1, 2: trained vs base alone 19.7 %, 20.3 %, 19.6 %;
-# right vs another identity's reference 5.0 %, 4.2 %, 4.1 %. The margins sit at half of the smallest.
+# Measured with this recipe (the base pretrained at 2 threads, as here) at training seeds 0, 1, 2: trained vs base
+# alone 20.4 %, 20.3 %, 19.6 %; right vs another identity's reference 5.9 %, 5.9 %, 6.0 %. The margins sit at about
+# half of the smallest (an adapter that learnt only generic denoising, on a weaker base: 1.4 %, measured with an
+# earlier, unpaired version of the control).
 SETTINGS = ["--threads", "2", "--no-eval", "--identities", "16", "--base-steps", "1400", "--base-batch", "32",
             "--base-ema", "0.998", "--train-steps", "300", "--batch", "16", "--lr", "3e-3", "--pool", "4",
             "--holdout", "64", "--validate-every", "150", "--seed", "0"]
 MARGIN_BASE = 0.10  # (base alone - trained) / base alone
-MARGIN_IDENTITY = 0.02  # (another identity's reference - the right one) / another identity's reference
+MARGIN_IDENTITY = 0.03  # (another identity's reference - the right one) / another identity's reference
 
 
 def test_trained_adapter_reads_the_identity_of_its_reference(tmp_path):

@@ -82,7 +82,10 @@ class ToySamples:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         n = len(self.by_identity)
         who = int(torch.randint(0, n, (1,), generator=gen))
-        shown = (who + int(torch.randint(1, n, (1,), generator=gen))) % n if self.other_identity else who
+        shown = who
+        if self.other_identity:  # its own generator: the target, its pose and the reference's index stay the same
+            other = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 500_009)
+            shown = (who + int(torch.randint(1, n, (1,), generator=other))) % n
         choices = self.by_identity[shown]
         r = int(choices[torch.randint(0, len(choices), (1,), generator=gen)])
         pose = render.random_poses(1, gen)
