@@ -33,20 +33,14 @@ from workflow_layout import STAGES, fit_view, place, stage_of  # noqa: E402
 from workflow_ui import api_to_ui  # noqa: E402
 
 # The standard files the graphs name, and where ComfyUI's missing-model dialog downloads them from (by file name).
-MODELS = {link["name"]: link for link in (
-    {"name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoints",
-     "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
-            "v1-5-pruned-emaonly-fp16.safetensors?download=true"},
-    {"name": "control_v11p_sd15_openpose_fp16.safetensors", "directory": "controlnet",
-     "url": "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
-            "control_v11p_sd15_openpose_fp16.safetensors?download=true"},
-    {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
-     "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
-            "sd_xl_base_1.0.safetensors?download=true"},
-    {"name": "OpenPoseXL2.safetensors", "directory": "controlnet",
-     "url": "https://huggingface.co/thibaud/controlnet-openpose-sdxl-1.0/resolve/main/"
-            "OpenPoseXL2.safetensors?download=true"},
-)}
+HF = "https://huggingface.co"
+MODELS = {name: {"name": name, "directory": folder, "url": f"{HF}/{repo}/resolve/main/{name}?download=true"}
+          for name, folder, repo in (
+              ("v1-5-pruned-emaonly-fp16.safetensors", "checkpoints", "Comfy-Org/stable-diffusion-v1-5-archive"),
+              ("control_v11p_sd15_openpose_fp16.safetensors", "controlnet",
+               "comfyanonymous/ControlNet-v1-1_fp16_safetensors"),
+              ("sd_xl_base_1.0.safetensors", "checkpoints", "stabilityai/stable-diffusion-xl-base-1.0"),
+              ("OpenPoseXL2.safetensors", "controlnet", "thibaud/controlnet-openpose-sdxl-1.0"))}
 SDXL_FILES = {"sd_xl_base_1.0.safetensors", "OpenPoseXL2.safetensors"}
 LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
 # (workflows_api/<name>.json, what its note adds to the common steps), in the order a newcomer meets them.
