@@ -81,7 +81,7 @@ def detectors():
     """name -> f(uint8 RGB) -> [(x1, y1, x2, y2, score)]; unavailable ones are reported and left out."""
     found = {}
     sys.path.insert(0, ROOT)
-    from invadapter_core.face import MTCNNDetector
+    from invadapter_core.face.detect import MTCNNDetector
 
     mt = MTCNNDetector("cpu")
     found["mtcnn (pack)"] = lambda img: [f.box + (f.score,) for f in mt.detect(img, 20)]

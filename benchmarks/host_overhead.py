@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from invadapter_core.host import use_comfyui  # noqa: E402
+from invadapter_core.comfyui.host import use_comfyui  # noqa: E402
 
 use_comfyui()
 
@@ -30,10 +30,10 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import comfy.patcher_extension as ext  # noqa: E402
 import comfy.sample  # noqa: E402
-from invadapter_core.comfy_model import Application, install  # noqa: E402
-from invadapter_core.encode import invert_latent  # noqa: E402
-from invadapter_core.injection import ADD, STASH  # noqa: E402
-from invadapter_core.weights import init_from_model  # noqa: E402
+from invadapter_core.adapter.application import Application, install  # noqa: E402
+from invadapter_core.reference.encode import invert_latent  # noqa: E402
+from invadapter_core.adapter.injection import ADD, STASH  # noqa: E402
+from invadapter_core.adapter.weights import init_from_model  # noqa: E402
 from support.models import text_context, tiny_sd15_model  # noqa: E402
 
 OURS = set(STASH.values()) | set(ADD.values())
@@ -105,7 +105,7 @@ def main() -> int:
     sample(counted_unet_calls(model, calls))
     plain_ops, warm_ops = aten_ops(lambda: sample(model)), aten_ops(lambda: sample(applied))
     warm_passes = ref.features.passes - passes
-    blocks = len(app.injection.names)
+    blocks = len(app.layout.blocks)
     # keeping K/V (the store) against keeping only f_s and projecting K/V from it at every step
     projecting = install(model, Application(init_from_model(""), ref, model, 1.0, 1.0, keep_kv=False))
     sample(projecting)

@@ -29,9 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from invadapter_core.host import use_comfyui  # noqa: E402
+from invadapter_core.comfyui.host import use_comfyui  # noqa: E402
 
-CONVENTIONS = ("lowest sigma", "classic")  # invadapter_core.ddim.CONVENTIONS (importable only after ComfyUI is set up)
+CONVENTIONS = ("lowest sigma", "classic")  # invadapter_core.reference.inversion.CONVENTIONS (importable only after ComfyUI is set up)
 ARMS = ("no adapter", "training-free", "trained")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from invadapter_core.host import use_comfyui  # noqa: E402
+from invadapter_core.comfyui.host import use_comfyui  # noqa: E402
 
 use_comfyui()
 
@@ -32,11 +32,11 @@ from PIL import Image  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
-from invadapter_core.comfy_model import Application, install  # noqa: E402
-from invadapter_core.fit import default_resolution, latent_channels  # noqa: E402
-from invadapter_core.unet import feature_bytes_per_step  # noqa: E402
-from invadapter_core.encode import encode_reference  # noqa: E402
-from invadapter_core.weights import init_from_model  # noqa: E402
+from invadapter_core.adapter.application import Application, install  # noqa: E402
+from invadapter_core.arch.fit import default_resolution  # noqa: E402
+from invadapter_core.arch.layout import layout_of  # noqa: E402
+from invadapter_core.reference.encode import encode_reference  # noqa: E402
+from invadapter_core.adapter.weights import init_from_model  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -80,7 +80,7 @@ def main() -> int:
     caption, positive, negative = (encode_text("a photo of a woman's face"),
                                    encode_text("a portrait of a woman as an astronaut"), encode_text("blurry"))
     face = load_face(args.image)
-    latent = torch.zeros(1, latent_channels(model), args.size // 8, args.size // 8)
+    latent = torch.zeros(1, layout_of(model).latent_channels, args.size // 8, args.size // 8)
     noise = comfy.sample.prepare_noise(latent, 42)
 
     def sample(m):
@@ -128,8 +128,8 @@ def main() -> int:
         "encode_s": round(statistics.median(encode_times), 3),
         "ref_cache_mb": round(ref.features.nbytes() / 2**20, 2), "ref_cache_mb_per_step": round(per_step_mb, 2),
         "ref_cache_dtype": str(next(iter(ref.features.get(ref.features.sigmas()[0]).self_attn.values())).dtype),
-        "ref_cache_mb_per_step_fp16_formula": round(feature_bytes_per_step(model, default_resolution(model)) / 2**20,
-                                                    2),
+        "ref_cache_mb_per_step_fp16_formula": round(
+            layout_of(model).feature_bytes_per_step(default_resolution(model)) / 2**20, 2),
         "formula_resolution": default_resolution(model),
         "reference_passes": passes, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_first_mb": round(rss[0], 1) if rss else None, "rss_last_mb": round(rss[-1], 1) if rss else None,

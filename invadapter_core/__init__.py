@@ -1,5 +1,4 @@
-"""Inv-Adapter as plain torch: EAA math, DDIM in sigma space, reference features, weight format.
-
-Only ``comfy_model`` and ``encode`` talk to ComfyUI; everything else runs on bare tensors.
+"""Inv-Adapter as plain torch, in packages named after the method's stages: ``face`` -> ``reference`` -> ``adapter``
+(-> the sampler), over ``arch`` (what the pack knows of a network), ``files`` (formats and validation) and
+``comfyui`` (memory-manager glue, the host, notices). ``train`` and ``evaluate`` build on them and on nothing else.
 """
-FORMAT_VERSION = 1

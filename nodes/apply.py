@@ -1,8 +1,8 @@
 from comfy_api.latest import io
 
-from invadapter_core.comfy_model import apply_identity
-from invadapter_core.injection import APPLY_TO, COMBINE_MODES
-from invadapter_core.notify import collecting
+from invadapter_core.adapter.application import apply_identity
+from invadapter_core.adapter.injection import APPLY_TO, COMBINE_MODES
+from invadapter_core.comfyui.notify import collecting
 
 from .types import CATEGORY, BlockWeightsType, InvAdapterType, ReferenceType
 

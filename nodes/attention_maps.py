@@ -6,10 +6,10 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-from invadapter_core.attention_maps import (RECORDER_KEY, AttentionRecorder, heat_overlay, output_maps,
+from invadapter_core.adapter.attention_maps import (RECORDER_KEY, AttentionRecorder, heat_overlay, output_maps,
                                             reference_maps)
-from invadapter_core.block_weights import LEVELS, PRESETS
-from invadapter_core.comfy_model import applications
+from invadapter_core.arch.levels import LEVELS, PRESETS
+from invadapter_core.adapter.application import applications
 
 from .types import CATEGORY
 

@@ -1,8 +1,9 @@
 """Nodes that shape how references act: several photos of one identity, per-level strengths."""
 from comfy_api.latest import io
 
-from invadapter_core.block_weights import LEVELS, PRESETS, BlockWeights
-from invadapter_core.reference import combine_references
+from invadapter_core.adapter.block_weights import BlockWeights
+from invadapter_core.arch.levels import LEVELS, PRESETS
+from invadapter_core.reference.reference import combine_references
 
 from .types import CATEGORY, BlockWeightsType, ReferenceType
 

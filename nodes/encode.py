@@ -1,8 +1,8 @@
 from comfy_api.latest import io
 
 import comfy.samplers
-from invadapter_core.ddim import CONVENTIONS
-from invadapter_core.encode import CAPTURE, FEATURE_PRECISION, encode_reference
+from invadapter_core.reference.inversion import CONVENTIONS
+from invadapter_core.reference.encode import CAPTURE, FEATURE_PRECISION, encode_reference
 
 from .types import CATEGORY, InvAdapterType, ReferenceType
 

@@ -1,6 +1,6 @@
 """InvAdapterFaceCrop: one square face crop per image of a batch (the reference image's first step).
 
-The logic lives in ``invadapter_core.face``; this node only maps widgets to it, registers the "insightface" model
+The logic lives in ``invadapter_core.face.detect``; this node only maps widgets to it, registers the "insightface" model
 folder (``models/insightface``, plus any ``insightface:`` entry of extra_model_paths.yaml) and reports progress.
 """
 import json
@@ -11,8 +11,8 @@ from comfy_api.latest import io
 import comfy.model_management
 import comfy.utils
 import folder_paths
-from invadapter_core import face as face_core
-from invadapter_core.notify import collecting
+from invadapter_core.face import detect as face_core
+from invadapter_core.comfyui.notify import collecting
 
 INSIGHTFACE_FOLDER = "insightface"
 # The custom type's value: a tuple of dicts, one per source image (see the `boxes_json` output for the fields).

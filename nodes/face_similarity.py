@@ -1,8 +1,8 @@
 """InvAdapterFaceSimilarity (how much each generated image looks like the reference person) and InvAdapterSelectBest
 (the top-k of a batch by that score, for best-of-N generation).
 
-The logic lives in ``invadapter_core.face_id`` (recognizers, scores; the scales are explained there) and
-``invadapter_core.score_overlay``; the InsightFace model folder is the face crop's.
+The logic lives in ``invadapter_core.face.recognize`` (recognizers, scores; the scales are explained there) and
+``invadapter_core.face.overlay``; the InsightFace model folder is the face crop's.
 """
 import json
 
@@ -12,15 +12,16 @@ from comfy_api.latest import io
 import comfy.model_management
 import comfy.utils
 import folder_paths
-from invadapter_core import face as face_core
-from invadapter_core import face_id, face_scores
-from invadapter_core.notify import collecting
-from invadapter_core.score_overlay import draw_scores
+from invadapter_core.face import detect as face_core
+from invadapter_core.face import recognize as face_id
+from invadapter_core.face import scores as face_scores
+from invadapter_core.comfyui.notify import collecting
+from invadapter_core.face.overlay import draw_scores
 
 from .face_crop import INSIGHTFACE_FOLDER
 from .types import CATEGORY
 
-# The custom type's value: an invadapter_core.face_scores.FaceScores (per-image similarity, raw numbers, faces).
+# The custom type's value: an invadapter_core.face.scores.FaceScores (per-image similarity, raw numbers, faces).
 FaceScoresType = io.Custom("INVADAPTER_FACE_SCORES")
 
 SCALES_TOOLTIP = ("dlib: 1 - distance/1.2 (0..1), 0.5 = dlib's same-person threshold (distance 0.6). "

@@ -1,12 +1,10 @@
 from comfy_api.latest import io
 
 import folder_paths
-from invadapter_core.weights import init_from_model, load_adapter
+from invadapter_core.adapter.weights import INIT_FROM_MODEL, init_from_model, load_adapter
 
 from . import folders
 from .types import CATEGORY, InvAdapterType
-
-INIT_FROM_MODEL = "init from model"
 
 
 class InvAdapterLoader(io.ComfyNode):

@@ -5,7 +5,7 @@ import unicodedata
 from comfy_api.latest import io
 
 import folder_paths
-from invadapter_core.reference import load_reference, save_reference
+from invadapter_core.reference.reference import load_reference, save_reference
 
 from . import folders
 from .types import CATEGORY, ReferenceType

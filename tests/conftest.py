@@ -18,7 +18,7 @@ def load_pack():
     """Import this node pack as ComfyUI would (a package named after its folder)."""
     import folder_paths
 
-    from invadapter_core.host import load_pack as load
+    from invadapter_core.comfyui.host import load_pack as load
 
     if "ComfyUI_InvAdapter_under_test" not in sys.modules:
         # importing the pack copies its example images into ComfyUI's input folder: not into the shared host's

@@ -7,13 +7,13 @@ import torch
 import comfy.patcher_extension as ext
 import comfy.sample
 import comfy.samplers
-from invadapter_core.comfy_model import Application, applications, install
-from invadapter_core.ddim import ddim_step
-from invadapter_core.encode import invert_latent, prepare_images
-from invadapter_core.fit import check_reference_fits
-from invadapter_core.reference_pass import reference_pass
-from invadapter_core.unet import ModelFamilyError, block_keys, transformer_blocks
-from invadapter_core.weights import init_from_model
+from invadapter_core.adapter.application import Application, applications, install
+from support.ddim import ddim_step
+from invadapter_core.reference.encode import invert_latent, prepare_images
+from invadapter_core.adapter.fit import check_reference_fits
+from invadapter_core.reference.capture import reference_pass
+from invadapter_core.arch.layout import ModelFamilyError, layout_of
+from invadapter_core.adapter.weights import init_from_model
 
 STEPS = 6
 
@@ -173,9 +173,9 @@ def test_each_inversion_step_is_the_ddim_update_and_deterministic(model, caption
 
 def test_features_captured_in_the_inversion_equal_a_fresh_reference_pass(model, caption):
     ref = encode(model, caption)
-    names = block_keys(transformer_blocks(model))
+    layout = layout_of(model)
     for i, s in enumerate(ref.sigmas.tolist()[:-1]):
-        _, fresh = reference_pass(model.model, ref.states[i], s, {"c_crossattn": caption}, names, cross=False)
+        _, fresh = reference_pass(model.model, ref.states[i], s, {"c_crossattn": caption}, layout, cross=False)
         kept = ref.features.get(s)
         assert kept.self_attn.keys() == fresh.self_attn.keys()
         for name in fresh.self_attn:
@@ -213,13 +213,12 @@ def test_the_cache_keeps_the_inference_dtype_and_does_not_grow(model, caption):
 
 
 def test_capture_and_precision_bound_the_cache_and_still_sample(model, caption, tmp_path):
-    from invadapter_core.encode import CAPTURE
-    from invadapter_core.reference import load_reference, save_reference
-    from invadapter_core.unet import block_levels
+    from invadapter_core.reference.encode import CAPTURE
+    from invadapter_core.reference.reference import load_reference, save_reference
 
     full = encode(model, caption)
     coarse = invert_latent(model, face_latent(), caption, STEPS, "simple", (64, 64), levels=CAPTURE["coarse levels"])
-    levels = block_levels(model)
+    levels = layout_of(model).levels
     kept = {name for _, name in coarse.features.shapes()}
     assert kept == {n for n, lv in levels.items() if lv in CAPTURE["coarse levels"]} and len(kept) < len(levels)
     assert coarse.features.nbytes() < full.features.nbytes()

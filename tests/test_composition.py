@@ -9,12 +9,12 @@ from comfy_extras.nodes_hypertile import HyperTile
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance
 from comfy_extras.nodes_sag import SelfAttentionGuidance
 from comfy_extras.nodes_tomesd import TomePatchModel
-from invadapter_core.comfy_model import Application, install
-from invadapter_core.encode import invert_latent
-from invadapter_core.injection import ADD, CALL, STASH, Call, EAAInjection, Step, ordered_patches
-from invadapter_core.reference_pass import Features
-from invadapter_core.unet import block_levels, transformer_blocks
-from invadapter_core.weights import init_from_model
+from invadapter_core.adapter.application import Application, install
+from invadapter_core.reference.encode import invert_latent
+from invadapter_core.adapter.injection import ADD, CALL, STASH, Call, EAAInjection, Step, ordered_patches
+from invadapter_core.reference.capture import Features
+from invadapter_core.arch.layout import layout_of
+from invadapter_core.adapter.weights import init_from_model
 from test_eaa import softmax_attention
 
 SIDE = 32  # latent side: HyperTile (tile 64 px = 8 latent cells) and ToMe act on the 32x32 blocks
@@ -76,8 +76,8 @@ def test_under_hypertile_the_eaa_term_is_the_untiled_one(model):
     """HyperTile tiles the tokens into the batch inside self-attention and untiles them in its output patch; with
     its patches installed either side of ours, the block's output is the frozen block with HyperTile's attention
     plus exactly the untiled EAA term (eq. 2-3), computed here independently."""
-    blocks = transformer_blocks(model)
-    name, tb = "input.1.0", blocks["input.1.0"]
+    layout = layout_of(model)
+    name, tb = "input.1.0", layout.blocks["input.1.0"]
     tiled = first(HyperTile.execute(model, 64, 1, 0, False))  # swap_size 1: one tiling, no randomness
     patches = tiled.model_options["transformer_options"]["patches"]
     ht_in, ht_out = patches["attn1_patch"][0], patches["attn1_output_patch"][0]
@@ -86,7 +86,7 @@ def test_under_hypertile_the_eaa_term_is_the_untiled_one(model):
     x = torch.randn(1, SIDE * SIDE, dim, generator=g)
     text = torch.randn(1, 77, 768, generator=g)
     f_s = torch.randn(1, 64, dim, generator=g)
-    injection = EAAInjection(blocks, block_levels(model), 0.8, 0.0)
+    injection = EAAInjection(layout, 0.8, 0.0)
     kv = injection.project_kv(init_from_model(""), Features({name: f_s}), "concat")
     extra = {"block": ("input", 1), "block_index": 0, "cond_or_uncond": [0], "original_shape": [1, 4, SIDE, SIDE],
              "activations_shape": [1, dim, SIDE, SIDE], "n_heads": tb.attn1.heads}

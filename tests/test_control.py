@@ -4,14 +4,15 @@ import torch
 
 import comfy.sample
 
-from invadapter_core.attention_maps import RECORDER_KEY, AttentionRecorder, reference_maps
-from invadapter_core.block_weights import BlockWeights, level_of
-from invadapter_core.comfy_model import Application, install
-from invadapter_core.encode import invert_latent
-from invadapter_core.injection import ADD, CALL, STASH, Call, Step
-from invadapter_core.unet import transformer_blocks
-from invadapter_core.reference import combine_references
-from invadapter_core.weights import init_from_model
+from invadapter_core.adapter.attention_maps import RECORDER_KEY, AttentionRecorder, reference_maps
+from invadapter_core.adapter.block_weights import BlockWeights
+from invadapter_core.arch.levels import level_of
+from invadapter_core.adapter.application import Application, install
+from invadapter_core.reference.encode import invert_latent
+from invadapter_core.adapter.injection import ADD, CALL, STASH, Call, Step
+from invadapter_core.arch.layout import layout_of
+from invadapter_core.reference.reference import combine_references
+from invadapter_core.adapter.weights import init_from_model
 from test_comfy_model import STEPS, face_latent, sample
 
 
@@ -65,7 +66,7 @@ def test_two_masked_identities_act_on_their_own_regions(model, caption):
     a, b = encode(model, caption, seed=1), encode(model, caption, seed=2)
     left, right = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
     left[..., :32], right[..., 32:] = 1.0, 1.0
-    blocks = transformer_blocks(model)
+    blocks = layout_of(model).blocks
     # block level, exactly: an identity's EAA term is zero outside its mask
     app = Application(init_from_model(""), a, model, 1.0, 1.0, 1e9, 0.0, mask=left)
     name, tb = next(iter(blocks.items()))
@@ -94,7 +95,7 @@ def test_two_masked_identities_act_on_their_own_regions(model, caption):
 
 def test_a_level_weighted_zero_leaves_its_attention_unchanged(model, caption):
     ref = encode(model, caption)
-    blocks = transformer_blocks(model)
+    blocks = layout_of(model).blocks
     weights = BlockWeights.preset("coarse")
     app = Application(init_from_model(""), ref, model, 1.0, 1.0, 1e9, 0.0, block_weights=weights)
     features = ref.features.get(ref.features.sigmas()[0])
@@ -120,7 +121,7 @@ def test_attention_maps_have_the_reference_shape_and_sum_to_one(model, caption):
     m.model_options["transformer_options"][RECORDER_KEY] = recorder
     sample(m, caption)
     (key, maps), = recorder.reference.items()
-    assert len(maps) == STEPS * len(transformer_blocks(model))
+    assert len(maps) == STEPS * len(layout_of(model).blocks)
     for mp in maps:
         assert torch.allclose(mp.sum(dim=1), torch.ones(mp.shape[0]), atol=1e-4)
     rendered = reference_maps(maps, images=2, latent_hw=(8, 8), out_hw=(64, 64))
@@ -132,7 +133,7 @@ def test_attention_maps_have_the_reference_shape_and_sum_to_one(model, caption):
 
 def test_cond_only_leaves_the_negative_rows_untouched(model, caption):
     ref = encode(model, caption)
-    blocks = transformer_blocks(model)
+    blocks = layout_of(model).blocks
     app = Application(init_from_model(""), ref, model, 1.0, 1.0, 1e9, 0.0, apply_to="cond only")
     name, tb = next(iter(blocks.items()))
     n = torch.randn(4, 64, tb.attn1.to_q.in_features)

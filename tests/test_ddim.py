@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from invadapter_core.ddim import ddim_step, invert, inversion_sigmas, latent_at, sample
+from invadapter_core.reference.inversion import invert, inversion_sigmas, latent_at
+from support.ddim import ddim_step, sample
 
 MU, S = 0.7, 0.5  # data ~ N(MU, S^2): its exact denoiser is known in closed form
 

@@ -4,9 +4,10 @@ import torch
 
 import comfy.ops
 from comfy.ldm.modules.attention import BasicTransformerBlock
-from invadapter_core.eaa import CrossEAA, InvAdapter, SelfEAA
-from invadapter_core.injection import CALL, Call, EAAInjection, Step, patch_lists
-from invadapter_core.reference_pass import Features
+from invadapter_core.adapter.eaa import CrossEAA, InvAdapter, SelfEAA
+from invadapter_core.adapter.injection import CALL, Call, EAAInjection, Step, patch_lists
+from invadapter_core.arch.layout import Layout
+from invadapter_core.reference.capture import Features
 
 DIM, HEADS, D_HEAD, CTX, N, NREF, M = 64, 4, 16, 768, 36, 49, 8
 
@@ -35,7 +36,8 @@ def block():
 
 
 def injected(tb, weight_self, weight_cross, **kw):
-    return EAAInjection({"input.1.0": tb}, {"input.1.0": "input_high"}, weight_self, weight_cross, **kw)
+    layout = Layout({"input.1.0": tb}, {(("input", 1), 0): "input.1.0"}, {"input.1.0": "input_high"})
+    return EAAInjection(layout, weight_self, weight_cross, **kw)
 
 
 def run_block(tb, injection, adapter, features, x, text):

@@ -205,10 +205,10 @@ def test_settings_grid_with_an_adapter_file_and_presets(tmp_path):
 
     import torch
 
-    from invadapter_core.eaa import InvAdapter, SelfEAA
+    from invadapter_core.adapter.eaa import InvAdapter, SelfEAA
     from invadapter_core.evaluate.pipeline import Nodes, PipelineError
     from invadapter_core.evaluate.run import EvaluationError, _configs
-    from invadapter_core.weights import save_adapter
+    from invadapter_core.adapter.weights import save_adapter
 
     torch.manual_seed(0)
     path = tmp_path / "weights" / "my-eval-adapter.safetensors"

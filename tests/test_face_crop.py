@@ -1,4 +1,4 @@
-"""InvAdapterFaceCrop and invadapter_core.face on real images (scikit-image's bundled data) and the real host.
+"""InvAdapterFaceCrop and invadapter_core.face.detect on real images (scikit-image's bundled data) and the real host.
 
 Ground truth for skimage.data.astronaut() (512 x 512, Eileen Collins), read off the image by eye on a 10 px grid
 (not from any detector): eye centres (202, 101) and (245, 103), nose tip (222, 125), mouth corners (202, 141) and
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from invadapter_core import face as fc
+from invadapter_core.face import detect as fc
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -304,7 +304,7 @@ def test_detectors_are_imported_lazily():
     """Importing the core module (and so the node) pulls in neither insightface nor facenet-pytorch."""
     import subprocess
 
-    code = ("import sys, invadapter_core.face; "
+    code = ("import sys, invadapter_core.face.detect; "
             "print(sorted(m for m in ('insightface', 'onnxruntime', 'facenet_pytorch') if m in sys.modules))")
     root = os.path.join(os.path.dirname(__file__), "..")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

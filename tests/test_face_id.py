@@ -1,4 +1,4 @@
-"""invadapter_core.face_id on real labelled photos (face_recognition 1.3.0's test photos, fetched at test time): the
+"""invadapter_core.face.recognize on real labelled photos (face_recognition 1.3.0's test photos, fetched at test time): the
 same person's photos score clearly above another person's; the recognizer loads once and ComfyUI's model
 management releases it; missing packages are named; the InsightFace path is checked with a stand-in package (no
 InsightFace models exist here)."""
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from invadapter_core import face as face_core
-from invadapter_core import face_id, face_scores
+from invadapter_core.face import detect as face_core
+from invadapter_core.face import recognize as face_id
+from invadapter_core.face import scores as face_scores
 from support import faces
 
 pytest.importorskip("dlib", reason="pip install dlib-bin face-recognition-models (requirements-dev.txt)")
@@ -181,7 +182,7 @@ def test_recognizers_are_imported_lazily():
     """Loading the node pack (these modules) imports neither dlib nor InsightFace: only scoring does."""
     import subprocess
 
-    code = ("import sys, invadapter_core.face_id, invadapter_core.face_scores, invadapter_core.score_overlay; "
+    code = ("import sys, invadapter_core.face.recognize, invadapter_core.face.scores, invadapter_core.face.overlay; "
             "print(sorted(m for m in ('dlib', 'insightface', 'onnxruntime', 'face_recognition_models') "
             "if m in sys.modules))")
     root = os.path.join(os.path.dirname(__file__), "..")

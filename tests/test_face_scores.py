@@ -1,4 +1,4 @@
-"""invadapter_core.face_scores and score_overlay on real photos (fetched at test time, see support/faces.py): a batch
+"""invadapter_core.face.scores and score_overlay on real photos (fetched at test time, see support/faces.py): a batch
 scored against one identity, faceless images marked, several references, the top-k selection, the overlay."""
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from invadapter_core import face as face_core
-from invadapter_core import face_id, face_scores
-from invadapter_core.score_overlay import draw_scores
+from invadapter_core.face import detect as face_core
+from invadapter_core.face import recognize as face_id
+from invadapter_core.face import scores as face_scores
+from invadapter_core.face.overlay import draw_scores
 
 pytest.importorskip("dlib", reason="pip install dlib-bin face-recognition-models (requirements-dev.txt)")
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from invadapter_core import face as face_core
+from invadapter_core.face import detect as face_core
 from support import faces
 
 pytest.importorskip("dlib", reason="pip install dlib-bin face-recognition-models (requirements-dev.txt)")

@@ -5,13 +5,13 @@ import torch
 
 import comfy.sample
 import comfy.supported_models
-from invadapter_core.comfy_model import Application, install
-from invadapter_core.encode import CAPTURE, invert_latent, reference_conds
-from invadapter_core.fit import check_served, default_resolution
-from invadapter_core.injection import CALL, Call, Step, patch_lists
-from invadapter_core.reference_pass import Features
-from invadapter_core.unet import ModelFamilyError, block_levels, transformer_blocks
-from invadapter_core.weights import init_from_model
+from invadapter_core.adapter.application import Application, install
+from invadapter_core.reference.encode import CAPTURE, invert_latent, reference_conds
+from invadapter_core.arch.fit import check_served, default_resolution
+from invadapter_core.adapter.injection import CALL, Call, Step, patch_lists
+from invadapter_core.reference.capture import Features
+from invadapter_core.arch.layout import ModelFamilyError, layout_of
+from invadapter_core.adapter.weights import init_from_model
 from support import models
 from support.sdxl_models import sdxl_pooled_output, sdxl_text_context, tiny_sdxl_model
 from test_eaa import softmax_attention
@@ -63,9 +63,9 @@ def test_sdxl_reference_gets_its_adm_vector_with_its_own_size(sdxl):
 
 
 def test_sdxl_depth_above_one_names_levels_and_defaults(sdxl):
-    blocks = transformer_blocks(sdxl)
+    blocks = layout_of(sdxl).blocks
     assert any(name.endswith(".2") for name in blocks)  # depth 3 at the lowest level
-    levels = block_levels(sdxl)
+    levels = layout_of(sdxl).levels
     assert {levels[n] for n in blocks if n.startswith("input")} == {"input_high", "input_low"}
     assert default_resolution(sdxl) == 1024
 
@@ -81,12 +81,12 @@ def test_sdxl_parity_zero_warm_cold_and_capture(sdxl):
     assert torch.isfinite(with_warm).all() and not torch.equal(with_warm, base)
     coarse = encode(sdxl, sdxl_text_context(0), options, levels=CAPTURE["coarse levels"])
     kept = {name for _, name in coarse.features.shapes()}
-    assert kept and all(block_levels(sdxl)[n] in CAPTURE["coarse levels"] for n in kept)
+    assert kept and all(layout_of(sdxl).levels[n] in CAPTURE["coarse levels"] for n in kept)
     assert torch.isfinite(sample(applied(sdxl, coarse), pos, neg)).all()
 
 
 def test_sdxl_eaa_delta_of_a_deep_block_equals_an_independent_recomputation(sdxl):
-    blocks = transformer_blocks(sdxl)
+    blocks = layout_of(sdxl).blocks
     name = next(n for n in blocks if n.endswith(".1"))  # the second transformer of a depth > 1 stage
     stage, number, index = name.split(".")
     tb = blocks[name]

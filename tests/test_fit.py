@@ -5,13 +5,13 @@ import logging
 import pytest
 import torch
 
-from invadapter_core.comfy_model import Application, install
-from invadapter_core.eaa import CrossEAA, InvAdapter, SelfEAA
-from invadapter_core.encode import invert_latent
-from invadapter_core.fit import check_adapter_fits, check_reference_fits
-from invadapter_core.reference import load_reference, save_reference
-from invadapter_core.unet import ModelFamilyError, block_dims, transformer_blocks, weights_key
-from invadapter_core.weights import AdapterFileError, init_from_model
+from invadapter_core.adapter.application import Application, install
+from invadapter_core.adapter.eaa import CrossEAA, InvAdapter, SelfEAA
+from invadapter_core.reference.encode import invert_latent
+from invadapter_core.adapter.fit import check_adapter_fits, check_reference_fits
+from invadapter_core.reference.reference import load_reference, save_reference
+from invadapter_core.arch.layout import ModelFamilyError, layout_of, weights_key
+from invadapter_core.adapter.weights import AdapterFileError, init_from_model
 from support.models import tiny_sd15_model
 from test_comfy_model import STEPS, face_latent, sample
 
@@ -94,7 +94,7 @@ def test_references_of_another_layout_are_refused_naming_both(model, caption):
 
 
 def test_adapters_that_do_not_fit_are_refused_at_apply(model, caption):
-    dims = block_dims(transformer_blocks(model))
+    dims = layout_of(model).dims
     ref = encode(model, caption)
     check_adapter_fits(init_from_model(""), model, ref)
     c, inner = dims["input.1.0"]

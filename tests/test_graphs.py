@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from invadapter_core.eaa import InvAdapter, SelfEAA
-from invadapter_core.reference import load_reference, save_reference
-from invadapter_core.weights import save_adapter
+from invadapter_core.adapter.eaa import InvAdapter, SelfEAA
+from invadapter_core.reference.reference import load_reference, save_reference
+from invadapter_core.adapter.weights import save_adapter
 from support.fixtures import CHECKPOINT, CONTROLNET, LORA
 from support.graphs import load_workflow, set_inputs
 from support.server import ExecutionFailed

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from invadapter_core.reference import load_reference, save_reference
+from invadapter_core.reference.reference import load_reference, save_reference
 from support.fixtures import CHECKPOINT, LORA
 from support.graphs import load_workflow, set_inputs
 from support.server import ExecutionFailed

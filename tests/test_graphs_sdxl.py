@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from invadapter_core.block_weights import LEVELS
+from invadapter_core.arch.levels import LEVELS
 from support.fixtures import SDXL_LORA
 from support.graphs import load_workflow, set_inputs, user_edits
 

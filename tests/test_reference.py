@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from invadapter_core.reference import FeatureCache, Reference, ReferenceFileError, load_reference, save_reference
-from invadapter_core.reference_pass import Features
+from invadapter_core.reference.reference import (FeatureCache, Reference, ReferenceFileError, load_reference,
+                                                  save_reference)
+from invadapter_core.reference.capture import Features
 
 
 def make_reference(with_cross=True):

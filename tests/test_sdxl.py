@@ -8,10 +8,10 @@ import torch
 
 import comfy.sample
 import comfy.sd
-from invadapter_core.comfy_model import apply_identity
-from invadapter_core.encode import encode_reference
-from invadapter_core.unet import feature_bytes_per_step
-from invadapter_core.weights import init_from_model
+from invadapter_core.adapter.application import apply_identity
+from invadapter_core.reference.encode import encode_reference
+from invadapter_core.arch.layout import layout_of
+from invadapter_core.adapter.weights import init_from_model
 from support import host
 from support.sdxl_models import full_sdxl_checkpoint, vega_sdxl_checkpoint
 
@@ -39,7 +39,7 @@ def test_full_size_sdxl_smoke_run():
                                                                 output_clip=True,
                                                                 model_options={"dtype": torch.float16})
     assert type(model.model.model_config).__name__ == "SDXL"
-    assert feature_bytes_per_step(model, 1024) / 1e6 == pytest.approx(209.7, abs=0.1)  # 200 MiB
+    assert layout_of(model).feature_bytes_per_step(1024) / 1e6 == pytest.approx(209.7, abs=0.1)  # 200 MiB
     face = torch.from_numpy(np.asarray(Image.open(host.ROOT / "assets" / "face.png").convert("RGB"),
                                        dtype=np.float32) / 255.0)[None]
     encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))  # noqa: E731

@@ -20,9 +20,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import comfy.sd
-from invadapter_core.fit import check_adapter_fits
-from invadapter_core.reference_pass import reference_pass
-from invadapter_core.unet import block_keys, tokens_per_block, transformer_blocks
+from invadapter_core.adapter.fit import check_adapter_fits
+from invadapter_core.reference.capture import reference_pass
+from invadapter_core.arch.layout import layout_of
 from invadapter_core.train.__main__ import main as cli
 from invadapter_core.train.config import Config, dump_toml, load_config
 from invadapter_core.train.data import ShardSet, StreamOrder
@@ -30,7 +30,7 @@ from invadapter_core.train.distributed import DistInfo
 from invadapter_core.train.loop import train
 from invadapter_core.train.model import build_adapter, count_parameters, pooling_matrix
 from invadapter_core.train.preprocess import preprocess
-from invadapter_core.weights import load_adapter
+from invadapter_core.adapter.weights import load_adapter
 from support import models
 from support.fixtures import CHECKPOINT
 from support.host import ctrl_c_reaches_the_child, python_exe
@@ -133,9 +133,9 @@ def test_token_counts_match_a_real_reference_pass(tiny_model):
     model = tiny_model
     for res in (64, 48):
         x = torch.randn(1, 4, res // 8, res // 8)
-        names = block_keys(transformer_blocks(model))
-        _, features = reference_pass(model.model, x, 1.0, {"c_crossattn": models.text_context()}, names, cross=True)
-        assert tokens_per_block(model, res) == {k: v.shape[1] for k, v in features.cross_attn.items()}
+        layout = layout_of(model)
+        _, features = reference_pass(model.model, x, 1.0, {"c_crossattn": models.text_context()}, layout, cross=True)
+        assert layout.tokens(res) == {k: v.shape[1] for k, v in features.cross_attn.items()}
 
 
 def test_pooling_init_averages_tokens():

@@ -3,13 +3,13 @@ point: the tiny in-process SDXL model, a few steps, then the weights file applie
 import pytest
 import torch
 
-from invadapter_core.comfy_model import apply_identity
-from invadapter_core.encode import invert_latent, reference_conds
-from invadapter_core.fit import check_adapter_fits
+from invadapter_core.adapter.application import apply_identity
+from invadapter_core.reference.encode import invert_latent, reference_conds
+from invadapter_core.adapter.fit import check_adapter_fits
 from invadapter_core.train.config import ConfigError, load_config
 from invadapter_core.train.data import TrainingSample
 from invadapter_core.train.loop import train
-from invadapter_core.weights import load_adapter
+from invadapter_core.adapter.weights import load_adapter
 from support.sdxl_models import sdxl_pooled_output, sdxl_text_context, tiny_sdxl_model
 from test_families import sample, sdxl_prompts
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from invadapter_core.eaa import CrossEAA, InvAdapter, SelfEAA
-from invadapter_core.reference import FeatureCache, Reference, ReferenceFileError, load_reference, save_reference
-from invadapter_core.reference_pass import Features
-from invadapter_core.weights import AdapterFileError, load_adapter, save_adapter
+from invadapter_core.adapter.eaa import CrossEAA, InvAdapter, SelfEAA
+from invadapter_core.reference.reference import (FeatureCache, Reference, ReferenceFileError, load_reference,
+                                                  save_reference)
+from invadapter_core.reference.capture import Features
+from invadapter_core.adapter.weights import AdapterFileError, load_adapter, save_adapter
 
 
 def good_adapter() -> InvAdapter:

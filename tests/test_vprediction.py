@@ -8,7 +8,7 @@ import torch
 import comfy.k_diffusion.sampling
 import comfy.model_base
 import comfy.model_patcher
-from invadapter_core.encode import invert_latent, sampler_sigmas
+from invadapter_core.reference.encode import invert_latent, sampler_sigmas
 from support.models import _sd15_config, sd15_unet_config, text_context
 from test_ddim import MU, S
 

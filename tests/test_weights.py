@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from invadapter_core.eaa import CrossEAA, InvAdapter, SelfEAA
-from invadapter_core.weights import AdapterFileError, init_from_model, load_adapter, save_adapter
+from invadapter_core.adapter.eaa import CrossEAA, InvAdapter, SelfEAA
+from invadapter_core.adapter.weights import AdapterFileError, init_from_model, load_adapter, save_adapter
 
 
 def trained(seed=0):

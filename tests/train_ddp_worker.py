@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from invadapter_core.train.bootstrap import setup_comfy  # noqa: E402
+from invadapter_core.comfyui.host import setup_comfy  # noqa: E402
 
 setup_comfy()  # ComfyUI first on sys.path, CPU mode here: before anything imports comfy.model_management
 sys.path.append(str(ROOT / "tests"))

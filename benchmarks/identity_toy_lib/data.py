@@ -1,7 +1,7 @@
 """The toy's training data, as a data source of the pack's trainer (``invadapter_core.train.data.TrainingSample``).
 
 A reference pool: ``per_identity`` renders of each identity in random poses, inverted once with the pack's own
-inversion (``invadapter_core.encode.invert_latent``, the encode node's code) under their own pose as the caption.
+inversion (``invadapter_core.reference.encode.invert_latent``, the encode node's code) under their own pose as the caption.
 Sample i (a pure function of the seed and i, so the trainer's epoch order and resume are exact): an identity, a
 fresh render of it in a random target pose as the target, and a pool reference of the same identity, which is in
 another pose than the target.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from invadapter_core.encode import invert_latent
+from invadapter_core.reference.encode import invert_latent
 from invadapter_core.train.data import TrainingSample
 
 from . import render, store

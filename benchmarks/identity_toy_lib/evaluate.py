@@ -7,8 +7,6 @@ target pose is the prompt, so without an adapter the identity is whatever the ba
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +14,12 @@ from typing import Callable, Optional
 
 import torch
 
-from invadapter_core.host import REPO
+from invadapter_core.comfyui.host import load_pack
 
 from . import render
 from .base import ToyBase
 from .classifiers import Judges
 from .sampling import SamplerSettings, generate
-
-
-def load_pack():
-    """This node pack imported as ComfyUI imports it (a package named after its folder), so the arms run the
-    nodes' own ``execute``."""
-    name = "ComfyUI_InvAdapter_identity_toy"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @dataclass

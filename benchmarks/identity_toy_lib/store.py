@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from invadapter_core.safetensors_io import read_checked, save_atomic
+from invadapter_core.files.safetensors_io import read_checked, save_atomic
 
 RECIPE = "r1"
 

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from ..train.bootstrap import setup_comfy
+    from ..comfyui.host import setup_comfy
 
     setup_comfy()
     import comfy.model_management as mm

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.data import IMAGE_EXTENSIONS, manifest_entries
+from ..files.images import IMAGE_EXTENSIONS
+from ..files.manifest import manifest_entries
 
 PROMPTS_FILE = "prompts.txt"
 CAPTION_FILE = "caption.txt"

@@ -1,6 +1,6 @@
 """The evaluation's metrics: FACE-SIM (with the copy-paste indicator), CLIP-T and CLIP-I.
 
-* FACE-SIM: ``invadapter_core.face_id`` (recognizer and scale as chosen; ArcFace cosine is the paper's number).
+* FACE-SIM: ``invadapter_core.face.recognize`` (recognizer and scale as chosen; ArcFace cosine is the paper's number).
   Per identity, the reference photo's embedding and its other photos' embeddings are computed once.
   Copy-paste indicator: ``real_photo_sim`` = similarity of the reference photo to the person's other photos (what
   "another real photo of the same person" scores); ``copy_paste`` = face_sim - real_photo_sim. Above 0, a
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import face_id
+from ..face import recognize as face_id
 from .pipeline import Nodes, PipelineError, model_name
 
 log = logging.getLogger("InvAdapter.evaluate")

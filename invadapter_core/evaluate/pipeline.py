@@ -4,7 +4,7 @@ internals: the pack's V3 nodes by node id (``execute``) and ComfyUI's own V1 nod
 
 Files given as paths are made visible to the loader nodes by adding their folder to ComfyUI's model folder
 (``folder_paths.add_model_folder_path``); names are looked up in ComfyUI's models folders as the nodes do.
-Needs ComfyUI set up first (``invadapter_core.train.bootstrap.setup_comfy``).
+Needs ComfyUI set up first (``invadapter_core.comfyui.host.setup_comfy``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-INIT_FROM_MODEL = "init from model"
+from ..adapter.weights import INIT_FROM_MODEL
+
 BLOCK_PRESET_NONE = "none"
 BLOCK_LEVEL_DEFAULT = 1.0  # the sliders' value; only read by the node when its preset is "custom"
 
@@ -61,7 +62,7 @@ class Nodes:
         import nodes as comfy_nodes  # ComfyUI's top-level module (use_comfyui put ComfyUI first on sys.path)
         from comfy_api.latest import io
 
-        from ..host import load_pack
+        from ..comfyui.host import load_pack
 
         self._io = io
         self.comfy = comfy_nodes.NODE_CLASS_MAPPINGS

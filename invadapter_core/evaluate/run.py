@@ -13,8 +13,8 @@ from typing import Callable
 
 from PIL import Image
 
-from ..face_id import FaceIdError, to_uint8
-from ..train.data import SkipItem, load_image
+from ..face.recognize import FaceIdError, to_uint8
+from ..files.images import SkipItem, load_image
 from .dataset import DatasetError, load_identities, read_prompts, slug
 from .metrics import ClipMetric, FaceMetric
 from .pipeline import BLOCK_PRESET_NONE, INIT_FROM_MODEL, Config, Generator, Nodes, PipelineError, Settings, model_name

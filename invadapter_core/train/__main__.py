@@ -1,7 +1,7 @@
 """Command line: ``python -m invadapter_core.train {config,preprocess,train,export,count}`` (run from the repo root).
 
-ComfyUI is imported only after the arguments are parsed (``bootstrap``), so ``--help`` is instant and ComfyUI
-never sees these arguments.
+ComfyUI is imported only after the arguments are parsed (``comfyui.host.setup_comfy``), so ``--help`` is instant
+and ComfyUI never sees these arguments.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import sys
 
 DESCRIPTION = """\
-Train Inv-Adapter EAA weights for an SD 1.5 checkpoint (method.md section 5).
+Train Inv-Adapter EAA weights for an SD1.x, SD2.x or SDXL-family checkpoint (docs/method.md §5).
 
   1. python -m invadapter_core.train config > train.toml      # every option, with its default and help
   2. edit train.toml: model.checkpoint, data.source, data.cache_dir, train.output_dir
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if args.command == "config":
         print(dump_toml(cfg))
         return 0
-    from .bootstrap import setup_comfy
+    from ..comfyui.host import setup_comfy
     from .distributed import env_info
 
     setup_comfy()
@@ -141,7 +141,7 @@ def run_export(cfg, args, info) -> int:
 
     import torch
 
-    from ..weights import load_adapter, save_adapter
+    from ..adapter.weights import load_adapter, save_adapter
 
     source = args.checkpoint
     if os.path.isdir(source):

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..weights import save_adapter
+from ..adapter.weights import save_adapter
 from .data import rng_state, set_rng_state
 from .distributed import DistInfo, barrier
 

@@ -20,8 +20,8 @@ def opt(default, help: str, path: bool = False):
 
 @dataclass
 class ModelConfig:
-    checkpoint: str = opt("", "SD 1.5 checkpoint (.safetensors/.ckpt), loaded with ComfyUI's own loader; frozen",
-                          path=True)
+    checkpoint: str = opt("", "SD1.x, SD2.x or SDXL-family checkpoint (.safetensors/.ckpt), loaded with ComfyUI's "
+                              "own loader; frozen", path=True)
     tokens_m: int = opt(256, "M: reference tokens after the cross-attention token aggregation (paper: 256 or 512)")
     train_self: bool = opt(True, "train the self-attention EAA (W'k, W'v)")
     train_cross: bool = opt(True, "train the cross-attention EAA (W_agg, W''k, W''v)")
@@ -35,10 +35,11 @@ class DataConfig:
     source: str = opt("", "a folder of images with a caption .txt beside each, or a .jsonl manifest of "
                           "{\"image\": path, \"caption\": text} lines (paths relative to the manifest)", path=True)
     cache_dir: str = opt("", "where `preprocess` writes its shards and `train` reads them", path=True)
-    resolution: int = opt(512, "reference resolution in pixels (512 for SD 1.5); training uses the same size")
+    resolution: int = opt(512, "reference resolution in pixels (512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL); "
+                               "training uses the same size")
     face_crop: str = opt("auto", "'detect': crop the face (images without one are skipped); 'center': centre "
                                  "square; 'auto': detect when a detector is installed, else centre")
-    face_detector: str = opt("auto", "invadapter_core.face detector: auto, insightface or mtcnn")
+    face_detector: str = opt("auto", "invadapter_core.face.detect detector: auto, insightface or mtcnn")
     insightface_root: str = opt("", "folder holding models/<antelopev2|buffalo_l>/ for the InsightFace detector",
                                 path=True)
     face_margin: float = opt(0.5, "square side = face box side x (1 + 2 x margin), as in the face crop node")
@@ -102,11 +103,18 @@ class ValidationConfig:
 
 
 @dataclass
+class LossConfig:
+    """One weight per loss term of ``step.LOSS_TERMS``, under the term's name (0: the term is not computed)."""
+    denoising: float = opt(1.0, "weight of the denoising loss (eq. 6: epsilon-prediction MSE)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict:

@@ -29,7 +29,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from ..files.images import IMAGE_EXTENSIONS, SkipItem, load_image  # noqa: F401 - preprocessing's image loading
+from ..files.format import META
+from ..files.manifest import manifest_entries
+
 SHARD_KIND = "training shard"
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"
 EMPTY_PROMPT = ("empty_context", "empty_adm", "empty_pooled")  # what a data source gives of the empty prompt
@@ -37,10 +40,6 @@ EMPTY_PROMPT = ("empty_context", "empty_adm", "empty_pooled")  # what a data sou
 
 class DataError(ValueError):
     """A data set that cannot be used at all (as opposed to single bad items, which are skipped)."""
-
-
-class SkipItem(Exception):
-    """One item that cannot be used; the reason is reported and preprocessing goes on."""
 
 
 @dataclass
@@ -72,17 +71,6 @@ def _folder_items(folder: Path) -> list[Item]:
     return items
 
 
-def manifest_entries(manifest: Path):
-    """(line number, parsed JSON or the JSONDecodeError) for each non-blank line of a JSONL manifest: the caller
-    decides whether a bad line stops everything or only skips itself."""
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield number, e
-
-
 def _manifest_items(manifest: Path) -> list[Item]:
     items = []
     for number, entry in manifest_entries(manifest):
@@ -99,21 +87,6 @@ def _manifest_items(manifest: Path) -> list[Item]:
     if not items:
         raise DataError(f"the manifest {manifest} lists no images")
     return items
-
-
-def load_image(path: str) -> torch.Tensor:
-    """RGB float [H, W, 3] in 0..1 (EXIF orientation applied); SkipItem when the file cannot be decoded."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise SkipItem(f"unreadable image ({type(e).__name__}: {e})") from None
-    if rgb.ndim != 3 or rgb.shape[0] < 8 or rgb.shape[1] < 8:
-        raise SkipItem(f"image too small ({rgb.shape[1]}x{rgb.shape[0]} px)")
-    return torch.from_numpy(rgb.copy()).float() / 255.0
 
 
 def clean_caption(caption: Optional[str]) -> str:
@@ -133,7 +106,7 @@ def shard_name(rank: int, world_size: int, index: int) -> str:
 def write_shard(path: str, states: torch.Tensor, context: torch.Tensor, sigmas: torch.Tensor, captions: list[str],
                 images: list[str], layout: dict, extra: Optional[dict[str, torch.Tensor]] = None) -> None:
     """``extra``: per-sample tensors beside the context (SDXL: "adm" [S, A] and "pooled" [S, P])."""
-    meta = {"invadapter.kind": SHARD_KIND, "captions": json.dumps(captions), "images": json.dumps(images),
+    meta = {META + "kind": SHARD_KIND, "captions": json.dumps(captions), "images": json.dumps(images),
             "layout": json.dumps(layout, sort_keys=True)}
     tmp = path + ".partial"
     tensors = {"states": states.contiguous(), "context": context.contiguous(), "sigmas": sigmas.contiguous()}
@@ -178,7 +151,7 @@ class ShardSet:
         for number, path in enumerate(self.files):
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("invadapter.kind") != SHARD_KIND:
+                if meta.get(META + "kind") != SHARD_KIND:
                     raise DataError(f"{path} is not a training shard; remove it from {cache_dir}")
                 layout = json.loads(meta["layout"])
                 s = f.get_tensor("sigmas")

@@ -62,14 +62,6 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def wrap(module: torch.nn.Module, device: torch.device, info: DistInfo) -> torch.nn.Module:
     """DDP around the module holding only the trainable EAA parameters (the frozen UNet is not a submodule)."""
     if not info.enabled:

@@ -1,13 +1,6 @@
-"""`train`: method.md §5 on a data source (the preprocessed shards, or any iterable of ``TrainingSample``s).
-
-One micro-batch (per process):
-1. per sample, from its own seeded generator (see ``data.SampleOrder``): a timestep t ~ U[min_t, max_t] -> sigma,
-   noise eps, and whether its caption is dropped (replaced by the empty prompt, for CFG);
-2. reference pass, no gradient: the reference latent at sigma read off the reference's inversion trajectory
-   (``ddim.latent_at``), the frozen UNet with the reference's caption, every block's f_s / f_c captured;
-3. generation pass with the EAA: x = x0 + sigma * eps of the target, D = apply_model(x, sigma, caption');
-4. loss = ||eps_hat - eps||^2 with eps_hat = (x - D) / sigma: the standard epsilon-prediction MSE (eq. 6) written
-   through ComfyUI's x0 output (equivalently an x0 loss weighted by 1 / sigma^2).
+"""`train`: the training run (docs/method.md §5) on a data source (the preprocessed shards, or any
+iterable of ``TrainingSample``s). What one micro-batch computes (timesteps, references, the two passes, the loss
+terms) is ``step``'s; this module drives the run around it:
 AdamW on the EAA parameters only; gradient accumulation, clipping, autocast on CUDA, DDP under torchrun.
 The base model is any ComfyUI ModelPatcher of a family the pack serves (the CLI loads a checkpoint; a caller can
 pass its own model object); the data source is the shards of ``data.cache_dir`` unless ``train`` is given one.
@@ -15,6 +8,7 @@ pass its own model object); the data source is the shards of ``data.cache_dir`` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -24,12 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..ddim import latent_at
-from ..unet import model_family, tokens_per_block
-from ..weights import save_adapter
-from . import distributed
+from ..arch.layout import layout_of, model_family
+from ..adapter.weights import save_adapter
+from . import distributed, step
 from .checkpoint import find_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, require
 from .data import SampleOrder, ShardSet, StreamOrder, Subset, TrainingSample, is_map_style
@@ -104,6 +96,7 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0  # seconds trained before a resume (elapsed_s goes on from there)
         self.dropped = 0
+        self.loss_weights = dataclasses.asdict(cfg.loss)
 
     # ------------------------------------------------------------------------------------------ setup
     def _sources(self, data, holdout):
@@ -135,7 +128,7 @@ class Trainer:
         m = self.cfg.model.tokens_m
         if not self.cfg.model.train_cross or not self.info.is_main:
             return
-        tokens = tokens_per_block(self.model, self.cfg.data.resolution)
+        tokens = layout_of(self.model).tokens(self.cfg.data.resolution)
         small = sorted({n for n in tokens.values() if n <= m})
         if small:
             log.warning("model.tokens_m = %d is not below the reference's %s tokens in %d of %d blocks at "
@@ -163,48 +156,17 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------ one micro-batch
-    def draw(self, draw_id: int, latent_shape, seed: int, dropout: float) -> tuple[int, torch.Tensor, bool]:
-        """This sample's timestep, noise and caption dropout: from its own generator, so they depend on neither
-        the process count nor anything run before (exact resume, DDP == one process with the global batch)."""
-        g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + draw_id) % (2 ** 63))
-        t = int(torch.randint(self.cfg.train.min_timestep, self.cfg.train.max_timestep + 1, (1,), generator=g))
-        eps = torch.randn(latent_shape, generator=g)
-        drop = bool(torch.rand((), generator=g) < dropout)
-        return t, eps, drop
+    def batch(self, samples: list[tuple[TrainingSample, int]], seed: int, dropout: float) -> step.Batch:
+        t = self.cfg.train
+        made = step.make_batch(samples, seed, dropout, self.ms, (t.min_timestep, t.max_timestep),
+                               self.empty_context, self.empty_adm, self.device)
+        self.dropped += made.dropped
+        return made
 
-    def batch(self, samples: list[tuple[TrainingSample, int]], seed: int, dropout: float):
-        xs_ref, x0s, epss, sigmas, captions, contexts, adms, ref_adms = [], [], [], [], [], [], [], []
-        for sample, draw_id in samples:
-            t, eps, drop = self.draw(draw_id, sample.target.shape, seed, dropout)
-            sigma = float(self.ms.sigma(torch.tensor(float(t))))
-            xs_ref.append(latent_at(sample.reference_sigmas, sample.reference_states, sigma))
-            x0s.append(sample.target)
-            epss.append(eps)
-            sigmas.append(sigma)
-            captions.append(sample.reference_context)
-            contexts.append(self.empty_context.reshape(sample.context.shape) if drop else sample.context)
-            adms.append(self.empty_adm if drop else sample.adm)
-            ref_adms.append(sample.reference_adm)
-            self.dropped += drop
-        on = lambda xs: torch.stack(xs).to(self.device, torch.float32)  # noqa: E731
-        maybe = lambda xs: None if any(x is None for x in xs) else on(xs)  # noqa: E731 - no ADM input: None
-        return (on(xs_ref), on(x0s), on(epss), torch.tensor(sigmas, device=self.device), on(captions), on(contexts),
-                maybe(adms), maybe(ref_adms))
-
-    def loss_of(self, batch, net, adapter: bool = True) -> torch.Tensor:
-        x_ref, x0, eps, sigmas, caption, context, adm, ref_adm = batch
+    def loss_of(self, batch: step.Batch, net, adapter: bool = True) -> torch.Tensor:
         with self.autocast():
-            x = x0 + sigmas[:, None, None, None] * eps
-            if adapter:
-                # the reference branch always sees the caption it was inverted with; only the generation's is dropped
-                conds = {"c_crossattn": caption} if ref_adm is None else {"c_crossattn": caption, "y": ref_adm}
-                features = self.generation.reference_features(x_ref, sigmas, conds)
-                denoised = net(x, sigmas, context, features.self_attn, features.cross_attn, adm)
-            else:
-                denoised = self.generation.base.apply_model(x, sigmas, c_crossattn=context,
-                                                            **({} if adm is None else {"y": adm}))
-        eps_hat = (x - denoised.float()) / sigmas[:, None, None, None]
-        return F.mse_loss(eps_hat, eps)
+            pred = step.predict(batch, self.generation, net, adapter)
+        return step.total_loss(batch, pred, self.loss_weights)
 
     def loss(self, micro_step: int) -> torch.Tensor:
         t = self.cfg.train

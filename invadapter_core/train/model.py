@@ -13,15 +13,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..eaa import CrossEAA, InvAdapter, SelfEAA
-from ..fit import check_adapter_fits
-from ..injection import PER_SAMPLE, EAAInjection, Step, transformer_options
-from ..reference_pass import Features, reference_pass
-from ..unet import block_dims, block_keys, block_levels, model_family, tokens_per_block, transformer_blocks
-from ..weights import load_adapter
+from ..adapter.eaa import CrossEAA, InvAdapter, SelfEAA
+from ..adapter.fit import check_adapter_fits
+from ..adapter.injection import PER_SAMPLE, EAAInjection, Step, transformer_options
+from ..reference.capture import Features, reference_pass
+from ..arch.layout import Layout, layout_of, model_family
+from ..adapter.weights import load_adapter
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-INITS = ("base", "random")
 
 
 # ------------------------------------------------------------------------------------------------ base model
@@ -100,30 +99,30 @@ def build_adapter(model, resolution: int, tokens_m: int, init: str = "base", tra
     """
     if not (train_self or train_cross):
         raise ValueError("model.train_self and model.train_cross are both off: nothing to train")
-    blocks = transformer_blocks(model)
-    dims = block_dims(blocks)
-    tokens_n = tokens_per_block(model, resolution)
+    layout = layout_of(model)
+    dims = layout.dims
+    tokens_n = layout.tokens(resolution)
     self_eaa = {name: SelfEAA(c, inner) for name, (c, inner) in dims.items()} if train_self else {}
     cross_eaa = {name: CrossEAA(c, inner, tokens_n[name], tokens_m) for name, (c, inner) in dims.items()} \
         if train_cross else {}
     adapter = InvAdapter(model_family(model), resolution, tokens_m if train_cross else None, self_eaa, cross_eaa,
                          name="training", self_from_base=not train_self)
     if init == "base":
-        init_from_base(adapter, blocks)
+        init_from_base(adapter, layout)
     elif init != "random":
         init_from_file(adapter, init, model)
     return adapter.float()
 
 
-def init_from_base(adapter: InvAdapter, blocks: dict[str, nn.Module]) -> None:
+def init_from_base(adapter: InvAdapter, layout: Layout) -> None:
     """W'k, W'v = the block's own attn1.to_k/to_v (the training-free adapter: training starts from what already
     works); cross EAA: W''k = attn1.to_k (a sensible scale for image-token keys), W''v = 0 (a no-op at step 0, as
     the untrained cross EAA is everywhere else), W_agg = average pooling, bias 0."""
     for name, layer in adapter.self_layers().items():
-        _copy(layer.to_k, blocks[name].attn1.to_k.weight)
-        _copy(layer.to_v, blocks[name].attn1.to_v.weight)
+        _copy(layer.to_k, layout.attention("self", name).to_k.weight)
+        _copy(layer.to_v, layout.attention("self", name).to_v.weight)
     for name, layer in adapter.cross_layers().items():
-        _copy(layer.to_k, blocks[name].attn1.to_k.weight)
+        _copy(layer.to_k, layout.attention("self", name).to_k.weight)
         with torch.no_grad():
             layer.to_v.weight.zero_()
             layer.token_agg.weight.copy_(pooling_matrix(layer.token_agg.in_features, layer.token_agg.out_features))
@@ -141,7 +140,7 @@ def init_from_file(adapter: InvAdapter, path: str, model) -> None:
                              or loaded.tokens_m != adapter.tokens_m):
         raise ValueError(f"{path} was trained at reference resolution {loaded.reference_resolution} with M = "
                          f"{loaded.tokens_m}; this run uses {adapter.reference_resolution} / {adapter.tokens_m}")
-    init_from_base(adapter, transformer_blocks(model))
+    init_from_base(adapter, layout_of(model))
     for kind, mine, theirs in (("self", adapter.self_layers(), loaded.self_layers()),
                                ("cross", adapter.cross_layers(), loaded.cross_layers())):
         for name, layer in theirs.items():
@@ -164,9 +163,8 @@ class GenerationPass(nn.Module):
         super().__init__()
         self.adapter = adapter
         object.__setattr__(self, "base", model.model)  # not a submodule: frozen, and DDP must not see it
-        blocks = transformer_blocks(model)
-        self.names = block_keys(blocks)
-        self.injection = EAAInjection(blocks, block_levels(model), 1.0, 1.0)
+        self.layout = layout_of(model)
+        self.injection = EAAInjection(self.layout, 1.0, 1.0)
 
     @property
     def uses_cross(self) -> bool:
@@ -174,7 +172,7 @@ class GenerationPass(nn.Module):
 
     def reference_features(self, x_ref: torch.Tensor, sigmas: torch.Tensor, conds: dict) -> Features:
         """Frozen reference pass (no gradient): f_s and f_c of every block, sample i at sigma i."""
-        _, features = reference_pass(self.base, x_ref, sigmas, conds, self.names, cross=self.uses_cross)
+        _, features = reference_pass(self.base, x_ref, sigmas, conds, self.layout, cross=self.uses_cross)
         return features
 
     def forward(self, x: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, f_self: dict,

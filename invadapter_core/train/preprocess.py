@@ -17,9 +17,9 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import save_file
 
-from ..encode import invert_latent, reference_conds
-from ..fit import check_served, latent_channels
-from ..unet import latent_downscale, model_family
+from ..reference.encode import invert_latent, reference_conds
+from ..arch.fit import check_served
+from ..arch.layout import layout_of, model_family
 from .config import Config, require
 from .data import (EMPTY_CONTEXT_FILE, Item, SkipItem, clean_caption, list_items, load_image, shard_name,
                    write_shard)
@@ -37,7 +37,7 @@ def make_cropper(cfg: Config) -> tuple[Callable[[torch.Tensor], torch.Tensor], s
     d = cfg.data
     if d.face_crop not in FACE_CROP_MODES:
         raise ValueError(f"data.face_crop must be one of {FACE_CROP_MODES}, got {d.face_crop!r}")
-    from .. import face
+    from ..face import detect as face
 
     detector = None
     if d.face_crop in ("auto", "detect"):
@@ -85,8 +85,8 @@ def prompt_tensors(model, context: torch.Tensor, pooled: Optional[torch.Tensor],
     "pooled" [B, P]."""
     tensors = {"context": context}
     if has_adm(model):
-        side = -(-resolution // latent_downscale(model))
-        x0 = torch.zeros(context.shape[0], latent_channels(model), side, side)
+        side = layout_of(model).latent_side(resolution)
+        x0 = torch.zeros(context.shape[0], layout_of(model).latent_channels, side, side)
         conds = reference_conds(model, context, {"pooled_output": pooled}, x0, (resolution, resolution))
         tensors.update(adm=conds["y"], pooled=pooled)
     return tensors

@@ -1,7 +1,7 @@
 """Validation images: a few references sampled with the adapter through ComfyUI's own sampler, saved as PNGs.
 
-The adapter is installed exactly as InvAdapterApply installs it (``comfy_model.install``), with a Reference built
-from the sample's inversion trajectory, so these images show what a user of the current weights would get. The
+The adapter is installed exactly as InvAdapterApply installs it (``adapter.application.install``), with a Reference
+built from the sample's inversion trajectory, so these images show what a user of the current weights would get. The
 baseline (no adapter) is sampled once, at the first validation; the adapter's images from the first validation
 after step 0 on (at step 0 they would only show the initialisation).
 """
@@ -15,9 +15,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..comfy_model import Application, install
-from ..reference import Reference
-from ..unet import latent_downscale, model_family
+from ..adapter.application import Application, install
+from ..reference.reference import Reference
+from ..arch.layout import layout_of, model_family
 from .config import ValidationConfig
 from .data import TrainingSample
 
@@ -97,12 +97,12 @@ class Validator:
         context, options = prompt
         channels, h, w = latent_shape
         if self.cfg.size:
-            h = w = -(-self.cfg.size // latent_downscale(self.model))
+            h = w = layout_of(self.model).latent_side(self.cfg.size)
         latent = torch.zeros(1, channels, h, w)
         noise = comfy.sample.prepare_noise(latent, self.cfg.seed)
         negative = self.empty_context.reshape(context.shape) if self.empty_context is not None \
             else torch.zeros_like(context)
-        size = {"width": w * latent_downscale(self.model), "height": h * latent_downscale(self.model)}
+        size = {"width": w * layout_of(self.model).downscale, "height": h * layout_of(self.model).downscale}
         samples = comfy.sample.sample(model, noise, self.cfg.steps, self.cfg.cfg, self.cfg.sampler,
                                       self.cfg.scheduler, [[context, dict(options, **size)]],
                                       [[negative, dict(self.empty_options, **size)]], latent, denoise=1.0,

@@ -104,6 +104,6 @@ def photos():
 def dlib_recognizer():
     """The dlib face recognizer as ComfyUI's model management holds it (skips without dlib-bin installed)."""
     pytest.importorskip("dlib", reason="pip install dlib-bin face-recognition-models (requirements-dev.txt)")
-    from invadapter_core import face_id
+    from invadapter_core.face import recognize as face_id
 
     return face_id.get_recognizer("dlib")

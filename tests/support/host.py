@@ -1,5 +1,5 @@
 """Host helpers for code that runs outside pytest (scripts/demo.py) as well as in it; ComfyUI discovery itself
-lives in invadapter_core.host (shared with the trainer and the benchmark)."""
+lives in invadapter_core.comfyui.host (shared with the trainer and the benchmark)."""
 import os
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from invadapter_core.host import comfyui_path, use_comfyui  # noqa: E402,F401
+from invadapter_core.comfyui.host import comfyui_path, use_comfyui  # noqa: E402,F401
 
 
 def python_exe() -> str:

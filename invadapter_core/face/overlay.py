@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .face_id import to_uint8
-from .face_scores import FaceScores
-from .images import to_rgb
+from .recognize import to_uint8
+from .scores import FaceScores
+from ..files.images import to_rgb
 
 COLOURS = {"same person": (40, 200, 90), "different": (235, 70, 55), None: (250, 205, 40), "no face": (160, 160, 160)}
 

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import to_rgb as images_to_rgb
-from .notify import notify
+from ..files.images import to_rgb as images_to_rgb
+from ..comfyui.notify import notify
 
 log = logging.getLogger("InvAdapter")
 

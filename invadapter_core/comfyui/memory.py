@@ -1,4 +1,10 @@
-"""Where the reference features and the EAA's keys/values live: the cache residency policy.
+"""The pack's one piece of glue to ComfyUI's memory manager, and where the reference features and the EAA's
+keys/values live (the cache residency policy).
+
+Anything the pack keeps in memory is handed to ComfyUI as a model through ``managed_patcher``: a ``ModelPatcher``
+around a torch module, so ComfyUI lists it, loads it beside the UNet and evicts or releases it like its own models.
+Two kinds of things use it: ``TensorPack``s (feature and K/V stores, below) and ``ManagedObject``s (things built on
+first use that are not torch weights, e.g. the face recognizers' ONNX sessions and dlib networks).
 
 Each store is a ``TensorPack``: named tensors in ONE flat buffer that ComfyUI's memory manager handles as a model
 (wrapped in a ``ModelPatcher``; the application's patch object lists it in ``models()``):
@@ -12,9 +18,11 @@ run: nothing moves between runs unless ComfyUI needs the memory.
 """
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import weakref
-from typing import Hashable, Iterable, Optional
+from typing import Callable, Hashable, Iterable, Optional
 
 import torch
 
@@ -22,6 +30,29 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 Shape = tuple[int, ...]
+log = logging.getLogger("InvAdapter")
+
+
+def managed_patcher(module: torch.nn.Module, load_device: Optional[torch.device] = None,
+                    offload_device: Optional[torch.device] = None, size: Optional[int] = None,
+                    on_release: Optional[Callable[[], None]] = None) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher through which ComfyUI's memory manager handles ``module`` (``size`` bytes when the module's
+    own parameters do not say what it holds); ``on_release`` runs when ComfyUI unloads it for good."""
+    from comfy.patcher_extension import CallbacksMP
+
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device or mm.get_torch_device(),
+                                               offload_device=offload_device or mm.unet_offload_device(),
+                                               size=max(int(size), 1) if size is not None else 0)
+    if on_release is not None:
+        # unpatch_all False = ComfyUI re-registering the same model, which stays loaded
+        patcher.add_callback(CallbacksMP.ON_DETACH, lambda p, unpatch_all: on_release() if unpatch_all else None)
+    return patcher
+
+
+def load(patchers: list) -> None:
+    """Have ComfyUI load these (evicting others if it needs the room)."""
+    if patchers:
+        mm.load_models_gpu(patchers)
 
 
 class TensorPack(torch.nn.Module):
@@ -151,8 +182,7 @@ class TensorPack(torch.nn.Module):
         """The ModelPatcher through which ComfyUI loads and evicts this pack (made once, for the device of the
         UNet that uses it)."""
         if self._patcher is None:
-            self._patcher = comfy.model_patcher.ModelPatcher(self, load_device=load_device or mm.get_torch_device(),
-                                                             offload_device=mm.unet_offload_device())
+            self._patcher = managed_patcher(self, load_device)
         return self._patcher
 
 
@@ -166,6 +196,55 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
 def register(packs: Iterable[TensorPack], device: torch.device) -> None:
     """Hand packs made directly on the compute device to ComfyUI's memory manager, so it can evict them when a model
     needs the room (they are already where they belong: nothing is copied)."""
-    patchers = [p.patcher(device) for p in packs]
-    if patchers:
-        mm.load_models_gpu(patchers)
+    load([p.patcher(device) for p in packs])
+
+
+# --------------------------------------------------------------------------------------------- managed objects
+class _Holder(torch.nn.Module):
+    """What ComfyUI's model management holds for a ManagedObject: no torch weights; the object hangs off it."""
+
+    def __init__(self):
+        super().__init__()
+        self.value = None
+
+
+class ManagedObject:
+    """Something that is not torch weights (an ONNX session, dlib networks), built at most once per process on first
+    use and dropped when ComfyUI unloads it (the "Unload models" button / ``POST /free``, ``unload_all_models()``,
+    or another model needing the memory); the next use builds it again."""
+
+    def __init__(self, name: str, build: Callable[[], object], size_bytes: int):
+        self.name, self.build = name, build
+        self.loads = 0  # how many times it was built (tests and logs)
+        self.holder = _Holder()
+        self.patcher = managed_patcher(self.holder, offload_device=torch.device("cpu"), size=size_bytes,
+                                       on_release=self._release)
+
+    def _release(self) -> None:
+        if self.holder.value is not None:
+            self.holder.value = None
+            log.info("InvAdapter: %s released by ComfyUI's model management", self.name)
+
+    @property
+    def loaded(self) -> bool:
+        return self.holder.value is not None
+
+    def get(self):
+        load([self.patcher])
+        if self.holder.value is None:
+            self.holder.value = self.build()
+            self.loads += 1
+        return self.holder.value
+
+
+_MANAGED: dict[tuple, ManagedObject] = {}
+_LOCK = threading.Lock()
+
+
+def managed(key: tuple, name: str, build: Callable[[], object], size: Callable[[], int]) -> ManagedObject:
+    """The process's one ManagedObject for ``key`` (made on first request)."""
+    with _LOCK:
+        entry = _MANAGED.get(key)
+        if entry is None:
+            entry = _MANAGED[key] = ManagedObject(name, build, size())
+    return entry

@@ -1,4 +1,4 @@
-"""The Embedded Attention Adapter inside ComfyUI's attention (method.md §4, eq. 1-5): one unit for inference and
+"""The Embedded Attention Adapter inside ComfyUI's attention (docs/method.md §4, eq. 1-5): one unit for inference and
 training.
 
 Two list patches per attention kind, the same objects for every injection on every model:
@@ -12,7 +12,7 @@ puts the stash first and the add last for every UNet call: the EAA always sees t
 since its term is row-wise in the queries, computing it there is exact under any such pair of patches.
 
 What an injection needs in a UNet call is a ``Step``: the reference's K and V for each block, V already scaled by
-lambda and the block weight. The application keeps them per sigma (``comfy_model``); the trainer projects them
+lambda and the block weight. The application keeps them per sigma (``application``); the trainer projects them
 with gradients for every batch (``project_kv``).
 """
 from __future__ import annotations
@@ -23,18 +23,17 @@ from typing import Optional
 
 import torch
 
+from ..arch.layout import KINDS, Layout
+from ..reference.capture import Features
 from .attention_maps import RECORDER_KEY
 from .block_weights import BlockWeights
 from .eaa import InvAdapter, reference_attention, split_heads
-from .reference_pass import Features
-from .unet import block_keys, call_key
 
 CALL = "invadapter_call"  # transformer_options key of the per-UNet-call state
 COMBINE_MODES = ("concat", "average")
 PER_SAMPLE = "per sample"  # training: reference i serves generation sample i
 APPLY_TO = ("cond and uncond", "cond only")
-KINDS = ("self", "cross")
-KV = dict  # (kind, call key) -> (K, V scaled), each [1|B, heads, N, d]
+KV = dict  # (kind, block name) -> (K, V scaled), each [1|B, heads, N, d]
 _ids = itertools.count()
 
 
@@ -50,33 +49,27 @@ def combine_images(t: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 class EAAInjection:
-    """One adapter's EAA on one UNet: what is fixed at install time (blocks, strengths per block, mask, rows)."""
+    """One adapter's EAA on one network: what is fixed at install time (strengths per block, mask, rows)."""
 
-    def __init__(self, blocks: dict[str, torch.nn.Module], levels: dict[str, str], weight_self: float,
-                 weight_cross: float, block_weights: Optional[BlockWeights] = None,
-                 mask: Optional[torch.Tensor] = None, apply_to: str = "cond and uncond"):
+    def __init__(self, layout: Layout, weight_self: float, weight_cross: float,
+                 block_weights: Optional[BlockWeights] = None, mask: Optional[torch.Tensor] = None,
+                 apply_to: str = "cond and uncond"):
         if apply_to not in APPLY_TO:
             raise ValueError(f"unknown apply_to {apply_to!r}; expected one of {APPLY_TO}")
         block_weights = block_weights or BlockWeights()
         self.uid = next(_ids)
-        self.blocks, self.names = blocks, block_keys(blocks)
-        self.key_of = {name: key for key, name in self.names.items()}
+        self.layout = layout
         self.mask, self.apply_to = mask, apply_to
         lam = {"self": float(weight_self), "cross": float(weight_cross)}
         # strength of every block, lambda x the level's block weight; zero blocks get no K/V and cost nothing
-        self.scales = {(kind, name): lam[kind] * block_weights.scale(kind, levels[name])
-                       for kind in KINDS for name in blocks}
-        self.levels = levels
+        self.scales = {(kind, name): lam[kind] * block_weights.scale(kind, layout.levels[name])
+                       for kind in KINDS for name in layout.blocks}
         self._scales: dict = {}  # batch layout -> per-row/per-token scale (mask, cond only)
         self._bias: dict = {}  # (attention module, device, dtype) -> to_out's bias
 
     def active_kinds(self, has_cross: bool) -> tuple[str, ...]:
         kinds = [k for k in KINDS if any(s != 0 for (kind, _), s in self.scales.items() if kind == k)]
         return tuple(k for k in kinds if k == "self" or has_cross)
-
-    def attn(self, kind: str, name: str) -> torch.nn.Module:
-        tb = self.blocks[name]
-        return tb.attn1 if kind == "self" else tb.attn2
 
     # --- K/V of the reference ----------------------------------------------------------------------------------------
     def project_kv(self, adapter: InvAdapter, features: Features, combine: str, device=None, dtype=None) -> KV:
@@ -87,30 +80,28 @@ class EAAInjection:
             found = features.self_attn if kind == "self" else (features.cross_attn or {})
             for name, f in found.items():
                 scale = self.scales.get((kind, name), 0.0)
-                if scale == 0 or name not in self.blocks:
+                if scale == 0 or name not in self.layout.blocks:
                     continue
                 f = f.to(device=device or f.device, dtype=dtype or f.dtype)
                 if kind == "self":
                     layer = adapter.self_layer(name)
                     if layer is None:
                         continue
-                    k, v = layer.project(combine_images(f, combine), self.blocks[name].attn1)
+                    k, v = layer.project(combine_images(f, combine), self.layout.attention("self", name))
                 else:
                     layer = adapter.cross_layer(name)
                     if layer is None:
                         continue
                     k, v = layer.project(f)  # W_agg is defined on one image's N tokens: aggregate, then combine
                     k, v = combine_images(k, combine), combine_images(v, combine)
-                heads = self.attn(kind, name).heads
-                kv[(kind, self.key_of[name])] = (split_heads(k, heads), split_heads(v * scale if scale != 1 else v,
-                                                                                   heads))
+                heads = self.layout.attention(kind, name).heads
+                kv[(kind, name)] = (split_heads(k, heads), split_heads(v * scale if scale != 1 else v, heads))
         return kv
 
     # --- the term added in one block -----------------------------------------------------------------------------
-    def delta(self, kind: str, key: tuple, q: torch.Tensor, kv: tuple, extra_options: dict,
+    def delta(self, kind: str, name: str, q: torch.Tensor, kv: tuple, extra_options: dict,
               step: "Step") -> torch.Tensor:
-        name = self.names[key]
-        attn = self.attn(kind, name)
+        attn = self.layout.attention(kind, name)
         heads = extra_options["n_heads"]
         e = reference_attention(q, kv[0], kv[1], heads)
         out_layer = attn.to_out[0]
@@ -119,7 +110,7 @@ class EAAInjection:
         if scale is not None:
             d = d * scale
         recorder = extra_options.get(RECORDER_KEY)
-        if recorder is not None and kind == "self" and recorder.wants(self.levels[name], step.sigma):
+        if recorder is not None and kind == "self" and recorder.wants(self.layout.levels[name], step.sigma):
             k = kv[0].transpose(1, 2).reshape(kv[0].shape[0], kv[0].shape[2], -1)
             recorder.record(step.key, q, k, heads, d, extra_options["activations_shape"][-2:],
                             extra_options.get("cond_or_uncond") or [0])
@@ -182,15 +173,17 @@ class Call:
     sigma: float = 0.0
 
     def add(self, kind: str, n: torch.Tensor, out: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        key = call_key(extra_options)
+        if not self.steps:
+            return out
+        name = self.steps[0].injection.layout.block_at(extra_options)  # every injection on a model: one layout
         q = None
         for step in self.steps:
-            kv = step.kv.get((kind, key))
+            kv = step.kv.get((kind, name))
             if kv is None:
                 continue
             if q is None:  # every injection on a model shares the block's own W_q
-                q = step.injection.attn(kind, step.injection.names[key]).to_q(n)
-            out = out + step.injection.delta(kind, key, q, kv, extra_options, step)
+                q = step.injection.layout.attention(kind, name).to_q(n)
+            out = out + step.injection.delta(kind, name, q, kv, extra_options, step)
         return out
 
 
@@ -219,7 +212,7 @@ class _Add:
 
 STASH = {"self": _Stash("self"), "cross": _Stash("cross")}
 ADD = {"self": _Add("self"), "cross": _Add("cross")}
-SLOTS = {"self": ("attn1_patch", "attn1_output_patch"), "cross": ("attn2_patch", "attn2_output_patch")}
+SLOTS = Layout.PATCH_SLOTS
 
 
 def patch_lists() -> dict[str, list]:

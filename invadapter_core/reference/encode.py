@@ -2,7 +2,7 @@
 
 With the default convention every inversion evaluation is a reference pass at the latent's own sigma, so the
 diffusion features at the inversion sigmas come for free: they are written straight into one buffer on the compute
-device (no copy per step) and handed to ComfyUI's memory manager (``residency``).
+device (no copy per step) and handed to ComfyUI's memory manager (``comfyui.memory``).
 """
 from __future__ import annotations
 
@@ -16,22 +16,20 @@ import comfy.samplers
 import comfy.utils
 from tqdm import tqdm
 
-from .block_weights import PRESETS
-from .ddim import CONVENTIONS, invert, inversion_sigmas
-from .fit import check_served, default_resolution
-from .images import to_rgb
+from ..arch.fit import check_served, default_resolution
+from ..arch.layout import layout_of, model_family, weights_key
+from ..arch.levels import preset_levels
+from ..comfyui.memory import register
+from ..files.images import to_rgb
+from .capture import reference_pass
+from .inversion import CONVENTIONS, invert, inversion_sigmas
 from .reference import CONTEXT, FeatureCache, Reference
-from .reference_pass import reference_pass
-from .residency import register
-from .unet import block_keys, block_levels, model_family, transformer_blocks, weights_key
 
 log = logging.getLogger("InvAdapter")
 COND_KEYS = ("c_crossattn", "y", "c_concat")  # what a reference pass gives apply_model
 # What the feature cache keeps (it grows with the reference resolution: SDXL at 1024 px is ~210 MB per step in half
 # precision): every level, or only those a block-weights preset uses; in the model's precision or in 8-bit floats.
-CAPTURE = {"all levels": None,
-           "coarse levels": {lv for lv, w in PRESETS["coarse"].items() if w != 0},
-           "fine levels": {lv for lv, w in PRESETS["fine"].items() if w != 0}}
+CAPTURE = {"all levels": None, "coarse levels": preset_levels("coarse"), "fine levels": preset_levels("fine")}
 FEATURE_PRECISION = {"model": None, "fp8 (half the memory)": torch.float8_e4m3fn}
 
 
@@ -108,8 +106,8 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
     device = model.load_device
     x0 = base.process_latent_in(latent).to(device=device, dtype=torch.float32)
     on_device = {k: v.to(device) for k, v in conds.items()}
-    blocks = transformer_blocks(model)
-    names, level_of = block_keys(blocks), block_levels(model)
+    layout = layout_of(model)
+    kept_blocks = layout.at_levels(levels)
     sigmas = inversion_sigmas(sampler_sigmas(model, steps, scheduler, sampler_name), convention)
     # Only at the latent's own sigma is an inversion pass also the reference pass the generation needs.
     keep = keep_features and convention == "lowest sigma"
@@ -121,7 +119,7 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        denoised, features = reference_pass(base, x, sigma, on_device, names, cross and keep, levels, level_of)
+        denoised, features = reference_pass(base, x, sigma, on_device, layout, cross and keep, kept_blocks)
         if keep:
             cache.put(sigma, features, pin=True)
         return denoised

@@ -1,5 +1,5 @@
 """Scoring a batch against one identity: per-image similarity to the reference photo(s) (NaN where an image has no
-face), the text and JSON summaries, and the top-k selection. The recognizers and their scales: ``face_id``."""
+face), the text and JSON summaries, and the top-k selection. The recognizers and their scales: ``recognize``."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .face_id import MIN_FACE_SIZE, FaceEmbedding, FaceIdError, Recognizer, SimilarityScale, embed_batch
-from .notify import notify
+from .recognize import MIN_FACE_SIZE, FaceEmbedding, FaceIdError, Recognizer, SimilarityScale, embed_batch
+from ..comfyui.notify import notify
 
 COMBINE = ("mean", "max")  # how the similarities to several reference photos become one number
 

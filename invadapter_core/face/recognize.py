@@ -33,15 +33,15 @@ import importlib.util
 import logging
 import math
 import os
-import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from . import face as face_core
-from .notify import notify
+from ..comfyui.memory import ManagedObject, managed
+from ..comfyui.notify import notify
+from . import detect as face_core
 
 log = logging.getLogger("InvAdapter")
 
@@ -194,67 +194,13 @@ class InsightFaceRecognizer:
 
 
 # --------------------------------------------------------------------------------------------------- ComfyUI memory
-
-class _RecognizerHolder(torch.nn.Module):
-    """What ComfyUI's model management holds: no torch weights; the recognizer object hangs off it."""
-
-    def __init__(self):
-        super().__init__()
-        self.recognizer = None
-
-
-class ManagedRecognizer:
-    """One recognizer, loaded at most once per process and released when ComfyUI unloads it (see module doc)."""
-
-    def __init__(self, kind: str, build: Callable[[], Recognizer], size_bytes: int):
-        import comfy.model_management as mm
-        import comfy.model_patcher
-        from comfy.patcher_extension import CallbacksMP
-
-        self.kind = kind
-        self.build = build
-        self.loads = 0  # how many times the networks were built (tests and logs)
-        self.holder = _RecognizerHolder()
-        self.patcher = comfy.model_patcher.ModelPatcher(
-            self.holder, load_device=mm.get_torch_device(), offload_device=torch.device("cpu"),
-            size=max(int(size_bytes), 1))
-        self.patcher.add_callback(CallbacksMP.ON_DETACH, self._on_detach)
-
-    def _on_detach(self, patcher, unpatch_all: bool) -> None:
-        # unpatch_all False = ComfyUI re-registering the same model, which stays loaded
-        if unpatch_all and self.holder.recognizer is not None:
-            self.holder.recognizer = None
-            log.info("InvAdapter: face recognizer %s released by ComfyUI's model management", self.kind)
-
-    @property
-    def loaded(self) -> bool:
-        return self.holder.recognizer is not None
-
-    def get(self) -> Recognizer:
-        import comfy.model_management as mm
-
-        mm.load_models_gpu([self.patcher])
-        if self.holder.recognizer is None:
-            self.holder.recognizer = self.build()
-            self.loads += 1
-        return self.holder.recognizer
-
-
-_MANAGED: dict[tuple, ManagedRecognizer] = {}
-_LOCK = threading.Lock()
-
-
-def _managed(key: tuple, build: Callable[[], Recognizer], size: Callable[[], int]) -> ManagedRecognizer:
-    with _LOCK:
-        entry = _MANAGED.get(key)
-        if entry is None:
-            entry = _MANAGED[key] = ManagedRecognizer(key[0], build, size())
-    return entry
+ManagedRecognizer = ManagedObject  # a recognizer as ComfyUI's memory manager holds it (comfyui.memory)
 
 
 def _dlib(device: torch.device) -> ManagedRecognizer:
     dlib_model_files()  # refuse early, with the packages to install
-    return _managed(("dlib", str(device)), lambda: DlibRecognizer(device), DlibRecognizer.weight_bytes)
+    return managed(("dlib", str(device)), "face recognizer dlib", lambda: DlibRecognizer(device),
+                   DlibRecognizer.weight_bytes)
 
 
 def _insightface(roots: Sequence[str], model: str, device: torch.device) -> ManagedRecognizer:
@@ -262,8 +208,9 @@ def _insightface(roots: Sequence[str], model: str, device: torch.device) -> Mana
     root = face_core.find_insightface_models(roots, model)
     path = arcface_file(root, model)
     gpu = device.type != "cpu"
-    return _managed((f"insightface:{model}", root, gpu), lambda: InsightFaceRecognizer(root, model, gpu=gpu),
-                    lambda: os.path.getsize(path))
+    return managed((f"insightface:{model}", root, gpu), f"face recognizer insightface:{model}",
+                   lambda: InsightFaceRecognizer(root, model, gpu=gpu),
+                   lambda: os.path.getsize(path))
 
 
 def get_recognizer(choice: str = "auto", *, insightface_roots: Sequence[str] = (),

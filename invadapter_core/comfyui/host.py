@@ -1,4 +1,4 @@
-"""Finding the ComfyUI host for code that runs outside a ComfyUI server (trainer, benchmark, demo, tests).
+"""Finding the ComfyUI host for code that runs outside a ComfyUI server (trainer, evaluation, benchmark, demo, tests).
 
 COMFYUI_PATH wins; otherwise the path `make setup` wrote to .host/comfyui_path beside this repository.
 """
@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # invadapter_core/comfyui/host.py -> the repository
 
 
 def comfyui_path() -> Path:
@@ -60,3 +60,28 @@ def load_pack(name: str = PACK_PACKAGE):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# --- the command-line tools (trainer, evaluation) ---------------------------------------------------------------
+# ComfyUI decides its device when ``comfy.model_management`` is first imported, taking the *current* CUDA device, so
+# under torchrun each process selects its GPU (LOCAL_RANK) first; and ComfyUI parses ``sys.argv`` only after
+# ``comfy.options.enable_args_parsing()`` (its ``main.py`` calls it), which must not have happened, or ComfyUI would
+# read the tool's arguments as its own. CPU mode is set only when no accelerator is present.
+
+def setup_comfy() -> None:
+    """Idempotent. Inside a running ComfyUI (or a test session that already set it up) nothing is changed."""
+    if "comfy.model_management" in sys.modules:
+        return
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and torch.cuda.is_available():
+        torch.cuda.set_device(int(local_rank))
+    if not (comfyui_path() / "comfy" / "sd.py").exists():
+        raise RuntimeError(f"{comfyui_path()} is not a ComfyUI checkout (no comfy/sd.py): fix COMFYUI_PATH")
+    use_comfyui()
+    import comfy.options
+
+    if comfy.options.args_parsing:
+        raise RuntimeError("comfy.options.enable_args_parsing() was called: ComfyUI would parse this tool's "
+                           "command line as its own")

@@ -19,21 +19,17 @@ from typing import Optional
 
 import torch
 
-from . import FORMAT_VERSION
+from ..files.format import FORMAT_VERSION, META
+from ..files.safetensors_io import read_checked, save_atomic
+from ..files.validation import AdapterFileError, check_adapter_file
 from .eaa import CrossEAA, InvAdapter, SelfEAA
-from .safetensors_io import read_checked, save_atomic
-from .validation import check_adapter_file
 
-META_PREFIX = "invadapter."
-
-
-class AdapterFileError(ValueError):
-    """A weights file that cannot be used, with what was wrong and how to fix it."""
+INIT_FROM_MODEL = "init from model"  # the loader's choice (and the adapter's name) for the training-free default
 
 
 def init_from_model(family: str) -> InvAdapter:
     """The training-free adapter: self EAA = the base model's own to_k/to_v, no cross EAA."""
-    return InvAdapter(family, None, None, {}, {}, name="init from model", self_from_base=True)
+    return InvAdapter(family, None, None, {}, {}, name=INIT_FROM_MODEL, self_from_base=True)
 
 
 def adapter_state(adapter: InvAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -48,10 +44,10 @@ def adapter_state(adapter: InvAdapter) -> tuple[dict[str, torch.Tensor], dict[st
         tensors[f"cross.{name}.to_k.weight"] = layer.to_k.weight
         tensors[f"cross.{name}.to_v.weight"] = layer.to_v.weight
     meta = {
-        META_PREFIX + "format_version": str(FORMAT_VERSION),
-        META_PREFIX + "base_family": adapter.family,
-        META_PREFIX + "reference_resolution": str(adapter.reference_resolution or 0),
-        META_PREFIX + "tokens_m": str(adapter.tokens_m or 0),
+        META + "format_version": str(FORMAT_VERSION),
+        META + "base_family": adapter.family,
+        META + "reference_resolution": str(adapter.reference_resolution or 0),
+        META + "tokens_m": str(adapter.tokens_m or 0),
     }
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
@@ -64,7 +60,7 @@ def save_adapter(adapter: InvAdapter, path: str, dtype: Optional[torch.dtype] = 
 
 
 def adapter_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str = "") -> InvAdapter:
-    """An InvAdapter from a weights file's tensors and metadata, every field checked first (``validation``)."""
+    """An InvAdapter from a weights file's tensors and metadata, every field checked first (``files.validation``)."""
     parsed = check_adapter_file(source, tensors, meta, AdapterFileError)
     self_eaa, cross_eaa = {}, {}
     for block, params in parsed["layers"]["self"].items():

@@ -16,18 +16,14 @@ from typing import Hashable, Optional
 
 import torch
 
-from . import FORMAT_VERSION
-from .ddim import latent_at
-from .reference_pass import Features
-from .residency import TensorPack, fits_on_device
-from .safetensors_io import read_checked, save_atomic
+from .inversion import latent_at
+from .capture import Features
+from ..comfyui.memory import TensorPack, fits_on_device
+from ..files.format import FORMAT_VERSION, META
+from ..files.safetensors_io import read_checked, save_atomic
+from ..files.validation import ReferenceFileError, check_reference_file
 
-META = "invadapter."
 CONTEXT = "c_crossattn"
-
-
-class ReferenceFileError(ValueError):
-    """A reference file or object that cannot be used, with what was wrong and how to fix it."""
 
 
 def same_sigma(a: float, b: float, rel_tol: float = 1e-5) -> bool:
@@ -237,8 +233,6 @@ def save_reference(ref: Reference, path: str, with_features: bool = True) -> Non
 
 
 def load_reference(path: str) -> Reference:
-    from .validation import check_reference_file
-
     tensors, meta = read_checked(path, "reference file", ReferenceFileError, "save the reference again")
     parsed = check_reference_file(path, tensors, meta)
     stored = {t.dtype for k, t in tensors.items() if k.startswith("features.")}

@@ -1,7 +1,7 @@
 """InvAdapterApply's runtime: the EAA injection installed on a cloned ModelPatcher, fed per sampling step.
 
 - An OUTER_SAMPLE wrapper opens a run: which weights sample (features are kept per weights, see ``Reference``),
-  which sigmas, and what ComfyUI should load beside the UNet (``CacheHook.models``, see ``residency``).
+  which sigmas, and what ComfyUI should load beside the UNet (``CacheHook.models``, see ``comfyui.memory``).
 - An APPLY_MODEL wrapper gives each UNet call the reference's K/V at its sigma (``kv_at``): from the application's
   K/V store when this schedule ran before; else projected from the reference's cached features; else from one
   fresh reference pass, shared by every batch chunk at that sigma.
@@ -21,15 +21,16 @@ import torch
 
 import comfy.patcher_extension as ext
 
+from ..arch.fit import check_served
+from ..arch.layout import layout_of, weights_key
+from ..comfyui.memory import TensorPack, fits_on_device, register
+from ..comfyui.notify import notify
+from ..reference.capture import Features, reference_pass
+from ..reference.reference import FeatureCache, Reference, same_sigma
 from .block_weights import BlockWeights
 from .eaa import InvAdapter
-from .fit import check_adapter_fits, check_reference_fits, check_served
-from .injection import ADD, CALL, KINDS, SLOTS, STASH, KV, Call, EAAInjection, Step, ordered_patches
-from .notify import notify
-from .reference import FeatureCache, Reference, same_sigma
-from .reference_pass import Features, reference_pass
-from .residency import TensorPack, fits_on_device, register
-from .unet import block_keys, block_levels, transformer_blocks, weights_key
+from .fit import check_adapter_fits, check_reference_fits
+from .injection import ADD, CALL, SLOTS, STASH, KV, Call, EAAInjection, Step, ordered_patches
 
 log = logging.getLogger("InvAdapter")
 HOOK_SLOT = "invadapter_cache"  # a patch list ComfyUI never calls: it only asks its objects for models() and .to()
@@ -110,11 +111,9 @@ class Application:
                  sigma_start: float = math.inf, sigma_end: float = 0.0, combine: str = "concat",
                  apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
                  block_weights: Optional[BlockWeights] = None, reuse_features: bool = True, keep_kv: bool = True):
-        blocks = transformer_blocks(model)
+        self.layout = layout_of(model)
         self.adapter, self.reference, self.combine = adapter, reference, combine
-        self.level_of = block_levels(model)
-        self.injection = EAAInjection(blocks, self.level_of, weight_self, weight_cross, block_weights, mask, apply_to)
-        self.names = block_keys(blocks)
+        self.injection = EAAInjection(self.layout, weight_self, weight_cross, block_weights, mask, apply_to)
         self.kinds = self.injection.active_kinds(adapter.has_cross)
         self.uses_cross = "cross" in self.kinds
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
@@ -242,9 +241,9 @@ class Application:
 
     def _reference_pass(self, base_model, sigma: float, device: torch.device) -> Features:
         ref = self.reference
-        levels = set(ref.levels) if ref.levels is not None else None
-        return reference_pass(base_model, ref.latent_at(sigma).to(device), sigma, ref.conds, self.names,
-                              self.uses_cross, levels, self.level_of)[1]
+        keep = self.layout.at_levels(set(ref.levels) if ref.levels is not None else None)
+        return reference_pass(base_model, ref.latent_at(sigma).to(device), sigma, ref.conds, self.layout,
+                              self.uses_cross, keep)[1]
 
     def _check_kept_features(self, base_model, device: torch.device) -> None:
         """A loaded file's features are used only if these weights reproduce them: one reference pass at the lowest
@@ -318,7 +317,7 @@ def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self
                       sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
                       combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)
     if reference.levels is not None:
-        wanted = {app.level_of[name] for (kind, name), s in app.injection.scales.items() if s != 0}
+        wanted = {app.layout.levels[name] for (kind, name), s in app.injection.scales.items() if s != 0}
         missing = sorted(wanted - set(reference.levels))
         if missing:
             notify(f"the reference keeps the features of {', '.join(reference.levels)} only (its capture setting), so "

@@ -9,6 +9,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..files.format import INVERSION_CONVENTIONS
+
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]  # (x, sigma) -> D(x, sigma), the x0 prediction
 
 
@@ -16,11 +18,7 @@ def eps_from_denoised(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> 
     return (x - denoised) / sigma
 
 
-def ddim_step(x: torch.Tensor, sigma: float, sigma_next: float, denoised: torch.Tensor) -> torch.Tensor:
-    return x + (sigma_next - sigma) * eps_from_denoised(x, sigma, denoised)
-
-
-CONVENTIONS = ("lowest sigma", "classic")
+CONVENTIONS = INVERSION_CONVENTIONS  # "lowest sigma" (default) or "classic": see inversion_sigmas
 
 
 def inversion_sigmas(schedule: Sequence[float] | torch.Tensor, convention: str = "lowest sigma") -> list[float]:
@@ -56,13 +54,6 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: Sequence[float],
         if on_step is not None:
             on_step(i, x)
     return torch.stack(states)
-
-
-def sample(denoise: Denoiser, x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
-    """Plain DDIM sampling along descending ``sigmas`` (the reverse of ``invert`` on the same sigmas)."""
-    for i in range(len(sigmas) - 1):
-        x = ddim_step(x, sigmas[i], sigmas[i + 1], denoise(x, sigmas[i]))
-    return x
 
 
 def latent_at(sigmas: torch.Tensor, states: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Each failure is one line naming the file, the field and the fix; nothing reaches the sampler that would fail there
 with a raw shape error or turn the image black (NaN). Model-dependent checks (does this fit that UNet) live in
-``fit.py``; these need only the file.
+``adapter.fit``; these need only the file.
 """
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ from typing import Callable, Optional
 
 import torch
 
-from . import FORMAT_VERSION
-from .blocks import parse_block_name
-from .ddim import CONVENTIONS
+from ..arch.layout import is_block_name
+from .format import FORMAT_VERSION, INVERSION_CONVENTIONS, META
 
-META = "invadapter."
+
+class AdapterFileError(ValueError):
+    """A weights file that cannot be used, with what was wrong and how to fix it."""
+
+
+class ReferenceFileError(ValueError):
+    """A reference file or object that cannot be used, with what was wrong and how to fix it."""
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn)
 
 
@@ -84,9 +89,7 @@ def check_adapter_file(path: str, tensors: dict[str, torch.Tensor], meta: dict, 
             _fail(error, path, f"unexpected tensor '{name}' (expected self.<block>.to_k.weight, "
                                f"cross.<block>.token_agg.weight, ...)", ADAPTER_FIX)
         block, param = ".".join(parts[1:4]), ".".join(parts[4:])
-        try:
-            parse_block_name(block)
-        except ValueError:
+        if not is_block_name(block):
             _fail(error, path, f"tensor '{name}' names no UNet block ('{block}'; expected e.g. input.1.0)",
                   ADAPTER_FIX)
         if param not in ADAPTER_LAYERS[kind]:
@@ -112,7 +115,7 @@ def check_adapter_file(path: str, tensors: dict[str, torch.Tensor], meta: dict, 
                     _fail(error, path, f"cross.{block}.token_agg.weight has {agg.shape[0]} rows but the metadata says "
                                        f"tokens_m = {tokens_m}", ADAPTER_FIX)
     if layers["cross"] and resolution is None:
-        _fail(error, path, "it has a cross-attention EAA but no 'invadapter.reference_resolution' metadata",
+        _fail(error, path, f"it has a cross-attention EAA but no '{META}reference_resolution' metadata",
               ADAPTER_FIX)
     return {"family": meta.get(META + "base_family", ""), "resolution": resolution, "tokens_m": tokens_m,
             "layers": layers}
@@ -125,8 +128,7 @@ COND_DIMS = {"c_crossattn": 3, "y": 2, "c_concat": 4}
 
 def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     """Parsed metadata (family, resolution, feature_sigmas, convention), or ReferenceFileError."""
-    from .reference import ReferenceFileError as E
-
+    E = ReferenceFileError
     if meta.get(META + "kind") != "reference":
         _fail(E, path, f"no '{META}kind=reference' metadata, so it is not an Inv-Adapter reference",
               "save one with InvAdapterSaveReference")
@@ -134,7 +136,7 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
     if version > FORMAT_VERSION:
         _fail(E, path, f"reference format {version} is newer than this pack reads ({FORMAT_VERSION})",
               "update ComfyUI-InvAdapter")
-    family = meta.get(META + "base_family") or _fail(E, path, "metadata 'invadapter.base_family' is missing",
+    family = meta.get(META + "base_family") or _fail(E, path, f"metadata '{META}base_family' is missing",
                                                      REFERENCE_FIX)
     resolution = _json_meta(meta, "resolution", E, path, REFERENCE_FIX,
                             lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0
@@ -147,8 +149,9 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
         levels = _json_meta(meta, "levels", E, path, REFERENCE_FIX,
                             lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of levels")
     convention = meta.get(META + "convention", "lowest sigma")
-    if convention not in CONVENTIONS:
-        _fail(E, path, f"metadata 'invadapter.convention' is {convention!r}, expected one of {CONVENTIONS}",
+    if convention not in INVERSION_CONVENTIONS:
+        _fail(E, path, f"metadata '{META}convention' is {convention!r}, expected one of "
+                           f"{INVERSION_CONVENTIONS}",
               REFERENCE_FIX)
     for name in ("trajectory.sigmas", "trajectory.states"):
         if name not in tensors:
@@ -179,9 +182,7 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
         if len(parts) != 6 or not parts[1].isdigit() or parts[2] not in ("self", "cross"):
             _fail(E, path, f"unexpected tensor '{name}' (expected features.<i>.self.<block>)", REFERENCE_FIX)
         i, block = int(parts[1]), ".".join(parts[3:])
-        try:
-            parse_block_name(block)
-        except ValueError:
+        if not is_block_name(block):
             _fail(E, path, f"tensor '{name}' names no UNet block ('{block}')", REFERENCE_FIX)
         if i >= len(feature_sigmas):
             _fail(E, path, f"tensor '{name}' is for step {i}, but feature_sigmas lists {len(feature_sigmas)}",

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .unet import call_key
+from ..arch.layout import Layout
 
 
 @dataclass
@@ -33,15 +33,14 @@ class Features:
 class FeatureCapture:
     """attn1_patch / attn2_patch for a reference pass: records the block inputs, changes nothing."""
 
-    def __init__(self, names: dict[tuple, str], cross: bool, levels: Optional[set[str]] = None,
-                 level_of: Optional[dict[str, str]] = None):
-        self.names = names  # (block, block_index) -> block name
-        self.keep = None if levels is None else {n for n, lv in level_of.items() if lv in levels}
+    def __init__(self, layout: Layout, cross: bool, keep: Optional[set[str]] = None):
+        self.layout = layout
+        self.keep = keep  # the block names to record (None: every block)
         self.self_attn: dict[str, torch.Tensor] = {}
         self.cross_attn: Optional[dict[str, torch.Tensor]] = {} if cross else None
 
     def _name(self, extra_options) -> Optional[str]:
-        name = self.names[call_key(extra_options)]
+        name = self.layout.block_at(extra_options)
         return name if self.keep is None or name in self.keep else None
 
     def capture_self(self, n, context, value, extra_options):
@@ -73,16 +72,15 @@ def batched(conds: dict[str, torch.Tensor], batch: int, device) -> dict[str, tor
     return out
 
 
-def reference_pass(base_model, x: torch.Tensor, sigma, conds: dict[str, torch.Tensor], names: dict[tuple, str],
-                   cross: bool, levels: Optional[set[str]] = None, level_of: Optional[dict[str, str]] = None
-                   ) -> tuple[torch.Tensor, Features]:
+def reference_pass(base_model, x: torch.Tensor, sigma, conds: dict[str, torch.Tensor], layout: Layout,
+                   cross: bool, keep: Optional[set[str]] = None) -> tuple[torch.Tensor, Features]:
     """(x0 prediction, captured features) of ``base_model`` (a loaded BaseModel) at ``sigma`` (a float, or one
     per sample). ``conds`` are apply_model's keyword tensors (c_crossattn, y, c_concat) with batch 1 or x's batch;
-    ``names`` maps ComfyUI's (block, block_index) to block names; ``levels`` limits which blocks are kept."""
-    capture = FeatureCapture(names, cross, levels, level_of)
-    patches = {"attn1_patch": [capture.capture_self]}
+    ``keep`` limits which blocks are recorded (``layout.at_levels``)."""
+    capture = FeatureCapture(layout, cross, keep)
+    patches = {layout.PATCH_SLOTS["self"][0]: [capture.capture_self]}
     if cross:
-        patches["attn2_patch"] = [capture.capture_cross]
+        patches[layout.PATCH_SLOTS["cross"][0]] = [capture.capture_cross]
     if torch.is_tensor(sigma) and sigma.numel() > 1:
         sigmas = sigma.to(device=x.device, dtype=torch.float32)
     else:

@@ -1,4 +1,4 @@
-"""The Embedded Attention Adapter (method.md §4, eq. 1-5) as plain torch modules.
+"""The Embedded Attention Adapter (docs/method.md §4, eq. 1-5) as plain torch modules.
 
 Per transformer block the adapter owns at most:
 - self-attention EAA: ``to_k``/``to_v`` (W'k, W'v) applied to the reference's self-attention input f_s; with no
@@ -35,11 +35,6 @@ def reference_attention(q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tenso
     qh = q.reshape(rows, b * nq // rows, heads, d).transpose(1, 2)
     out = torch.nn.functional.scaled_dot_product_attention(qh, k_ref, v_ref)
     return out.transpose(1, 2).reshape(b, nq, inner)
-
-
-def output_projection_delta(to_out: nn.Module, e: torch.Tensor) -> torch.Tensor:
-    """to_out(A + E) - to_out(A) for the affine to_out, i.e. the linear part of to_out applied to E."""
-    return to_out(e) - to_out(torch.zeros_like(e[:, :1]))
 
 
 def aggregate_tokens(f: torch.Tensor, token_agg: nn.Linear) -> torch.Tensor:
