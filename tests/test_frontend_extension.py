@@ -1,18 +1,29 @@
 """web/js/invadapter.js in the real frontend (headless Chromium): it loads, the pack's link colours stand apart from
-every core type's colour in every colour palette the frontend ships, the block-weight sliders show only when used,
-and the pack's notices show as toasts."""
+every core type's colour in every colour palette the frontend ships (far apart in the default one), the block-weight
+sliders show only when used, and the pack's notices show as toasts."""
 import itertools
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from support.browser import run_graph
-from support.colours import colour_distance, delta_e2000, frontend_palette_ids
+from support.colours import DEFAULT_PALETTE, colour_distance, delta_e2000, frontend_palette_ids, frontend_palettes
 from support.graphs import api_twin, example_files, smoke_edits, user_edits
 
-# CIEDE2000: about 1 is just noticeable; above 10 two link colours read as different at a glance.
+# CIEDE2000: about 1 is just noticeable; above 10 two link colours read as different at a glance, at 20 they no longer
+# look like one colour family (the default palette's, where most users see them).
 MIN_DISTANCE_TO_CORE = 10.0
+MIN_DISTANCE_TO_CORE_DEFAULT = 20.0
 MIN_DISTANCE_BETWEEN_OURS = 15.0
+EXTENSION = Path(__file__).resolve().parents[1] / "web" / "js" / "invadapter.js"
+
+
+def link_colours() -> dict[str, str]:
+    """LINK_COLORS as web/js/invadapter.js declares them."""
+    block = re.search(r"LINK_COLORS = \{(.*?)\};", EXTENSION.read_text(), re.S).group(1)
+    return dict(re.findall(r"(INVADAPTER\w*):\s*\"(#[0-9A-Fa-f]{6})\"", block))
 
 
 @pytest.mark.parametrize("lab1, lab2, expected", [
@@ -37,6 +48,21 @@ def pack_types(object_info: dict) -> set[str]:
     return found
 
 
+def test_link_colours_stand_apart_in_the_default_palette():
+    """Every pack type's link colour at CIEDE2000 >= 20 from every core type's colour in the default palette, as the
+    installed frontend package defines it (read from its bundle: a new frontend's colours are checked, not a copy)."""
+    ours = link_colours()
+    assert len(ours) == 5, ours
+    core = frontend_palettes()[DEFAULT_PALETTE]
+    assert {"MODEL", "CONDITIONING", "LATENT", "VAE", "CONTROL_NET", "IMAGE"} <= set(core), core
+    problems = [f"{t} {c} is {colour_distance(c, cc):.1f} from {ct} {cc}" for t, c in sorted(ours.items())
+                for ct, cc in sorted(core.items()) if colour_distance(c, cc) < MIN_DISTANCE_TO_CORE_DEFAULT]
+    problems += [f"{a} {ours[a]} and {b} {ours[b]} are {colour_distance(ours[a], ours[b]):.1f} apart"
+                 for a, b in itertools.combinations(sorted(ours), 2)
+                 if colour_distance(ours[a], ours[b]) <= MIN_DISTANCE_BETWEEN_OURS]
+    assert not problems, "\n".join(problems)
+
+
 def test_link_colours_differ_from_every_core_type_in_every_palette(frontend, comfy_client):
     ours = pack_types(comfy_client.object_info())
     assert {"INVADAPTER", "INVADAPTER_REFERENCE"} <= ours
@@ -57,11 +83,12 @@ def test_link_colours_differ_from_every_core_type_in_every_palette(frontend, com
                 problems.append(f"palette {palette}: {ours_type} has no colour (add it to LINK_COLORS in "
                                 f"web/js/invadapter.js)")
                 continue
+            needed = MIN_DISTANCE_TO_CORE_DEFAULT if palette == DEFAULT_PALETTE else MIN_DISTANCE_TO_CORE
             for core_type, core_colour in core.items():
                 distance = colour_distance(colour, core_colour)
-                if distance <= MIN_DISTANCE_TO_CORE:
+                if distance < needed:
                     problems.append(f"palette {palette}: {ours_type} {colour} is {distance:.1f} from {core_type} "
-                                    f"{core_colour} (needs > {MIN_DISTANCE_TO_CORE})")
+                                    f"{core_colour} (needs >= {needed})")
         for a, b in itertools.combinations(sorted(t for t in ours if colours.get(t)), 2):
             if colour_distance(colours[a], colours[b]) <= MIN_DISTANCE_BETWEEN_OURS:
                 problems.append(f"palette {palette}: {a} and {b} look alike ({colours[a]}, {colours[b]})")
