@@ -4,6 +4,7 @@ sliders show only when used, and the pack's notices show as toasts."""
 import itertools
 import json
 import re
+import uuid
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,54 @@ def test_a_notice_during_a_run_shows_as_a_toast(frontend):
     assert result["status"] == "success", result["error"]
     toasts = frontend.evaluate("() => window.__toasts")
     assert any("Inv-Adapter" in t and "start_percent equals end_percent" in t for t in toasts), toasts
+
+
+def save_reference_example():
+    """The shipped UI workflow that saves a reference, with its API twin."""
+    for ui_file in example_files():
+        api_graph = json.loads(api_twin(ui_file).read_text())
+        if any(n["class_type"] == "InvAdapterSaveReference" for n in api_graph.values()):
+            return json.loads(ui_file.read_text()), api_graph
+    raise AssertionError("no example workflow saves a reference")
+
+
+def test_loading_an_unsaved_reference_says_what_to_run_first(comfy_client):
+    """Instead of ComfyUI's "Value not in list: ... not in []": the folder searched and the graph to run first."""
+    from support.server import PromptRejected
+
+    name = f"never_saved_{uuid.uuid4().hex[:8]}.safetensors"
+    prompt = {"1": {"class_type": "InvAdapterLoadReference", "inputs": {"reference_name": name}},
+              "2": {"class_type": "InvAdapterSaveReference",
+                    "inputs": {"reference": ["1", 0], "name": "unused", "with_features": True, "overwrite": True}}}
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_client.queue(prompt)
+    text = json.dumps(rejected.value.node_errors)
+    assert "Value not in list" not in text, text
+    assert f"no saved reference '{name}'" in text and "invadapter_references" in text, text
+    assert "run a graph with Inv-Adapter Save Reference first" in text, text
+
+
+def test_saved_reference_appears_in_load_reference_without_a_reload(frontend):
+    """A Load Reference node open in the page before Save Reference runs lists the new file once the save is done
+    (the extension refreshes the node definitions on Save Reference's executed event), and so does a new node."""
+    ui, api_graph = save_reference_example()
+    name = f"refresh_{uuid.uuid4().hex[:8]}"
+    save = next(i for i, n in api_graph.items() if n["class_type"] == "InvAdapterSaveReference")
+    edits = smoke_edits(api_graph, user_edits(api_graph))
+    edits.setdefault(save, {}).update(name=name, overwrite=True)
+    opened = frontend.evaluate("""async (workflow) => {  // the save graph with a Load Reference node beside it
+        const app = window.app;
+        await app.loadGraphData(workflow);
+        const node = window.LiteGraph.createNode("InvAdapterLoadReference");
+        node.pos = [0, -400];
+        app.graph.add(node);
+        return {workflow: app.graph.serialize(), id: node.id, values: [...node.widgets[0].options.values]};
+    }""", ui)
+    file = f"{name}.safetensors"
+    assert file not in opened["values"]
+    result = run_graph(frontend, opened["workflow"], edits, timeout=900)
+    assert result["status"] == "success", result["error"]
+    listed = """([id, file]) => window.app.graph.getNodeById(id)?.widgets[0].options.values.includes(file)"""
+    frontend.wait_for_function(listed, arg=[opened["id"], file], timeout=30_000)
+    assert frontend.evaluate("""(file) => window.LiteGraph.createNode("InvAdapterLoadReference")
+        .widgets[0].options.values.includes(file)""", file)

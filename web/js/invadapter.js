@@ -69,10 +69,24 @@ function showNotice(event) {
   });
 }
 
+// After Save Reference writes a file, every reference list (Load Reference's combo, in the open graph and in new
+// nodes) shows it without a page reload: the frontend's own refresh (what the R key does), without its toasts.
+const SAVED_REFERENCE_KEY = "invadapter_saved_reference";  // nodes/reference_io.py's SAVED_UI_KEY
+
+async function refreshAfterSave(event) {
+  if (!event.detail?.output?.[SAVED_REFERENCE_KEY]) return;
+  try {
+    await (app.reloadNodeDefs ? app.reloadNodeDefs() : app.refreshComboInNodes());
+  } catch (error) {
+    console.warn("Inv-Adapter: could not refresh the saved reference list (press R to refresh it)", error);
+  }
+}
+
 app.registerExtension({
   name: "InvAdapter.Frontend",
   setup() {
     api.addEventListener("invadapter.notice", showNotice);
+    api.addEventListener("executed", refreshAfterSave);
     applyLinkColors();
     // the palette is loaded after the setting changes: apply ours once that has happened
     app.ui?.settings?.addEventListener?.("Comfy.ColorPalette.change", () => setTimeout(applyLinkColors, 0));
