@@ -1,6 +1,7 @@
-"""Finding the ComfyUI host for code that runs outside a ComfyUI server (trainer, benchmark, demo, tests).
+"""Finding the ComfyUI host for code that runs outside a ComfyUI server (trainer, evaluation, benchmark, demo, tests).
 
-COMFYUI_PATH wins; otherwise the path `make setup` wrote to .host/comfyui_path beside this repository.
+COMFYUI_PATH wins; then the ComfyUI whose custom_nodes folder holds this pack (an installed pack); then the path
+`make setup` wrote to .host/comfyui_path beside this repository.
 """
 from __future__ import annotations
 
@@ -11,14 +12,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def is_comfyui(path: Path) -> bool:
+    return (path / "comfy" / "sd.py").is_file() and (path / "folder_paths.py").is_file()
+
+
+def containing_comfyui() -> Path | None:
+    """The ComfyUI this pack is installed in (<ComfyUI>/custom_nodes/<pack>), also when the pack is a symlink there."""
+    for repo in (Path(__file__).absolute().parents[1], REPO):
+        if repo.parent.name == "custom_nodes" and is_comfyui(repo.parent.parent):
+            return repo.parent.parent
+    return None
+
+
 def comfyui_path() -> Path:
     env = os.environ.get("COMFYUI_PATH")
     if env:
         return Path(env).resolve()
+    installed = containing_comfyui()
+    if installed is not None:
+        return installed
     marker = REPO / ".host" / "comfyui_path"
     if marker.exists():
         return Path(marker.read_text().strip())
-    raise RuntimeError("ComfyUI not found: run `make setup`, or set COMFYUI_PATH=/path/to/ComfyUI")
+    raise RuntimeError(f"ComfyUI not found: this pack ({REPO}) is not inside a ComfyUI's custom_nodes folder and "
+                       f"`make setup` has not run here; set COMFYUI_PATH=/path/to/ComfyUI, or run `make setup`")
 
 
 def no_accelerator() -> bool:

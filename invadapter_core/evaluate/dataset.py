@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.data import IMAGE_EXTENSIONS, manifest_entries
+from ..manifest import IMAGE_EXTENSIONS, manifest_entries
 
 PROMPTS_FILE = "prompts.txt"
 CAPTION_FILE = "caption.txt"

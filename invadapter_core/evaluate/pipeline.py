@@ -4,7 +4,7 @@ internals: the pack's V3 nodes by node id (``execute``) and ComfyUI's own V1 nod
 
 Files given as paths are made visible to the loader nodes by adding their folder to ComfyUI's model folder
 (``folder_paths.add_model_folder_path``); names are looked up in ComfyUI's models folders as the nodes do.
-Needs ComfyUI set up first (``invadapter_core.train.bootstrap.setup_comfy``).
+Needs ComfyUI set up first (``invadapter_core.bootstrap.setup_comfy``).
 """
 from __future__ import annotations
 
@@ -119,7 +119,9 @@ class Settings:
     detector: str = "auto"
     insightface_model: str = "antelopev2"
     margin: float = 0.5
-    min_face_size: int = 40
+    min_face_size: int = 40   # the face crop's (the node's default)
+    face_device: str = "cpu"  # the face crop's device widget (its default)
+    on_no_face: str = "skip"  # a reference photo without a face: "skip" the identity, or "center crop"
 
 
 CROP_SIZE_FAMILY_DEFAULT = 1024  # the face crop's size when the reference resolution is the family's own (0)
@@ -145,9 +147,10 @@ class Generator:
 
     @staticmethod
     def _crop_widgets(s: Settings) -> dict:
-        return dict(detector=s.detector, insightface_model=s.insightface_model, device="gpu", face="largest",
-                    face_index=0, margin=s.margin, min_face_size=s.min_face_size,
-                    size=s.resolution or CROP_SIZE_FAMILY_DEFAULT, on_no_face="error")
+        return dict(detector=s.detector, insightface_model=s.insightface_model, device=s.face_device,
+                    face="largest", face_index=0, margin=s.margin, min_face_size=s.min_face_size,
+                    size=s.resolution or CROP_SIZE_FAMILY_DEFAULT,
+                    on_no_face="error" if s.on_no_face == "skip" else s.on_no_face)
 
     @staticmethod
     def _encode_widgets(s: Settings) -> dict:

@@ -29,7 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from ..manifest import IMAGE_EXTENSIONS, manifest_entries  # noqa: F401 (shared with the evaluation)
+
 SHARD_KIND = "training shard"
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"
 EMPTY_PROMPT = ("empty_context", "empty_adm", "empty_pooled")  # what a data source gives of the empty prompt
@@ -70,17 +71,6 @@ def _folder_items(folder: Path) -> list[Item]:
     if not items:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     return items
-
-
-def manifest_entries(manifest: Path):
-    """(line number, parsed JSON or the JSONDecodeError) for each non-blank line of a JSONL manifest: the caller
-    decides whether a bad line stops everything or only skips itself."""
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield number, e
 
 
 def _manifest_items(manifest: Path) -> list[Item]:
