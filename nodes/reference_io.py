@@ -11,6 +11,7 @@ from . import folders
 from .types import CATEGORY, ReferenceType
 
 
+SAVED_UI_KEY = "invadapter_saved_reference"  # in Save Reference's UI output: the file it wrote
 MAX_NAME_BYTES = 200  # file systems allow 255 bytes per name; room for ".safetensors" and ".partial"
 
 
@@ -63,7 +64,8 @@ class InvAdapterSaveReference(io.ComfyNode):
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists: choose another name or enable overwrite")
         save_reference(reference, path, with_features=with_features)
-        return io.NodeOutput(reference, path, ui={"text": [path]})
+        # SAVED_UI_KEY tells the web extension to refresh the reference lists (web/js/invadapter.js)
+        return io.NodeOutput(reference, path, ui={"text": [path], SAVED_UI_KEY: [os.path.basename(path)]})
 
 
 class InvAdapterLoadReference(io.ComfyNode):
@@ -84,12 +86,29 @@ class InvAdapterLoadReference(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, reference_name) -> bool | str:
+        # replaces ComfyUI's "Value not in list: ... not in []", which does not say where the file comes from
+        problem = missing_reference(reference_name)
+        return problem or True
+
+    @classmethod
     def execute(cls, reference_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(folders.REFERENCES, reference_name)
-        if path is None:
-            raise FileNotFoundError(f"reference '{reference_name}' not found; searched: "
-                                    f"{folders.searched(folders.REFERENCES)}")
-        return io.NodeOutput(load_reference(path))
+        problem = missing_reference(reference_name)
+        if problem:
+            raise FileNotFoundError(problem)
+        return io.NodeOutput(load_reference(folder_paths.get_full_path(folders.REFERENCES, reference_name)))
+
+
+def missing_reference(name) -> str | None:
+    """Why a saved reference cannot be loaded (what to run first, the folders searched), or None when it can."""
+    if isinstance(name, str) and name and folder_paths.get_full_path(folders.REFERENCES, name) is not None:
+        return None
+    saved = folder_paths.get_filename_list(folders.REFERENCES)
+    what = f"no saved reference '{name}'" if name else "no saved reference chosen"
+    listing = f"saved there: {', '.join(saved)}" if saved else "none is saved there yet"
+    return (f"{what} in {folders.searched(folders.REFERENCES)} ({listing}): run a graph with Inv-Adapter Save "
+            f"Reference first (e.g. the 'save reference' template), then pick its file here (the list refreshes "
+            f"after the save; press R to refresh it by hand)")
 
 
 NODES = [InvAdapterSaveReference, InvAdapterLoadReference]

@@ -153,6 +153,9 @@ def test_applying_the_same_reference_twice_replaces_with_a_warning(model, captio
     with caplog.at_level(logging.WARNING):
         twice = install(once, Application(app.adapter, ref, model, 1.0, 1.0, 1e9, 0.0))
     assert "already applied" in caplog.text
+    # why, and what to do
+    assert "the same reference reached it twice" in caplog.text and "same photo in both photo slots" in caplog.text
+    assert "two different photos" in caplog.text and "remove one InvAdapterApply" in caplog.text
     assert len(applications(twice)) == 1
     other = encode(model, caption)
     assert len(applications(applied(twice, other)[0])) == 2  # another identity stacks

@@ -17,6 +17,7 @@ from PIL import Image
 
 from invadapter_core.evaluate import dataset, results
 from invadapter_core.evaluate.pipeline import Config
+from invadapter_core.evaluate.run import option_name
 from support import faces, models
 from support.host import ctrl_c_reaches_the_child, python_exe
 
@@ -94,10 +95,20 @@ def test_results_file_drops_a_torn_row_and_refuses_other_settings(tmp_path):
 
     results.check_run(tmp_path, {"steps": 20}, restart=False)
     results.check_run(tmp_path, {"steps": 20}, restart=False)
-    with pytest.raises(results.ResumeMismatch, match=r"steps: 20 -> 4.*--restart"):
+    with pytest.raises(results.ResumeMismatch, match=r"steps 20 -> 4.*--restart"):
         results.check_run(tmp_path, {"steps": 4}, restart=False)
     results.check_run(tmp_path, {"steps": 4}, restart=True)
     assert not f.path.exists()
+
+    # a changed setting is named by the option that sets it, old -> new, not by dumping the settings
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    results.check_run(nested, {"settings": {"steps": 20, "cfg": 7.0}, "clip": None}, restart=False)
+    with pytest.raises(results.ResumeMismatch) as refused:
+        results.check_run(nested, {"settings": {"steps": 4, "cfg": 7.0}, "clip": "c.safetensors"}, restart=False,
+                          name=option_name)
+    assert "(--clip None -> 'c.safetensors'; --steps 20 -> 4)" in str(refused.value)
+    assert "cfg" not in str(refused.value)
 
 
 def test_face_metric_copy_paste_indicator(photos):
@@ -159,26 +170,31 @@ def test_end_to_end_interrupted_then_resumed(tmp_path, photos):
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if line.startswith("[1/4]"):
+        if line.startswith("[3/4]"):  # nobody's 2 images are counted as skipped first
             proc.send_signal(signal.SIGINT)
             break
     rest_out, rest_err = proc.communicate(timeout=300)
     err = "".join(seen) + rest_err
     assert proc.returncode == 130, err[-4000:]
     assert "interrupted" in err and "run the same command again to resume" in err
-    assert "skipping identity nobody: reference photo" in err and "No face found" in err
+    assert "[2/4] skipping identity nobody (2 image(s)): reference photo" in err and "no face found" in err
+    # the advice names the command line's options, not the face crop node's widgets
+    assert "--on-no-face 'center crop'" in err and "--crop-min-face-size" in err
+    assert "on_no_face" not in err and "min_face_size" not in err
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1
 
     # second run: resumes, generates only the missing image, prints the summary as one JSON line
+    # (exit status 1: the run is done, but an identity could not be evaluated)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "error: 1 identity(ies) could not be evaluated (2 image(s)): nobody: reference photo" in done.stderr
     assert "resuming: 1 of 4 images already in" in done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["resumed"] == 1 and summary["generated"] == 1 and summary["images"] == 2
     assert summary["recognizer"] == "dlib" and summary["skipped_metrics"] == {}
-    assert list(summary["skipped_identities"]) == ["nobody"]
+    assert list(summary["skipped_identities"]) == ["nobody"] and summary["not_evaluated"] == 2
     assert [c["config"] for c in summary["configs"]] == ["init from model|ws=0|wc=1|bw=none",
                                                          "init from model|ws=1|wc=1|bw=none"]
     with open(out / "results.csv", newline="") as f:
@@ -238,3 +254,59 @@ def test_settings_grid_with_an_adapter_file_and_presets(tmp_path):
         Generator.validate(nodes, Settings(sampler="eulerx"))
     with pytest.raises(PipelineError, match="InvAdapterEncodeReference inversion 'newest' is not one of"):
         Generator.validate(nodes, Settings(inversion="newest"))
+
+
+def _installed_comfyui(tmp_path: Path) -> Path:
+    """A ComfyUI as a user has one: this pack in its custom_nodes (a symlink), its own models folder and an
+    extra_model_paths.yaml. Its entries link to the test host's ComfyUI, except folder_paths.py, a copy: ComfyUI takes
+    its folders from that file's real path."""
+    import shutil
+
+    from invadapter_core.comfyui.host import comfyui_path
+
+    host = comfyui_path()
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    own = {"custom_nodes", "models", "input", "output", "user", "temp", "extra_model_paths.yaml", "folder_paths.py"}
+    for entry in host.iterdir():
+        if entry.name not in own:
+            (comfy / entry.name).symlink_to(entry)
+    shutil.copy(host / "folder_paths.py", comfy / "folder_paths.py")
+    (comfy / "custom_nodes").mkdir()
+    (comfy / "custom_nodes" / "ComfyUI-InvAdapter").symlink_to(ROOT)
+    return comfy
+
+
+def test_from_an_installed_comfyui_in_any_folder_with_its_model_paths(tmp_path, photos):
+    """The pack inside a ComfyUI's custom_nodes, run from another folder with no COMFYUI_PATH: ComfyUI is found
+    there, the checkpoint through that ComfyUI's extra_model_paths.yaml, the adapter in --base-directory's models
+    folder; a refused run (here: a CLIP vision file that is nowhere) creates no --out."""
+    pytest.importorskip("dlib")
+    comfy = _installed_comfyui(tmp_path)
+    elsewhere = tmp_path / "my-models"
+    (elsewhere / "ckpts").mkdir(parents=True)
+    (elsewhere / "ckpts" / "from-yaml.safetensors").symlink_to(models.shallow_sd15_checkpoint())
+    _write(comfy / "extra_model_paths.yaml", f"mine:\n    base_path: {elsewhere}\n    checkpoints: ckpts\n")
+    base = tmp_path / "base"
+    (base / "models" / "invadapter").mkdir(parents=True)
+    from invadapter_core.adapter.eaa import InvAdapter, SelfEAA
+    from invadapter_core.adapter.weights import save_adapter
+
+    save_adapter(InvAdapter("SD15", 256, 16, {"input.1.0": SelfEAA(64, 64)}, {}, name="t"),
+                 str(base / "models" / "invadapter" / "from-base.safetensors"))
+    data = tmp_path / "data" / "obama"
+    data.mkdir(parents=True)
+    (data / "1.jpg").symlink_to(faces.labelled_photos()["obama"])
+    out = tmp_path / "out"
+    command = [python_exe(), comfy / "custom_nodes" / "ComfyUI-InvAdapter" / "scripts" / "evaluate.py",
+               data.parent, "--checkpoint", "from-yaml.safetensors", "--adapter", "from-base.safetensors",
+               "--base-directory", base, "--prompt", "a photo", "--out", out, "--clip-vision", "nowhere.safetensors"]
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    run = subprocess.run(list(map(str, command)), cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-4000:]
+    # both names resolved (else the error would be about them): the refusal is the CLIP vision file's, and its
+    # search went through the base directory's models folder
+    assert "error: CLIP vision model 'nowhere.safetensors' is neither a file nor a file in ComfyUI's 'clip_vision'" \
+        in run.stderr, run.stderr[-4000:]
+    assert str(base / "models" / "clip_vision") in run.stderr
+    assert not out.exists()

@@ -134,3 +134,39 @@ def test_same_person_above_another_through_the_server(comfy_client, comfy_server
         time.sleep(2)
     log = comfy_server.log_tail(200_000)
     assert "face recognizer dlib released by ComfyUI's model management" in log, log[-3000:]
+
+
+def test_one_photo_one_score_through_a_graph_and_the_evaluation(comfy_client):
+    """The same photo files scored by a server graph (LoadImage -> Face Similarity) and by the evaluation's code
+    (images.load_image_file -> evaluate.metrics.FaceMetric) give the same number. LoadImage decodes JPEG with PyAV,
+    whose pixels differ from PIL's by up to 3/255: read with PIL, obama2.jpg scored 0.693 instead of 0.716."""
+    from invadapter_core.evaluate.metrics import FaceMetric
+    from invadapter_core.files.images import load_image_file
+
+    paths = faces.labelled_photos()
+    names = {key: comfy_client.upload_image(paths[key], name=f"onescore-{key}.jpg") for key in ("obama", "obama2")}
+    graph = {"ref": {"class_type": "LoadImage", "inputs": {"image": names["obama"]}},
+             "img": {"class_type": "LoadImage", "inputs": {"image": names["obama2"]}},
+             "sim": {"class_type": "InvAdapterFaceSimilarity", "inputs": {
+                 "reference": ["ref", 0], "images": ["img", 0], "recognizer": "dlib",
+                 "insightface_model": "antelopev2", "device": "cpu", "combine": "mean", "min_face_size": 32}},
+             "show": {"class_type": "PreviewAny", "inputs": {"source": ["sim", 4]}}}
+    (record,) = json.loads(comfy_client.run(graph, timeout=600)["outputs"]["show"]["text"][0])
+
+    metric = FaceMetric("dlib", "antelopev2", [], "cpu", 32)
+    identity = metric.identity(load_image_file(paths["obama"]), [])
+    row = metric.score(load_image_file(paths["obama2"]), identity)
+    print(f"\nobama2.jpg against obama.jpg: graph {record['similarity']}, evaluation {row['face_sim']:.4f}")
+    assert row["face_sim"] == pytest.approx(record["similarity"], abs=1e-4)  # the graph's JSON rounds to 4 places
+    assert row["face_raw"] == pytest.approx(record["distance"], abs=1e-4)
+
+
+def test_insightface_recognizer_errors_name_the_recognizer_fallback(tmp_path):
+    """recognizer 'insightface' without InsightFace (or without its models) names what the user can choose there:
+    recognizer 'dlib', not the face crop's detector."""
+    from invadapter_core.face import recognize as face_id
+
+    with pytest.raises(face_core.FaceCropError) as error:
+        face_id.get_recognizer("insightface", insightface_roots=[str(tmp_path)])
+    assert "choose recognizer 'dlib'" in str(error.value) and "detector" not in str(error.value).split("\n")[-1]
+    assert "mtcnn" not in str(error.value)

@@ -1,18 +1,30 @@
 """web/js/invadapter.js in the real frontend (headless Chromium): it loads, the pack's link colours stand apart from
-every core type's colour in every colour palette the frontend ships, the block-weight sliders show only when used,
-and the pack's notices show as toasts."""
+every core type's colour in every colour palette the frontend ships (far apart in the default one), the block-weight
+sliders show only when used, and the pack's notices show as toasts."""
 import itertools
 import json
+import re
+import uuid
+from pathlib import Path
 
 import pytest
 
 from support.browser import run_graph
-from support.colours import colour_distance, delta_e2000, frontend_palette_ids
+from support.colours import DEFAULT_PALETTE, colour_distance, delta_e2000, frontend_palette_ids, frontend_palettes
 from support.graphs import api_twin, example_files, smoke_edits, user_edits
 
-# CIEDE2000: about 1 is just noticeable; above 10 two link colours read as different at a glance.
+# CIEDE2000: about 1 is just noticeable; above 10 two link colours read as different at a glance, at 20 they no longer
+# look like one colour family (the default palette's, where most users see them).
 MIN_DISTANCE_TO_CORE = 10.0
+MIN_DISTANCE_TO_CORE_DEFAULT = 20.0
 MIN_DISTANCE_BETWEEN_OURS = 15.0
+EXTENSION = Path(__file__).resolve().parents[1] / "web" / "js" / "invadapter.js"
+
+
+def link_colours() -> dict[str, str]:
+    """LINK_COLORS as web/js/invadapter.js declares them."""
+    block = re.search(r"LINK_COLORS = \{(.*?)\};", EXTENSION.read_text(), re.S).group(1)
+    return dict(re.findall(r"(INVADAPTER\w*):\s*\"(#[0-9A-Fa-f]{6})\"", block))
 
 
 @pytest.mark.parametrize("lab1, lab2, expected", [
@@ -37,6 +49,21 @@ def pack_types(object_info: dict) -> set[str]:
     return found
 
 
+def test_link_colours_stand_apart_in_the_default_palette():
+    """Every pack type's link colour at CIEDE2000 >= 20 from every core type's colour in the default palette, as the
+    installed frontend package defines it (read from its bundle: a new frontend's colours are checked, not a copy)."""
+    ours = link_colours()
+    assert len(ours) == 5, ours
+    core = frontend_palettes()[DEFAULT_PALETTE]
+    assert {"MODEL", "CONDITIONING", "LATENT", "VAE", "CONTROL_NET", "IMAGE"} <= set(core), core
+    problems = [f"{t} {c} is {colour_distance(c, cc):.1f} from {ct} {cc}" for t, c in sorted(ours.items())
+                for ct, cc in sorted(core.items()) if colour_distance(c, cc) < MIN_DISTANCE_TO_CORE_DEFAULT]
+    problems += [f"{a} {ours[a]} and {b} {ours[b]} are {colour_distance(ours[a], ours[b]):.1f} apart"
+                 for a, b in itertools.combinations(sorted(ours), 2)
+                 if colour_distance(ours[a], ours[b]) <= MIN_DISTANCE_BETWEEN_OURS]
+    assert not problems, "\n".join(problems)
+
+
 def test_link_colours_differ_from_every_core_type_in_every_palette(frontend, comfy_client):
     ours = pack_types(comfy_client.object_info())
     assert {"INVADAPTER", "INVADAPTER_REFERENCE"} <= ours
@@ -57,11 +84,12 @@ def test_link_colours_differ_from_every_core_type_in_every_palette(frontend, com
                 problems.append(f"palette {palette}: {ours_type} has no colour (add it to LINK_COLORS in "
                                 f"web/js/invadapter.js)")
                 continue
+            needed = MIN_DISTANCE_TO_CORE_DEFAULT if palette == DEFAULT_PALETTE else MIN_DISTANCE_TO_CORE
             for core_type, core_colour in core.items():
                 distance = colour_distance(colour, core_colour)
-                if distance <= MIN_DISTANCE_TO_CORE:
+                if distance < needed:
                     problems.append(f"palette {palette}: {ours_type} {colour} is {distance:.1f} from {core_type} "
-                                    f"{core_colour} (needs > {MIN_DISTANCE_TO_CORE})")
+                                    f"{core_colour} (needs >= {needed})")
         for a, b in itertools.combinations(sorted(t for t in ours if colours.get(t)), 2):
             if colour_distance(colours[a], colours[b]) <= MIN_DISTANCE_BETWEEN_OURS:
                 problems.append(f"palette {palette}: {a} and {b} look alike ({colours[a]}, {colours[b]})")
@@ -123,3 +151,54 @@ def test_a_notice_during_a_run_shows_as_a_toast(frontend):
     assert result["status"] == "success", result["error"]
     toasts = frontend.evaluate("() => window.__toasts")
     assert any("Inv-Adapter" in t and "start_percent equals end_percent" in t for t in toasts), toasts
+
+
+def save_reference_example():
+    """The shipped UI workflow that saves a reference, with its API twin."""
+    for ui_file in example_files():
+        api_graph = json.loads(api_twin(ui_file).read_text())
+        if any(n["class_type"] == "InvAdapterSaveReference" for n in api_graph.values()):
+            return json.loads(ui_file.read_text()), api_graph
+    raise AssertionError("no example workflow saves a reference")
+
+
+def test_loading_an_unsaved_reference_says_what_to_run_first(comfy_client):
+    """Instead of ComfyUI's "Value not in list: ... not in []": the folder searched and the graph to run first."""
+    from support.server import PromptRejected
+
+    name = f"never_saved_{uuid.uuid4().hex[:8]}.safetensors"
+    prompt = {"1": {"class_type": "InvAdapterLoadReference", "inputs": {"reference_name": name}},
+              "2": {"class_type": "InvAdapterSaveReference",
+                    "inputs": {"reference": ["1", 0], "name": "unused", "with_features": True, "overwrite": True}}}
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_client.queue(prompt)
+    text = json.dumps(rejected.value.node_errors)
+    assert "Value not in list" not in text, text
+    assert f"no saved reference '{name}'" in text and "invadapter_references" in text, text
+    assert "run a graph with Inv-Adapter Save Reference first" in text, text
+
+
+def test_saved_reference_appears_in_load_reference_without_a_reload(frontend):
+    """A Load Reference node open in the page before Save Reference runs lists the new file once the save is done
+    (the extension refreshes the node definitions on Save Reference's executed event), and so does a new node."""
+    ui, api_graph = save_reference_example()
+    name = f"refresh_{uuid.uuid4().hex[:8]}"
+    save = next(i for i, n in api_graph.items() if n["class_type"] == "InvAdapterSaveReference")
+    edits = smoke_edits(api_graph, user_edits(api_graph))
+    edits.setdefault(save, {}).update(name=name, overwrite=True)
+    opened = frontend.evaluate("""async (workflow) => {  // the save graph with a Load Reference node beside it
+        const app = window.app;
+        await app.loadGraphData(workflow);
+        const node = window.LiteGraph.createNode("InvAdapterLoadReference");
+        node.pos = [0, -400];
+        app.graph.add(node);
+        return {workflow: app.graph.serialize(), id: node.id, values: [...node.widgets[0].options.values]};
+    }""", ui)
+    file = f"{name}.safetensors"
+    assert file not in opened["values"]
+    result = run_graph(frontend, opened["workflow"], edits, timeout=900)
+    assert result["status"] == "success", result["error"]
+    listed = """([id, file]) => window.app.graph.getNodeById(id)?.widgets[0].options.values.includes(file)"""
+    frontend.wait_for_function(listed, arg=[opened["id"], file], timeout=30_000)
+    assert frontend.evaluate("""(file) => window.LiteGraph.createNode("InvAdapterLoadReference")
+        .widgets[0].options.values.includes(file)""", file)

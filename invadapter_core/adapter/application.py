@@ -331,8 +331,12 @@ def install(model, app: Application):
     replaced (with a warning), so applying twice never silently doubles the work or the effect."""
     m = model.clone()
     if _remove_application(m, app.key):
-        notify("this reference and adapter were already applied to the model; the later InvAdapterApply replaces the "
-               "earlier one")
+        # the same reference object reaches a model twice when one encoded reference feeds two chains, or when two
+        # slots hold the same photo (ComfyUI's cache hands both the one encoding): say so, and what to change
+        notify("this reference and adapter were already applied to the model: the same reference reached it twice "
+               "(e.g. the same photo in both photo slots, or one reference wired to two InvAdapterApply nodes), so "
+               "the later InvAdapterApply replaces the earlier one and only one identity is used. For two people, "
+               "load two different photos (references); for one, remove one InvAdapterApply")
     patches = m.model_options["transformer_options"].get("patches", {})
     for kind in app.kinds:
         for slot, fn in zip(SLOTS[kind], (STASH[kind], ADD[kind])):

@@ -1,4 +1,5 @@
-"""Command line: ``python -m invadapter_core.evaluate DATA --checkpoint CKPT --out DIR [...]`` (run from the repo root).
+"""Command line: ``python -m invadapter_core.evaluate DATA --checkpoint CKPT --out DIR [...]`` from the pack's folder,
+or ``python <pack>/scripts/evaluate.py ...`` from anywhere.
 
 ComfyUI is imported only after the arguments are parsed, so ``--help`` is instant and ComfyUI never sees them.
 """
@@ -38,8 +39,13 @@ photos: above 0 the generations look more like that one photo than the person's 
 CLIP-T / CLIP-I need --clip-vision (and --clip for CLIP-T); without them they are skipped with a message.
 
 An interrupted run resumes: run the same command again; images already in results.csv are skipped. More settings
-can be added to the grid on a later run; other settings need another --out (or --restart).
-ComfyUI is found through $COMFYUI_PATH or the repo's .host/comfyui_path.
+can be added to the grid on a later run; other settings need another --out (or --restart). An identity whose
+reference photo has no face is skipped (listed in the summary; the exit status is then 1).
+
+ComfyUI: $COMFYUI_PATH, else the ComfyUI whose custom_nodes folder holds this pack, else the repo's .host (make
+setup). Model names resolve as that ComfyUI resolves them: its models folder (or --base-directory's), its
+extra_model_paths.yaml and any --extra-model-paths-config.
+Exit status: 0 done; 1 done, but an identity could not be evaluated; 2 refused (nothing written); 130 interrupted.
 """
 
 
@@ -89,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detector", default="auto", choices=["auto", "insightface", "mtcnn"],
                    help="face crop detector for the reference photos")
     g.add_argument("--margin", type=float, default=0.5, help="face crop margin (default 0.5)")
+    g.add_argument("--crop-min-face-size", type=int, default=40,
+                   help="smallest face the face crop takes in a reference photo (px, default 40 as the node)")
+    g.add_argument("--on-no-face", default="skip", choices=["skip", "center crop"],
+                   help="a reference photo without a face: skip that identity (default), or encode its centre "
+                        "square")
+    g.add_argument("--face-device", default="cpu", choices=["cpu", "gpu"],
+                   help="face detection (crop and FACE-SIM) on the CPU (default, as the nodes' default, so scores "
+                        "match a graph's) or on ComfyUI's device")
     g = p.add_argument_group("metrics")
     g.add_argument("--recognizer", default="auto", choices=["auto", "insightface", "dlib"],
                    help="FACE-SIM recognizer: auto = InsightFace ArcFace when installed with its models, else dlib")
@@ -100,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "clip_l.safetensors")
     g.add_argument("--clip-vision", help="CLIP vision model for CLIP-I and CLIP-T (path or name in "
                                          "models/clip_vision), the same CLIP as --clip")
+    g = p.add_argument_group("ComfyUI (as its own options of the same names)")
+    g.add_argument("--base-directory", help="ComfyUI's base directory for models (and input, output, ...)")
+    g.add_argument("--extra-model-paths-config", action="append", default=[], metavar="PATH",
+                   help="an extra_model_paths.yaml to load besides ComfyUI's own (repeatable)")
     g = p.add_argument_group("run")
     g.add_argument("--restart", action="store_true", help="discard the results already in --out")
     g.add_argument("--quiet", "-q", action="store_true", help="no per-image lines on stderr")
@@ -111,7 +129,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from ..comfyui.host import setup_comfy
 
-    setup_comfy()
+    try:
+        setup_comfy(args.base_directory, args.extra_model_paths_config)
+    except (RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import comfy.model_management as mm
 
     from .run import EvaluationError, evaluate
@@ -134,6 +156,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     print(json.dumps(summary))
+    if summary["skipped_identities"]:
+        print(f"error: {len(summary['skipped_identities'])} identity(ies) could not be evaluated ("
+              f"{summary['not_evaluated']} image(s)): " + "; ".join(
+                  f"{name}: {why}" for name, why in summary["skipped_identities"].items()), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -120,7 +120,9 @@ class Settings:
     detector: str = "auto"
     insightface_model: str = "antelopev2"
     margin: float = 0.5
-    min_face_size: int = 40
+    min_face_size: int = 40   # the face crop's (the node's default)
+    face_device: str = "cpu"  # the face crop's device widget (its default)
+    on_no_face: str = "skip"  # a reference photo without a face: "skip" the identity, or "center crop"
 
 
 CROP_SIZE_FAMILY_DEFAULT = 1024  # the face crop's size when the reference resolution is the family's own (0)
@@ -146,9 +148,10 @@ class Generator:
 
     @staticmethod
     def _crop_widgets(s: Settings) -> dict:
-        return dict(detector=s.detector, insightface_model=s.insightface_model, device="gpu", face="largest",
-                    face_index=0, margin=s.margin, min_face_size=s.min_face_size,
-                    size=s.resolution or CROP_SIZE_FAMILY_DEFAULT, on_no_face="error")
+        return dict(detector=s.detector, insightface_model=s.insightface_model, device=s.face_device,
+                    face="largest", face_index=0, margin=s.margin, min_face_size=s.min_face_size,
+                    size=s.resolution or CROP_SIZE_FAMILY_DEFAULT,
+                    on_no_face="error" if s.on_no_face == "skip" else s.on_no_face)
 
     @staticmethod
     def _encode_widgets(s: Settings) -> dict:

@@ -58,22 +58,41 @@ class ResultsFile:
         self._done.add(row_key(row["identity"], row["prompt"], row["seed"], row["config"]))
 
 
-def check_run(out_dir: Path, run: dict, restart: bool) -> None:
-    """Write run.json, or compare with the one there: a resumed run must have the same settings (the grid of
-    adapters and weights may grow)."""
+def _flat(run: dict, prefix: str = "") -> dict:
+    """{"settings": {"steps": 20}} -> {"settings.steps": 20}, so a change is named by its own key."""
+    flat = {}
+    for key, value in run.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def verify_run(out_dir: Path, run: dict, restart: bool, name=lambda key: key) -> None:
+    """ResumeMismatch when ``out_dir`` holds a run with other settings (each change named by ``name(key)``, old ->
+    new); writes nothing. A resumed run must have the same settings (the grid of adapters and weights may grow)."""
     path = out_dir / RUN_NAME
-    if restart:
-        for name in (CSV_NAME, RUN_NAME, SUMMARY_NAME):
-            (out_dir / name).unlink(missing_ok=True)
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = [f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run))
-                   if old.get(k) != run.get(k)]
-        if changed:
-            raise ResumeMismatch(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): use another "
-                                 f"--out, or --restart to discard the results there")
+    if restart or not path.exists():
         return
-    path.write_text(json.dumps(run, indent=1, sort_keys=True))
+    old, new = _flat(json.loads(path.read_text())), _flat(run)
+    changed = [f"{name(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)]
+    if changed:
+        raise ResumeMismatch(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): run with the "
+                             f"same settings to resume it, use another --out, or --restart to discard the results "
+                             f"there")
+
+
+def check_run(out_dir: Path, run: dict, restart: bool, name=lambda key: key) -> None:
+    """verify_run, then write run.json (``restart``: after deleting the results there)."""
+    verify_run(out_dir, run, restart, name)
+    if restart:
+        for file in (CSV_NAME, RUN_NAME, SUMMARY_NAME):
+            (out_dir / file).unlink(missing_ok=True)
+    path = out_dir / RUN_NAME
+    if not path.exists():
+        path.write_text(json.dumps(run, indent=1, sort_keys=True))
 
 
 def _mean(values) -> float | None:

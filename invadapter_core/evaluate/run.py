@@ -13,12 +13,13 @@ from typing import Callable
 
 from PIL import Image
 
+from ..face.detect import DetectorUnavailable, FaceCropError, InsightFaceModelsMissing
 from ..face.recognize import FaceIdError, to_uint8
-from ..files.images import SkipItem, load_image
+from ..files.images import ImageFileError, load_image_file
 from .dataset import DatasetError, load_identities, read_prompts, slug
 from .metrics import ClipMetric, FaceMetric
 from .pipeline import BLOCK_PRESET_NONE, INIT_FROM_MODEL, Config, Generator, Nodes, PipelineError, Settings, model_name
-from .results import SUMMARY_NAME, ResultsFile, ResumeMismatch, check_run, row_key, summarize
+from .results import SUMMARY_NAME, ResultsFile, ResumeMismatch, check_run, row_key, summarize, verify_run
 
 log = logging.getLogger("InvAdapter.evaluate")
 
@@ -52,7 +53,18 @@ def _settings(args) -> Settings:
                     keep_features=not args.no_keep_features, inversion=args.inversion, capture=args.capture,
                     feature_precision=args.feature_precision,
                     start_percent=args.start_percent, end_percent=args.end_percent, combine=args.combine,
-                    apply_to=args.apply_to, detector=args.detector, insightface_model=args.insightface_model, margin=args.margin)
+                    apply_to=args.apply_to, detector=args.detector, insightface_model=args.insightface_model,
+                    margin=args.margin, min_face_size=args.crop_min_face_size, face_device=args.face_device,
+                    on_no_face=args.on_no_face)
+
+
+# run.json's keys (settings.* flattened) -> the option that sets them, to name a changed setting as the user typed it
+OPTION_OF = {"settings.keep_features": "keep features (--no-keep-features)", "settings.min_face_size": "--crop-min-face-size",
+             "settings.insightface_model": "--insightface-model", "data": "DATA"}
+
+
+def option_name(key: str) -> str:
+    return OPTION_OF.get(key) or "--" + key.split(".")[-1].replace("_", "-")
 
 
 def _configs(args, nodes: Nodes) -> list[Config]:
@@ -68,6 +80,13 @@ def _configs(args, nodes: Nodes) -> list[Config]:
         dict.fromkeys(args.block_weights))]
 
 
+def _face_device(settings: Settings):
+    """The face crop's and Face Similarity's device widget: "cpu" (their default), or ComfyUI's device."""
+    import comfy.model_management as mm
+
+    return mm.get_torch_device() if settings.face_device == "gpu" else "cpu"
+
+
 def _fmt(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
@@ -78,16 +97,22 @@ def evaluate(args, progress: Callable[[str], None] | None = None) -> dict:
     try:
         with torch.inference_mode():  # as ComfyUI's executor runs every node
             return _evaluate(args, progress or (lambda s: None))
-    except (DatasetError, PipelineError, ResumeMismatch, FaceIdError) as e:
+    except (DatasetError, PipelineError, ResumeMismatch, FaceIdError, FaceCropError, ImageFileError) as e:
         raise EvaluationError(str(e)) from None
+
+
+def _no_face_advice(settings: Settings) -> str:
+    return (f"put a photo with a clearer, larger face first by name, lower --crop-min-face-size (now "
+            f"{settings.min_face_size} px), try another --detector (now {settings.detector}), or pass --on-no-face "
+            f"'center crop' to encode the photo's centre square")
 
 
 def _evaluate(args, progress: Callable[[str], None]) -> dict:
     import comfy.model_management as mm
     import folder_paths
 
+    # everything is checked before --out is created: a refused run leaves nothing behind
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     prompts = args.prompt or (read_prompts(args.prompts) if args.prompts else None)
     identities = load_identities(str(args.data), prompts, args.caption)
     nodes = Nodes()
@@ -97,10 +122,17 @@ def _evaluate(args, progress: Callable[[str], None]) -> dict:
     Generator.validate(nodes, settings)
     for root in args.insightface_root:
         folder_paths.add_model_folder_path("insightface", str(Path(root).resolve()), is_default=True)
-    check_run(out, {"data": str(Path(args.data).resolve()), "checkpoint": checkpoint,
-                    "settings": dataclasses.asdict(settings), "recognizer": args.recognizer,
-                    "insightface_model": args.insightface_model, "min_face_size": args.min_face_size,
-                    "clip": args.clip, "clip_vision": args.clip_vision}, args.restart)
+    run = {"data": str(Path(args.data).resolve()), "checkpoint": checkpoint,
+           "settings": dataclasses.asdict(settings), "recognizer": args.recognizer,
+           "insightface_model": args.insightface_model, "min_face_size": args.min_face_size,
+           "clip": args.clip, "clip_vision": args.clip_vision}
+    verify_run(out, run, args.restart, option_name)
+    face = FaceMetric(args.recognizer, args.insightface_model, folder_paths.get_folder_paths("insightface"),
+                      _face_device(settings), args.min_face_size)
+    clip = ClipMetric(nodes, args.clip, args.clip_vision)
+
+    out.mkdir(parents=True, exist_ok=True)
+    check_run(out, run, args.restart, option_name)
     results = ResultsFile(out)
 
     seeds = range(args.seed, args.seed + max(1, args.images_per_prompt))
@@ -111,31 +143,37 @@ def _evaluate(args, progress: Callable[[str], None]) -> dict:
     if resumed:
         progress(f"resuming: {resumed} of {len(plan)} images already in {results.path}")
 
-    face = FaceMetric(args.recognizer, args.insightface_model, folder_paths.get_folder_paths("insightface"),
-                      mm.get_torch_device(), args.min_face_size)
-    clip = ClipMetric(nodes, args.clip, args.clip_vision)
     for reason in clip.skipped.values():
         progress(reason)
     skipped_identities: dict[str, str] = {}
     generator = Generator(nodes, checkpoint, settings) if todo else None
-    done = 0
+    done = skipped_images = 0
     for identity in identities:
         mine = [job for job in todo if job.identity is identity]
         if not mine:
             continue
         try:
-            photo = load_image(identity.reference)
+            # as LoadImage reads it, so a graph given this file scores and encodes the same pixels
+            photo = load_image_file(identity.reference)
             crop = generator.face_crop(photo[None])
-        except (SkipItem, ValueError) as e:
-            skipped_identities[identity.name] = f"reference photo {identity.reference}: {e}"
-            progress(f"skipping identity {identity.name}: {skipped_identities[identity.name]}")
+        except (ImageFileError, FaceCropError) as e:
+            if isinstance(e, (DetectorUnavailable, InsightFaceModelsMissing)):  # no detector: nothing can be done
+                raise
+            no_face = isinstance(e, FaceCropError) and str(e).startswith("No face found")
+            reason = f"reference photo {identity.reference}: " + (
+                f"no face found (detector {settings.detector}, faces under {settings.min_face_size} px ignored): "
+                f"{_no_face_advice(settings)}" if no_face else str(e))
+            skipped_identities[identity.name] = reason
+            skipped_images += len(mine)
+            progress(f"[{resumed + done + skipped_images}/{len(plan)}] skipping identity {identity.name} "
+                     f"({len(mine)} image(s)): {reason}")
             continue
         others = []
         for path in identity.other_photos:
             try:
-                others.append(load_image(path))
-            except SkipItem as e:
-                progress(f"identity {identity.name}: photo {path} left out ({e})")
+                others.append(load_image_file(path))
+            except ImageFileError as e:
+                progress(f"identity {identity.name}: photo left out ({e})")
         faces = face.identity(photo, others)
         if faces.reference is None:
             progress(f"identity {identity.name}: the recognizer finds no face in {identity.reference}; its FACE-SIM "
@@ -160,8 +198,8 @@ def _evaluate(args, progress: Callable[[str], None]) -> dict:
                     row["seconds"] = round(time.perf_counter() - start, 3)
                     results.append(row)
                     done += 1
-                    progress(f"[{resumed + done}/{len(plan)}] {identity.name} p{job.prompt_index} seed {job.seed} "
-                             f"{config.name}: face_sim {_fmt(row['face_sim'])} clip_t {_fmt(row['clip_t'])} "
+                    progress(f"[{resumed + done + skipped_images}/{len(plan)}] {identity.name} p{job.prompt_index} "
+                             f"seed {job.seed} {config.name}: face_sim {_fmt(row['face_sim'])} clip_t {_fmt(row['clip_t'])} "
                              f"clip_i {_fmt(row['clip_i'])} ({row['seconds']:.1f} s)")
 
     keys = {job.key for job in plan}
@@ -169,6 +207,7 @@ def _evaluate(args, progress: Callable[[str], None]) -> dict:
     summary = {
         "checkpoint": checkpoint, "device": str(mm.get_torch_device()), "recognizer": face.name,
         "face_sim_scale": face.scale.description, "images": len(rows), "generated": done, "resumed": resumed,
+        "not_evaluated": skipped_images,
         "configs": summarize(rows, configs), "skipped_metrics": clip.skipped,
         "skipped_identities": skipped_identities, "settings": dataclasses.asdict(settings),
         "csv": str(results.path), "out": str(out)}

@@ -185,18 +185,22 @@ def insightface_available() -> bool:
     return importlib.util.find_spec("insightface") is not None and importlib.util.find_spec("onnxruntime") is not None
 
 
-def require_insightface() -> None:
+DETECTOR_FALLBACK = "choose detector 'mtcnn' (built in, no model files needed)"
+
+
+def require_insightface(what: str = "detector", fallback: str = DETECTOR_FALLBACK) -> None:
+    """``what`` / ``fallback``: the part that needs InsightFace and the alternative the user has there."""
     if not insightface_available():
         raise DetectorUnavailable(
-            "the InsightFace detector needs the optional packages 'insightface' and 'onnxruntime' (or "
-            "'onnxruntime-gpu'): pip install insightface onnxruntime; or choose detector 'mtcnn' (built in)")
+            f"the InsightFace {what} needs the optional packages 'insightface' and 'onnxruntime' (or "
+            f"'onnxruntime-gpu'): pip install insightface onnxruntime; or {fallback}")
 
 
 def _onnx_files(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*.onnx"))) if os.path.isdir(folder) else []
 
 
-def find_insightface_models(roots: Sequence[str], name: str) -> str:
+def find_insightface_models(roots: Sequence[str], name: str, fallback: str = DETECTOR_FALLBACK) -> str:
     """The root (the folder holding ``models/``) in which ``models/<name>/*.onnx`` exists: what
     ``FaceAnalysis(name=name, root=root)`` needs. Otherwise InsightFaceModelsMissing, with the folders searched, the
     expected layout and the mistakes found (nested ``<name>/<name>/``, missing ``models/`` level, unextracted zip)."""
@@ -228,7 +232,7 @@ def find_insightface_models(roots: Sequence[str], name: str) -> str:
            f"entry 'insightface: <folder>' adds a folder to search). This node never downloads models.")
     if hints:
         msg += "\nFound:\n" + "\n".join(f"  - {h}" for h in dict.fromkeys(hints))
-    msg += "\nOr choose detector 'mtcnn' (built in, no model files needed)."
+    msg += f"\nOr {fallback}."
     raise InsightFaceModelsMissing(msg)
 
 

@@ -51,6 +51,8 @@ DLIB_ZERO_DISTANCE = 2 * DLIB_THRESHOLD  # the distance mapped to similarity 0
 DLIB_FILES = {"shape": "shape_predictor_5_face_landmarks.dat", "net": "dlib_face_recognition_resnet_model_v1.dat"}
 ARCFACE_FILES = {"antelopev2": "glintr100.onnx", "buffalo_l": "w600k_r50.onnx"}
 MIN_FACE_SIZE = 32
+# what a user without InsightFace can choose instead (named in InsightFace's errors)
+RECOGNIZER_FALLBACK = "choose recognizer 'dlib' (pip install dlib-bin face-recognition-models; no model download)"
 
 
 class FaceIdError(ValueError):
@@ -172,7 +174,7 @@ class InsightFaceRecognizer:
     scale = ARCFACE_SCALE
 
     def __init__(self, root: str, model: str, gpu: bool = False):
-        face_core.require_insightface()
+        face_core.require_insightface("recognizer", RECOGNIZER_FALLBACK)
         path = arcface_file(root, model)
         import onnxruntime
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX
@@ -204,8 +206,8 @@ def _dlib(device: torch.device) -> ManagedRecognizer:
 
 
 def _insightface(roots: Sequence[str], model: str, device: torch.device) -> ManagedRecognizer:
-    face_core.require_insightface()
-    root = face_core.find_insightface_models(roots, model)
+    face_core.require_insightface("recognizer", RECOGNIZER_FALLBACK)
+    root = face_core.find_insightface_models(roots, model, RECOGNIZER_FALLBACK)
     path = arcface_file(root, model)
     gpu = device.type != "cpu"
     return managed((f"insightface:{model}", root, gpu), f"face recognizer insightface:{model}",

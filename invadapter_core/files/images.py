@@ -46,3 +46,35 @@ def load_image(path: str) -> torch.Tensor:
     if rgb.ndim != 3 or rgb.shape[0] < 8 or rgb.shape[1] < 8:
         raise SkipItem(f"image too small ({rgb.shape[1]}x{rgb.shape[0]} px)")
     return torch.from_numpy(rgb.copy()).float() / 255.0
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be read (the message names the file and why)."""
+
+
+def load_image_file(path) -> torch.Tensor:
+    """An image file as ComfyUI's LoadImage node decodes it: RGB float32 [H, W, 3] in 0..1 on the CPU (the first
+    frame). LoadImage decodes through PyAV (FFmpeg), whose JPEG decoder gives other pixels than PIL's (up to 3/255
+    apart: enough to move a detected face box by a pixel and a face similarity by 0.02), so code that scores or
+    encodes a photo outside a graph (the evaluation) must read it this way to match what a graph computes.
+    Needs ComfyUI importable (``invadapter_core.comfyui.host.use_comfyui``)."""
+    from comfy_api.latest import InputImpl
+    from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+
+    path = str(path)
+    try:  # LoadImage.load_image: PyAV first ...
+        images = InputImpl.VideoFromFile(path).get_components().images
+        if images.shape[0] > 0:
+            return images[0].to("cpu", torch.float32)
+    except Exception as pyav_error:  # noqa: BLE001 - LoadImage would fail here too: PIL gets a try, then say why
+        problem = f"{type(pyav_error).__name__}: {pyav_error}"
+    else:
+        problem = "no frame"
+    try:  # ... then PIL, as LoadImage does for what PyAV does not decode (animated WebP)
+        import numpy as np
+
+        with Image.open(path) as im:
+            frame = ImageOps.exif_transpose(next(ImageSequence.Iterator(im))).convert("RGB")
+            return torch.from_numpy(np.array(frame).astype(np.float32) / 255.0)
+    except (OSError, UnidentifiedImageError, ValueError, StopIteration, Image.DecompressionBombError) as e:
+        raise ImageFileError(f"{path}: unreadable image ({problem}; {type(e).__name__}: {e})") from None

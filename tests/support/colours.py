@@ -67,12 +67,22 @@ def colour_distance(color1: str, color2: str) -> float:
     return delta_e2000(rgb_to_lab(hex_to_rgb(color1)), rgb_to_lab(hex_to_rgb(color2)))
 
 
-def frontend_palette_ids() -> list[str]:
-    """Ids of the colour palettes built into the installed comfyui_frontend_package (read from its bundle)."""
+PALETTE_PATTERN = re.compile(r"id:`([\w-]+)`,name:`[^`]*`,(?:light_theme:!0,)?colors:\{node_slot:\{([^}]*)\}")
+DEFAULT_PALETTE = "dark"  # the frontend's "Dark (Default)"
+
+
+def frontend_palettes() -> dict[str, dict[str, str]]:
+    """{palette id: {core type: link colour}} of the colour palettes built into the installed
+    comfyui_frontend_package, read from its bundle (types the palette leaves blank are left out)."""
     assets = importlib.resources.files("comfyui_frontend_package") / "static" / "assets"
-    ids = set()
+    palettes = {}
     for entry in assets.iterdir():
         if entry.name.endswith(".js"):
-            ids.update(re.findall(r"id:`([\w-]+)`,name:`[^`]*`,(?:light_theme:!0,)?colors:\{node_slot:",
-                                  entry.read_text(errors="replace")))
-    return sorted(ids)
+            for palette, slots in PALETTE_PATTERN.findall(entry.read_text(errors="replace")):
+                palettes[palette] = {t: c for t, c in re.findall(r"(\w+):`([^`]*)`", slots) if c}
+    return palettes
+
+
+def frontend_palette_ids() -> list[str]:
+    """Ids of the colour palettes built into the installed comfyui_frontend_package."""
+    return sorted(frontend_palettes())

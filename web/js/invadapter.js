@@ -3,14 +3,15 @@
 import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 import { api } from "../../../scripts/api.js";
 
-// One colour per custom type, so an identity's path through a big graph is easy to follow. Each is far from every
-// core type's colour in every palette the frontend ships (CIEDE2000 > 10; tests/test_workflows_browser.py checks it).
+// One colour per custom type, so an identity's path through a big graph is easy to follow. Each is at CIEDE2000 >= 20
+// from every core type's colour in the default palette (its colours are bright pastels, so ours are saturated or
+// mid-dark) and > 10 in every other palette the frontend ships (tests/test_frontend_extension.py checks both).
 export const LINK_COLORS = {
-  INVADAPTER: "#C871F4",
-  INVADAPTER_REFERENCE: "#F471A5",
-  INVADAPTER_BLOCK_WEIGHTS: "#38EE2B",
-  INVADAPTER_FACE_BOXES: "#4DCBBB",
-  INVADAPTER_FACE_SCORES: "#F4A571",
+  INVADAPTER: "#D916FE",
+  INVADAPTER_REFERENCE: "#9A8005",
+  INVADAPTER_BLOCK_WEIGHTS: "#85757F",
+  INVADAPTER_FACE_BOXES: "#28849D",
+  INVADAPTER_FACE_SCORES: "#308958",
 };
 
 const BLOCK_WEIGHTS_NODE = "InvAdapterBlockWeights";
@@ -68,10 +69,24 @@ function showNotice(event) {
   });
 }
 
+// After Save Reference writes a file, every reference list (Load Reference's combo, in the open graph and in new
+// nodes) shows it without a page reload: the frontend's own refresh (what the R key does), without its toasts.
+const SAVED_REFERENCE_KEY = "invadapter_saved_reference";  // nodes/reference_io.py's SAVED_UI_KEY
+
+async function refreshAfterSave(event) {
+  if (!event.detail?.output?.[SAVED_REFERENCE_KEY]) return;
+  try {
+    await (app.reloadNodeDefs ? app.reloadNodeDefs() : app.refreshComboInNodes());
+  } catch (error) {
+    console.warn("Inv-Adapter: could not refresh the saved reference list (press R to refresh it)", error);
+  }
+}
+
 app.registerExtension({
   name: "InvAdapter.Frontend",
   setup() {
     api.addEventListener("invadapter.notice", showNotice);
+    api.addEventListener("executed", refreshAfterSave);
     applyLinkColors();
     // the palette is loaded after the setting changes: apply ours once that has happened
     app.ui?.settings?.addEventListener?.("Comfy.ColorPalette.change", () => setTimeout(applyLinkColors, 0));
