@@ -1,4 +1,10 @@
-"""Inv-Adapter as plain torch, in packages named after the method's stages: ``face`` -> ``reference`` -> ``adapter``
-(-> the sampler), over ``arch`` (what the pack knows of a network), ``files`` (formats and validation) and
-``comfyui`` (memory-manager glue, the host, notices). ``train`` and ``evaluate`` build on them and on nothing else.
+"""Inv-Adapter, in packages named after the method's stages: ``face`` -> ``reference`` -> ``adapter`` (-> the
+sampler), over ``arch`` (what the pack knows of a network), ``files`` (formats and validation) and ``comfyui``
+(memory-manager glue, the host, notices). ``train`` and ``evaluate`` build on them and on nothing else.
+
+Plain torch, runnable outside ComfyUI: the EAA layers and attention (``adapter.eaa``), the inversion in sigma space
+(``reference.inversion``), block levels (``arch.levels``), the file formats (``files``). What runs a ComfyUI model
+talks to ComfyUI: at import ``comfyui.memory`` (the memory manager; so ``reference.reference``, ``adapter`` and
+``face.recognize`` through it), ``reference.encode`` and ``adapter.application``; inside functions (only when a model
+or a tool needs it) ``arch``, ``comfyui.host``, ``files.images.load_image_file``, ``train`` and ``evaluate``.
 """
