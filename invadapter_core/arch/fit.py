@@ -21,8 +21,11 @@ def not_served_because(model) -> Optional[str]:
     import comfy.model_base
 
     net = model.get_model_object("diffusion_model")
-    if not any(cls.describes(net) for cls in ARCHITECTURES):
+    architecture = next((cls for cls in ARCHITECTURES if cls.describes(net)), None)
+    if architecture is None:
         return f"its network is a {type(net).__name__}, which no layout of the pack describes"
+    if architecture.refuses(net) is not None:
+        return architecture.refuses(net)
     if model_family(model) in NOT_GENERATORS:
         return f"it is {NOT_GENERATORS[model_family(model)]}"
     if _unet_config(model).get("use_temporal_attention") or _unet_config(model).get("use_temporal_resblock"):

@@ -76,7 +76,13 @@ class Layout:
 
     @classmethod
     def describes(cls, net: torch.nn.Module) -> bool:
+        """Whether ``net`` has this architecture's structure (what ``layout_of`` dispatches on)."""
         raise NotImplementedError
+
+    @classmethod
+    def refuses(cls, net: torch.nn.Module) -> Optional[str]:
+        """Why the pack does not serve this network although it has the structure (None: it does)."""
+        return None
 
     @staticmethod
     def is_block_name(name: str) -> bool:

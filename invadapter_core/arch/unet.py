@@ -53,10 +53,14 @@ class UNetLayout(Layout):
 
     @classmethod
     def describes(cls, net: torch.nn.Module) -> bool:
-        """ComfyUI's UNetModel itself: its subclasses (SVD's VideoUNet) add layers the EAA does not know."""
+        return all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks"))
+
+    @classmethod
+    def refuses(cls, net: torch.nn.Module):
+        """ComfyUI's UNetModel itself is served: its subclasses (SVD's VideoUNet) add layers the EAA does not know."""
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-        return type(net) is UNetModel
+        return None if type(net) is UNetModel else f"its network is a {type(net).__name__}, not a Stable Diffusion UNet"
 
     @staticmethod
     def is_block_name(name: str) -> bool:
