@@ -21,8 +21,11 @@ def not_served_because(model) -> Optional[str]:
     import comfy.model_base
 
     net = model.get_model_object("diffusion_model")
-    if not any(cls.describes(net) for cls in ARCHITECTURES):
+    described = [cls for cls in ARCHITECTURES if cls.describes(net)]
+    if not described:
         return f"its network is a {type(net).__name__}, which no layout of the pack describes"
+    if not described[0].SERVES:
+        return f"its {type(net).__name__} network is not served by the nodes yet"
     if model_family(model) in NOT_GENERATORS:
         return f"it is {NOT_GENERATORS[model_family(model)]}"
     if _unet_config(model).get("use_temporal_attention") or _unet_config(model).get("use_temporal_resblock"):
