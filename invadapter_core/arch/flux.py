@@ -70,8 +70,8 @@ class FluxLayout(Layout):
         hidden = int(net.hidden_size)
         facts = self.model_facts(model)
         facts["adm_channels"] = getattr(net.params, "vec_in_dim", None) if getattr(net, "vector_in", None) else None
-        super().__init__(blocks, call_keys, levels, {name: (hidden, hidden) for name in blocks},
-                         int(net.txt_in.in_features), **facts)
+        super().__init__(blocks, call_keys, levels, **facts, dims={name: (hidden, hidden) for name in blocks},
+                         context_dim=int(net.txt_in.in_features))
         self.heads = int(net.num_heads)
         self.head_dim = hidden // self.heads
         self.patch_size = int(net.patch_size)

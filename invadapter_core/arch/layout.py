@@ -53,8 +53,8 @@ class Layout:
     SERVES = ""  # the families this architecture covers, in words (for refusals)
 
     def __init__(self, blocks: dict[str, torch.nn.Module], call_keys: dict[tuple, str], levels: dict[str, str],
-                 dims: dict[str, tuple[int, int]], context_dim: int, family: str = "", downscale: int = 8,
-                 latent_channels: int = 4, adm_channels: Optional[int] = None):
+                 family: str = "", downscale: int = 8, latent_channels: int = 4, adm_channels: Optional[int] = None,
+                 dims: Optional[dict[str, tuple[int, int]]] = None, context_dim: Optional[int] = None):
         self.family = family
         self.downscale = downscale  # pixels per latent cell
         self.latent_channels = latent_channels
@@ -62,8 +62,12 @@ class Layout:
         self.blocks = blocks
         self._name_at = call_keys  # ComfyUI's transformer_options call key -> block name
         self.levels = levels
-        self.dims = dims  # name -> (width of the attention's input, width of its q/k/v)
-        self.context_dim = context_dim  # width of the text conditioning the network takes
+        # name -> (width of the attention's input, width of its q/k/v); the width of the text conditioning. Read off
+        # the blocks' attn1/attn2 (ComfyUI's BasicTransformerBlock) unless the architecture gives them.
+        self.dims = dims if dims is not None else {
+            name: (tb.attn1.to_q.in_features, tb.attn1.to_q.out_features) for name, tb in blocks.items()}
+        self.context_dim = context_dim if context_dim is not None else \
+            next(iter(blocks.values())).attn2.to_k.in_features
         self._grids: dict[tuple[int, int], dict[str, tuple[int, int]]] = {}
 
     @staticmethod
@@ -89,8 +93,9 @@ class Layout:
         return self._name_at[(extra_options["block"], extra_options.get("block_index", 0))]
 
     def attention(self, kind: str, name: str) -> torch.nn.Module:
-        """The self- or cross-attention module of a block (the EAA's q projection and output projection)."""
-        raise NotImplementedError
+        """The self- (``attn1``) or cross-attention (``attn2``) module of a block."""
+        block = self.blocks[name]
+        return block.attn1 if kind == "self" else block.attn2
 
     def capture_patches(self, capture, cross: bool) -> dict[str, list]:
         """The patch lists of a reference pass recording into ``capture`` (a ``reference.capture.FeatureCapture``):

@@ -48,15 +48,8 @@ class UNetLayout(Layout):
                     call_keys[((stage, number), index)] = name
         if not blocks:
             raise_no_blocks(model)
-        dims = {name: (tb.attn1.to_q.in_features, tb.attn1.to_q.out_features) for name, tb in blocks.items()}
-        context_dim = next(iter(blocks.values())).attn2.to_k.in_features
-        super().__init__(blocks, call_keys, {}, dims, context_dim, **self.model_facts(model))
+        super().__init__(blocks, call_keys, {}, **self.model_facts(model))
         self.levels = self._levels()
-
-    def attention(self, kind: str, name: str) -> torch.nn.Module:
-        """The self- (``attn1``) or cross-attention (``attn2``) module of a block."""
-        block = self.blocks[name]
-        return block.attn1 if kind == "self" else block.attn2
 
     @classmethod
     def describes(cls, net: torch.nn.Module) -> bool:
