@@ -300,3 +300,93 @@ def test_it_composes_with_another_attn1_patch_in_either_order(flux, text, refere
     # two identities: both terms (a second application of another strength changes the result again)
     twice = install_joint(install_joint(flux, app), JointApplication(flux, reference, 0.4))
     assert not torch.equal(sample(twice, text), sample(install_joint(flux, app), text))
+
+
+def flux_kv_cache(model):
+    """ComfyUI's own FluxKVCache node applied to ``model`` (keeps a Kontext image's K/V and re-appends them)."""
+    from comfy_extras.nodes_flux import FluxKVCache
+
+    return FluxKVCache.execute(model)[0]
+
+
+def test_kontext_tokens_get_no_term(flux, text, reference):
+    """A Kontext context image's tokens follow the generation's in the joint stream: the EAA adds nothing to them."""
+    ctx, opts = text
+    kontext = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    conds = dict(reference_conds(flux, ctx, dict(opts), x, (64, 64)),
+                 ref_latents=[flux.model.process_latent_in(kontext)])
+    sigma = reference.features.sigmas()[1]
+    _, plain = one_call(flux, x, sigma, conds, "double.0")
+    txt = ctx.shape[1]
+    for name, level in (("double.0", "double_early"), ("single.1", "single_mid")):  # one block: same block input
+        only = {lv: float(lv == level) for lv in DIT_LEVELS}
+        applied = install_joint(flux, JointApplication(flux, reference, 1.0, block_weights=only))
+        delta = one_call(applied, x, sigma, conds, name)[1][name] - plain[name]
+        assert delta.shape[1] == txt + 16 + 16
+        assert not torch.equal(delta[:, txt:txt + 16], torch.zeros_like(delta[:, txt:txt + 16]))
+        assert torch.equal(delta[:, txt + 16:], torch.zeros_like(delta[:, txt + 16:]))  # Kontext rows: none
+
+
+def test_flux_kv_cache_composes_in_either_order(text):
+    """ComfyUI's FluxKVCache (an attn1_patch keeping a Kontext image's K/V and re-appending them to later calls)
+    gives the same result installed before or after the EAA, and the EAA still acts beside it. FluxKVCache runs
+    only on global-modulation (Flux.2-style) models in this ComfyUI (on Flux.1 it fails by itself, in its
+    timestep-zero modulation), so the tiny Flux here has global modulation."""
+    model = tiny_flux_model(global_modulation=True)
+    assert isinstance(layout_of(model), FluxLayout)
+    ctx, opts = text
+    latent = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(5))
+    ref = invert_latent(model, latent, reference_conds(model, ctx, dict(opts), latent, (64, 64)), 3, "simple",
+                        (64, 64))
+    kontext = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(9))
+    cond = [[ctx, dict(opts, guidance=3.5, reference_latents=[kontext])]]
+    noise = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        return comfy.sample.sample(m, noise, 3, 1.0, "euler", "simple", cond, cond, torch.zeros(1, 16, SIDE, SIDE),
+                                   disable_pbar=True, seed=0)
+
+    app = JointApplication(model, ref, 1.0)
+    cache_then_eaa = run(install_joint(flux_kv_cache(model), app))
+    eaa_then_cache = run(flux_kv_cache(install_joint(model, app)))
+    assert torch.equal(cache_then_eaa, eaa_then_cache)
+    assert not torch.equal(cache_then_eaa, run(flux_kv_cache(model)))
+
+
+def test_warm_runs_make_as_many_model_calls_as_plain_sampling(flux, text, reference):
+    """On the inversion's own schedule (4 steps, simple) the reference's K/V are kept at every step but σ_max (an
+    inversion never evaluates its last sigma): the first run makes one reference pass there, later runs none."""
+    net = flux.model.diffusion_model
+    calls = []
+    handle = net.register_forward_pre_hook(lambda module, args: calls.append(1))
+    applied = install_joint(flux, JointApplication(flux, reference, 1.0))
+    counts = []
+    try:
+        for model in (flux, applied, applied):
+            calls.clear()
+            sample(model, text, steps=4)
+            counts.append(len(calls))
+    finally:
+        handle.remove()
+    assert counts == [4, 5, 4]
+
+
+def test_chroma_has_the_same_layout_and_takes_the_eaa():
+    """Chroma (Flux's blocks, a distilled modulation network, guidance 0 in its conds): the same block names, an
+    inversion whose reference pass gets its guidance input, the EAA bit-identical at strength 0 and acting above."""
+    from support.flux_models import tiny_chroma_model
+
+    chroma = tiny_chroma_model()
+    layout = layout_of(chroma)
+    assert isinstance(layout, FluxLayout) and layout.family == "Chroma" and not layout.guidance_embed
+    assert list(layout.blocks) == ["double.0", "double.1", "single.0", "single.1"] and layout.adm_channels is None
+    ctx, _ = flux_text(0)
+    latent = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(5))
+    conds = reference_conds(chroma, ctx, {}, latent, (64, 64))
+    assert set(conds) == {"c_crossattn", "guidance"}  # Chroma's forward needs it: dropping it would fail
+    ref = invert_latent(chroma, latent, conds, 3, "simple", (64, 64))
+    assert set(ref.features.get(ref.features.sigmas()[0]).self_attn) == set(layout.blocks)
+    plain = sample(chroma, (ctx, {}))
+    assert torch.equal(sample(install_joint(chroma, JointApplication(chroma, ref, 0.0)), (ctx, {})), plain)
+    assert not torch.equal(sample(install_joint(chroma, JointApplication(chroma, ref, 1.0)), (ctx, {})), plain)

@@ -27,3 +27,17 @@ def flux_text(seed: int = 0, tokens: int = 7) -> tuple[torch.Tensor, dict]:
     """A random (T5-like context [1, tokens, 32], {pooled_output [1, 8]}) CONDITIONING entry."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, tokens, CONTEXT_DIM, generator=g), {"pooled_output": torch.randn(1, POOLED_DIM, generator=g)}
+
+
+CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": CONTEXT_DIM,
+                 "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+                 "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64,
+                 "out_dim": 32, "hidden_dim": 32, "n_layers": 1, "txt_ids_dims": [], "vec_in_dim": None}
+
+
+def tiny_chroma_model(seed: int = SEED):
+    """A tiny random Chroma (Flux's blocks without per-block modulation layers, a distilled modulation network,
+    no pooled vector, no guidance embedding) from ``comfy.supported_models.Chroma``."""
+    import comfy.supported_models
+
+    return random_patcher(model_config(comfy.supported_models.Chroma, dict(CHROMA_CONFIG), torch.float32), seed)
