@@ -297,9 +297,19 @@ def test_it_composes_with_another_attn1_patch_in_either_order(flux, text, refere
     other_only = flux.clone()
     other_only.set_model_attn1_patch(halve_v)
     assert not torch.equal(a, sample(other_only, text))
-    # two identities: both terms (a second application of another strength changes the result again)
-    twice = install_joint(install_joint(flux, app), JointApplication(flux, reference, 0.4))
-    assert not torch.equal(sample(twice, text), sample(install_joint(flux, app), text))
+    # two applications: both terms, each with its own strength (here the same reference: (0.8 + 0.4)·E)
+    only = {lv: float(lv == "double_early") for lv in DIT_LEVELS}
+    ctx, opts = text
+    x = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    conds = reference_conds(flux, ctx, dict(opts), x, (64, 64))
+    sigma = reference.features.sigmas()[1]
+    twice = install_joint(install_joint(flux, JointApplication(flux, reference, 0.8, block_weights=only)),
+                          JointApplication(flux, reference, 0.4, block_weights=only))
+    once = install_joint(flux, JointApplication(flux, reference, 1.2, block_weights=only))
+    plain = one_call(flux, x, sigma, conds, "double.0")[1]["double.0"]
+    got = one_call(twice, x, sigma, conds, "double.0")[1]["double.0"] - plain
+    want = one_call(once, x, sigma, conds, "double.0")[1]["double.0"] - plain
+    assert torch.allclose(got, want, atol=1e-5) and got.abs().max() > 0.1
 
 
 def flux_kv_cache(model):
