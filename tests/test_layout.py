@@ -52,16 +52,18 @@ def test_a_level_subset_keeps_only_its_blocks(model, caption):
 
 
 def test_a_network_without_a_layout_is_refused_naming_what_is_served():
+    """SD3's MMDiT has no layout (its blocks take no attention patches); Flux has one now, the core's only."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.Flux({"image_model": "flux", "in_channels": 16, "patch_size": 2,
-                                          "out_channels": 16, "vec_in_dim": 8, "context_in_dim": 32,
-                                          "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-                                          "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000,
-                                          "qkv_bias": True, "guidance_embed": False, "txt_ids_dims": []})
+    config = comfy.supported_models.SD3({"in_channels": 16, "patch_size": 2, "depth": 2, "pos_embed_max_size": 16,
+                                         "num_patches": 256, "adm_in_channels": 8,
+                                         "context_embedder_config": {"target": "torch.nn.Linear",
+                                                                     "params": {"in_features": 32,
+                                                                                "out_features": 128}}})
     config.set_inference_dtype(torch.float32, None)
     cpu = torch.device("cpu")
-    flux = comfy.model_patcher.ModelPatcher(config.get_model({}, device=cpu), cpu, cpu)
-    with pytest.raises(ModelFamilyError, match=r"Flux model's network is a Flux, .*serves SD1\.x, SD2\.x"):
-        layout_of(flux)
+    sd3 = comfy.model_patcher.ModelPatcher(config.get_model({}, device=cpu), cpu, cpu)
+    with pytest.raises(ModelFamilyError, match=r"SD3 model's network is a OpenAISignatureMMDITWrapper, .*serves "
+                                               r"SD1\.x, SD2\.x"):
+        layout_of(sd3)

@@ -24,6 +24,8 @@ def not_served_because(model) -> Optional[str]:
     architecture = next((cls for cls in ARCHITECTURES if cls.describes(net)), None)
     if architecture is None:
         return f"its network is a {type(net).__name__}, which no layout of the pack describes"
+    if not architecture.SERVES:
+        return f"its {type(net).__name__} network is not served by the nodes yet"
     if architecture.refuses(net) is not None:
         return architecture.refuses(net)
     if model_family(model) in NOT_GENERATORS:

@@ -53,16 +53,21 @@ class Layout:
     SERVES = ""  # the families this architecture covers, in words (for refusals)
 
     def __init__(self, blocks: dict[str, torch.nn.Module], call_keys: dict[tuple, str], levels: dict[str, str],
-                 family: str = "", downscale: int = 8, latent_channels: int = 4, adm_channels: Optional[int] = None):
+                 family: str = "", downscale: int = 8, latent_channels: int = 4, adm_channels: Optional[int] = None,
+                 dims: Optional[dict[str, tuple[int, int]]] = None, context_dim: Optional[int] = None):
         self.family = family
         self.downscale = downscale  # pixels per latent cell
         self.latent_channels = latent_channels
         self.adm_channels = adm_channels  # width of the ADM vector the network takes (SDXL), None: none
         self.blocks = blocks
-        self._name_at = call_keys  # ComfyUI's transformer_options (block, block_index) -> block name
+        self._name_at = call_keys  # ComfyUI's transformer_options call key -> block name
         self.levels = levels
-        self.dims = {name: (tb.attn1.to_q.in_features, tb.attn1.to_q.out_features) for name, tb in blocks.items()}
-        self.context_dim = next(iter(blocks.values())).attn2.to_k.in_features
+        # name -> (width of the attention's input, width of its q/k/v); the width of the text conditioning. Read off
+        # the blocks' attn1/attn2 (ComfyUI's BasicTransformerBlock) unless the architecture gives them.
+        self.dims = dims if dims is not None else {
+            name: (tb.attn1.to_q.in_features, tb.attn1.to_q.out_features) for name, tb in blocks.items()}
+        self.context_dim = context_dim if context_dim is not None else \
+            next(iter(blocks.values())).attn2.to_k.in_features
         self._grids: dict[tuple[int, int], dict[str, tuple[int, int]]] = {}
 
     @staticmethod
@@ -97,6 +102,14 @@ class Layout:
         """The self- (``attn1``) or cross-attention (``attn2``) module of a block."""
         block = self.blocks[name]
         return block.attn1 if kind == "self" else block.attn2
+
+    def capture_patches(self, capture, cross: bool) -> dict[str, list]:
+        """The patch lists of a reference pass recording into ``capture`` (a ``reference.capture.FeatureCapture``):
+        ComfyUI's input patch of each attention kind, called as ``p(n, context, value, extra_options)``."""
+        patches = {self.PATCH_SLOTS["self"][0]: [capture.capture_self]}
+        if cross:
+            patches[self.PATCH_SLOTS["cross"][0]] = [capture.capture_cross]
+        return patches
 
     def at_levels(self, levels: Optional[set[str]]) -> Optional[set[str]]:
         """The blocks at these levels (None: every block)."""
@@ -133,7 +146,8 @@ _LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def served_families() -> str:
-    return "; ".join(cls.SERVES for cls in ARCHITECTURES)
+    """The families the nodes serve (a layout with no SERVES is known to the core but not offered yet)."""
+    return "; ".join(cls.SERVES for cls in ARCHITECTURES if cls.SERVES)
 
 
 def layout_of(model) -> Layout:

@@ -29,3 +29,19 @@ def level_of(stage: str, rank: int, ranks: int) -> str:
     if stage == "middle":
         return "middle"
     return f"{stage}_{'high' if rank == 0 else 'low' if rank == ranks - 1 else 'mid'}"
+
+
+# MM-DiTs (Flux, Chroma) run every block on one token grid, so the UNet's resolution ranks have nothing to map onto
+# (and its coarse/fine presets would mean nothing there): their levels are the stream and the depth within it.
+DIT_LEVELS = ("double_early", "double_late", "single_early", "single_mid", "single_late")
+DIT_PRESETS = {
+    "all": dict.fromkeys(DIT_LEVELS, 1.0),
+    "double only": {lv: 1.0 if lv.startswith("double") else 0.0 for lv in DIT_LEVELS},
+}
+
+
+def dit_level_of(stream: str, index: int, count: int) -> str:
+    """The level of an MM-DiT block: its stream ("double", "single") and where it sits in that stream's depth
+    (double blocks in halves, the longer single stream in thirds)."""
+    parts = ("early", "late") if stream == "double" else ("early", "mid", "late")
+    return f"{stream}_{parts[min(index * len(parts) // max(count, 1), len(parts) - 1)]}"

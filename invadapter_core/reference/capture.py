@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..arch.flux import join_kv
 from ..arch.layout import Layout
 
 
@@ -55,6 +56,15 @@ class FeatureCapture:
             self.cross_attn[name] = n.detach()
         return n, context, value
 
+    def capture_joint(self, q, k, v, pe=None, attn_mask=None, extra_options=None):
+        """An MM-DiT's (Flux's) attn1_patch: the image tokens' K (after QK-norm, before RoPE) and V, kept as one
+        [B, N, 2 x width] tensor (``arch.flux.join_kv``; why K/V and not the normed states: ``arch/flux.py``)."""
+        name = self._name(extra_options)
+        if name is not None:
+            start, end = extra_options["img_slice"]
+            self.self_attn[name] = join_kv(k[:, :, start:end], v[:, :, start:end]).detach()
+        return {}
+
     def features(self) -> Features:
         return Features(self.self_attn, self.cross_attn)
 
@@ -78,9 +88,7 @@ def reference_pass(base_model, x: torch.Tensor, sigma, conds: dict[str, torch.Te
     per sample). ``conds`` are apply_model's keyword tensors (c_crossattn, y, c_concat) with batch 1 or x's batch;
     ``keep`` limits which blocks are recorded (``layout.at_levels``)."""
     capture = FeatureCapture(layout, cross, keep)
-    patches = {layout.PATCH_SLOTS["self"][0]: [capture.capture_self]}
-    if cross:
-        patches[layout.PATCH_SLOTS["cross"][0]] = [capture.capture_cross]
+    patches = layout.capture_patches(capture, cross)
     if torch.is_tensor(sigma) and sigma.numel() > 1:
         sigmas = sigma.to(device=x.device, dtype=torch.float32)
     else:

@@ -26,7 +26,9 @@ from .inversion import CONVENTIONS, invert, inversion_sigmas
 from .reference import CONTEXT, FeatureCache, Reference
 
 log = logging.getLogger("InvAdapter")
-COND_KEYS = ("c_crossattn", "y", "c_concat")  # what a reference pass gives apply_model
+# what a reference pass gives apply_model; "guidance" is Flux-dev style models' distilled guidance embedding (without
+# it their inversion would run unguided, a model they were never trained as)
+COND_KEYS = ("c_crossattn", "y", "c_concat", "guidance")
 # What the feature cache keeps (it grows with the reference resolution: SDXL at 1024 px is ~210 MB per step in half
 # precision): every level, or only those a block-weights preset uses; in the model's precision or in 8-bit floats.
 CAPTURE = {"all levels": None, "coarse levels": preset_levels("coarse"), "fine levels": preset_levels("fine")}
