@@ -23,7 +23,7 @@ import comfy.patcher_extension as ext
 
 from .block_weights import BlockWeights
 from .eaa import InvAdapter
-from .fit import check_adapter_fits, check_reference_fits, check_served
+from .fit import check_adapter_fits, check_levels_fit, check_magnitudes, check_reference_fits, check_served
 from .injection import ADD, CALL, KINDS, SLOTS, STASH, KV, Call, EAAInjection, Step, ordered_patches
 from .notify import notify
 from .reference import FeatureCache, Reference, same_sigma
@@ -305,6 +305,8 @@ def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self
     check_served(model)
     check_reference_fits(model, reference)
     check_adapter_fits(adapter, model, reference)
+    check_levels_fit(model, reference)
+    check_magnitudes(model, adapter, reference)
     if weight_self == 0 and weight_cross == 0:
         return model.clone()
     if start_percent > end_percent:

@@ -4,6 +4,7 @@ from comfy_api.latest import io
 from invadapter_core.block_weights import LEVELS, PRESETS, BlockWeights
 from invadapter_core.reference import combine_references
 
+from .finite import finite_floats
 from .types import CATEGORY, BlockWeightsType, ReferenceType
 
 
@@ -60,6 +61,7 @@ class InvAdapterBlockWeights(io.ComfyNode):
         )
 
     @classmethod
+    @finite_floats
     def execute(cls, preset, **levels) -> io.NodeOutput:
         if preset == "custom":
             weights = BlockWeights({lv: levels[f"self_{lv}"] for lv in LEVELS},

@@ -84,6 +84,10 @@ class InvAdapterLoadReference(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, reference_name):
+        return folders.file_fingerprint(folders.REFERENCES, reference_name)
+
+    @classmethod
     def execute(cls, reference_name) -> io.NodeOutput:
         path = folder_paths.get_full_path(folders.REFERENCES, reference_name)
         if path is None:
