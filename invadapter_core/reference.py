@@ -312,8 +312,8 @@ def _check_combinable(first: Reference, r: Reference, i: int) -> None:
     if r.convention != first.convention:
         raise ReferenceFileError(f"reference {i} was inverted with the '{r.convention}' inversion, reference 1 "
                                  f"with '{first.convention}': use the same inversion in every encode node")
-    steps, steps_1 = r.sigmas.shape[0] - 1, first.sigmas.shape[0] - 1
-    if steps != steps_1:
+    steps, steps_1 = int((r.sigmas > 0).sum()), int((first.sigmas > 0).sum())  # the encode node's steps
+    if r.sigmas.shape != first.sigmas.shape or steps != steps_1:
         raise ReferenceFileError(f"reference {i} was inverted over {steps} steps, reference 1 over {steps_1}: use "
                                  f"the same steps/scheduler in every InvAdapterEncodeReference")
     if not torch.allclose(r.sigmas.double(), first.sigmas.double()):

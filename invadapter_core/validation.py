@@ -64,7 +64,7 @@ def peak(t: torch.Tensor) -> float:
     """The largest magnitude in ``t`` (0 for an empty tensor)."""
     if t.numel() == 0:
         return 0.0
-    return float((t.half() if t.dtype == torch.float8_e4m3fn else t).abs().max())
+    return float((t.half() if t.dtype == torch.float8_e4m3fn else t).detach().abs().max())
 
 
 def check_magnitude(error, path: str, what: str, value: float, dtype: torch.dtype, fix: str) -> None:
