@@ -72,16 +72,18 @@ def main(argv=None) -> int:
     from .distributed import env_info
 
     setup_comfy()
+    info = env_info()
+    logging.basicConfig(level=logging.INFO, format=f"[r{info.rank}] %(levelname)s %(name)s: %(message)s")
     from .config_check import check_config, check_export
 
+    # everything the command will rely on, before anything loads (imported after the logging setup: the modules
+    # it names may log on import)
     problems = check_export(args.checkpoint, args.output) if args.command == "export" \
         else check_config(cfg, args.command)
     if problems:
         for problem in problems:
             print(f"config error: {problem}" if args.command != "export" else f"error: {problem}", file=sys.stderr)
         return 2
-    info = env_info()
-    logging.basicConfig(level=logging.INFO, format=f"[r{info.rank}] %(levelname)s %(name)s: %(message)s")
     from .data import DataError
     from .loop import Interrupted
 
