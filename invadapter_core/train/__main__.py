@@ -157,9 +157,7 @@ def run_export(cfg, args, info) -> int:
 
     import torch
 
-    from ..weights import load_adapter, save_adapter
-
-    from ..weights import AdapterFileError
+    from ..weights import AdapterFileError, load_adapter, save_adapter
 
     source = args.checkpoint
     if os.path.isdir(source):

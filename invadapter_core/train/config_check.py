@@ -61,12 +61,10 @@ def check_config(cfg: Config, command: str) -> list[str]:
     def choice(key: str, value, options) -> None:
         need(value in options, key, value, f"must be one of {', '.join(map(str, options))}")
 
-    def required_path(key: str, value: str, folder: Optional[bool] = None) -> None:
+    def required_path(key: str, value: str, must_exist: bool = False) -> None:
         if not value:
             problems.append(f"{key} is not set: put it in the config file or pass --set {key}=...")
-        elif folder is True and not os.path.isdir(value):
-            need(False, key, value, "is not an existing folder")
-        elif folder is False and not os.path.exists(value):
+        elif must_exist and not os.path.exists(value):
             need(False, key, value, "does not exist")
 
     m, d, t, o, v = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.validation
@@ -82,9 +80,10 @@ def check_config(cfg: Config, command: str) -> list[str]:
          "must be 'base', 'random' or an existing Inv-Adapter weights file")
     # data
     if command == "preprocess":
-        required_path("data.source", d.source, folder=False)
+        required_path("data.source", d.source, must_exist=True)
         if d.source and os.path.isfile(d.source):
-            need(d.source.endswith(".jsonl"), "data.source", d.source, "a file source must be a .jsonl manifest")
+            need(d.source.endswith((".jsonl", ".json")), "data.source", d.source,
+                 "a file source must be a .jsonl manifest")
     if command in ("preprocess", "train"):
         required_path("data.cache_dir", d.cache_dir)
     number("data.resolution", d.resolution, 0, low_open=True, what="must be a positive number of pixels (512 "
