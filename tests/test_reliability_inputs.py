@@ -237,3 +237,38 @@ def test_the_crop_finds_the_loaders_file_through_the_prompt(pack):
               "5": {"class_type": "LoadImage", "inputs": {"image": "unrelated.png"}}}
     assert sorted(face_crop.source_image_files(prompt, "4")) == ["a.png", "b.png"]
     assert face_crop.source_image_files({"4": {"class_type": "InvAdapterFaceCrop", "inputs": {}}}, "4") == []
+
+
+# ------------------------------------------------------------------------------------------------ levels at apply
+LEVELS_FIT_CASES = {
+    # name: (levels the reference keeps, refused on an SDXL-layout UNet (no "mid" resolution)?)
+    "every level": (None, False),
+    "coarse levels": (sorted(CAPTURE["coarse levels"]), False),
+    "coarse and fine in common: the mid levels": (["input_mid", "output_mid"], True),
+}
+
+
+@pytest.mark.parametrize("case", list(LEVELS_FIT_CASES))
+def test_a_reference_keeping_only_levels_the_model_lacks_is_refused(model, case):
+    from invadapter_core.fit import check_levels_fit
+    from invadapter_core.reference import Reference
+    from invadapter_core.unet import ModelFamilyError
+
+    levels, refused = LEVELS_FIT_CASES[case]
+    ref = Reference("SDXL", (64, 64), torch.tensor([0.1, 1.0]), torch.zeros(2, 1, 4, 8, 8),
+                    {"c_crossattn": torch.zeros(1, 77, 2048)}, levels=levels)
+    check_levels_fit(model, ref)  # SD1.5 has every level
+    sdxl = sdxl_model()
+    if not refused:
+        check_levels_fit(sdxl, ref)
+        return
+    with pytest.raises(ModelFamilyError) as failed:
+        check_levels_fit(sdxl, ref)
+    assert "input_mid, output_mid only" in str(failed.value) and "capture 'all levels'" in str(failed.value)
+
+
+@functools.cache
+def sdxl_model():
+    from support import sdxl_models
+
+    return sdxl_models.tiny_sdxl_model()
