@@ -85,11 +85,10 @@ def check_tensor(error, path: str, name: str, t: torch.Tensor, ndim: Optional[in
               fix)
     if ndim is not None and t.ndim != ndim:
         _fail(error, path, f"tensor '{name}' has shape {tuple(t.shape)} ({t.ndim}-D), expected {ndim}-D", fix)
-    finite = torch.isfinite(t if t.dtype != torch.float8_e4m3fn else t.half())
-    if not finite.all():
-        bad = int((~finite).sum())
+    top = peak(t if scale is None else t.float() * scale)  # NaN or inf when any value is (max propagates both)
+    if not math.isfinite(top):
+        bad = int((~torch.isfinite(t if t.dtype != torch.float8_e4m3fn else t.half())).sum())
         _fail(error, path, f"tensor '{name}' holds {bad} NaN/infinite value(s) (it would turn the image black)", fix)
-    top = peak(t if scale is None else t.float() * scale)
     check_magnitude(error, path, f"tensor '{name}'" + ("" if scale is None else " (as the UNet sees it)"), top,
                     torch.float32, fix)
     return top
