@@ -4,6 +4,7 @@ from invadapter_core.adapter.application import apply_identity
 from invadapter_core.adapter.injection import APPLY_TO, COMBINE_MODES
 from invadapter_core.comfyui.notify import collecting
 
+from .finite import finite_floats
 from .types import CATEGORY, BlockWeightsType, InvAdapterType, ReferenceType
 
 
@@ -46,6 +47,7 @@ class InvAdapterApply(io.ComfyNode):
         )
 
     @classmethod
+    @finite_floats
     def execute(cls, model, invadapter, reference, weight_self, weight_cross, start_percent, end_percent, combine,
                 apply_to, mask=None, block_weights=None) -> io.NodeOutput:
         with collecting() as notices:

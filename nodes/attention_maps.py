@@ -11,6 +11,7 @@ from invadapter_core.adapter.attention_maps import (RECORDER_KEY, AttentionRecor
 from invadapter_core.arch.levels import LEVELS, PRESETS
 from invadapter_core.adapter.application import applications
 
+from .finite import finite_floats
 from .types import CATEGORY
 
 LEVEL_CHOICES = ["all", "coarse", "fine"] + list(LEVELS)
@@ -63,6 +64,7 @@ class InvAdapterAttentionMaps(io.ComfyNode):
         )
 
     @classmethod
+    @finite_floats
     def execute(cls, model, positive, negative, latent_image, vae, reference_image, seed, steps, cfg, sampler_name,
                 scheduler, start_percent, end_percent, levels) -> io.NodeOutput:
         apps = applications(model)

@@ -5,6 +5,7 @@ from invadapter_core.adapter.block_weights import BlockWeights
 from invadapter_core.arch.levels import LEVELS, PRESETS
 from invadapter_core.reference.reference import combine_references
 
+from .finite import finite_floats
 from .types import CATEGORY, BlockWeightsType, ReferenceType
 
 
@@ -61,6 +62,7 @@ class InvAdapterBlockWeights(io.ComfyNode):
         )
 
     @classmethod
+    @finite_floats
     def execute(cls, preset, **levels) -> io.NodeOutput:
         if preset == "custom":
             weights = BlockWeights({lv: levels[f"self_{lv}"] for lv in LEVELS},

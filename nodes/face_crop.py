@@ -11,10 +11,15 @@ from comfy_api.latest import io
 import comfy.model_management
 import comfy.utils
 import folder_paths
+from invadapter_core.comfyui.notify import collecting, notify
 from invadapter_core.face import detect as face_core
-from invadapter_core.comfyui.notify import collecting
+from invadapter_core.files.images import truncated_image_file
+
+from .finite import finite_floats
 
 INSIGHTFACE_FOLDER = "insightface"
+# Nodes whose "image" widget names a file in ComfyUI's input (or, annotated, output) folder.
+IMAGE_FILE_LOADERS = ("LoadImage", "LoadImageMask", "LoadImageOutput")
 # The custom type's value: a tuple of dicts, one per source image (see the `boxes_json` output for the fields).
 FaceBoxesType = io.Custom("INVADAPTER_FACE_BOXES")
 
@@ -74,9 +79,11 @@ class InvAdapterFaceCrop(io.ComfyNode):
                 io.String.Output(display_name="boxes_json",
                                  tooltip="The same boxes as JSON text (box, score, crop square, detector)."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
+    @finite_floats
     def execute(cls, image, detector, insightface_model, device, face, face_index, margin, min_face_size, size,
                 on_no_face) -> io.NodeOutput:
         torch_device = comfy.model_management.get_torch_device() if device == "gpu" else "cpu"
@@ -85,6 +92,7 @@ class InvAdapterFaceCrop(io.ComfyNode):
         total = image.shape[0] if getattr(image, "ndim", 0) == 4 else 1
         pbar = comfy.utils.ProgressBar(total)
         with collecting() as notices:
+            tell_truncated_sources(getattr(cls, "hidden", None))
             result = face_core.crop_faces(
                 image, det, size=size, margin=margin, select=face, index=face_index, min_face_size=min_face_size,
                 on_no_face=on_no_face,
@@ -94,6 +102,42 @@ class InvAdapterFaceCrop(io.ComfyNode):
         records = tuple(result.records)
         return io.NodeOutput(result.crops, result.masks, records, json.dumps(list(records), indent=1),
                              ui={"text": notices} if notices else None)
+
+
+def source_image_files(prompt: dict, node_id: str) -> list[str]:
+    """The image files loaded upstream of ``node_id``'s image input (by LoadImage and its kin), from the prompt."""
+    link = prompt.get(str(node_id), {}).get("inputs", {}).get("image")
+    stack, seen, files = [link[0]] if isinstance(link, list) and link else [], set(), []
+    while stack:
+        key = str(stack.pop())
+        if key in seen or key not in prompt:
+            continue
+        seen.add(key)
+        node = prompt[key]
+        inputs = node.get("inputs", {})
+        if node.get("class_type") in IMAGE_FILE_LOADERS and isinstance(inputs.get("image"), str):
+            files.append(inputs["image"])
+            continue
+        stack += [v[0] for v in inputs.values() if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int)]
+    return files
+
+
+def tell_truncated_sources(hidden) -> None:
+    """A crop of a partly decoded file is cut off or black where the data ended: say so. The IMAGE tensor does
+    not know where it came from, so the prompt is followed back to the loader's file, which is decoded again with
+    truncated data refused (exact: a photo with a black border is not mistaken for one)."""
+    prompt, node_id = getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None)
+    if not isinstance(prompt, dict) or node_id is None:
+        return
+    for name in source_image_files(prompt, node_id):
+        try:
+            path = folder_paths.get_annotated_filepath(name)
+        except Exception:  # noqa: BLE001 - a name the loader itself rejects: it has reported it already
+            continue
+        why = truncated_image_file(path)
+        if why is not None:
+            notify(f"the image file '{name}' is incomplete ({why}): ComfyUI's loader decoded only part of it and "
+                   f"filled the rest with black, so the face crop may be cut off or black; upload the complete file")
 
 
 NODES = [InvAdapterFaceCrop]

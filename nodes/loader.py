@@ -28,6 +28,10 @@ class InvAdapterLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, adapter_name: str):
+        return None if adapter_name == INIT_FROM_MODEL else folders.file_fingerprint(folders.ADAPTERS, adapter_name)
+
+    @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
         if adapter_name == INIT_FROM_MODEL:
             return io.NodeOutput(init_from_model(family=""))

@@ -92,6 +92,11 @@ class InvAdapterLoadReference(io.ComfyNode):
         return problem or True
 
     @classmethod
+    def fingerprint_inputs(cls, reference_name):
+        # a file replaced under the same name is read again (ComfyUI's cache keys on the inputs otherwise)
+        return folders.file_fingerprint(folders.REFERENCES, reference_name)
+
+    @classmethod
     def execute(cls, reference_name) -> io.NodeOutput:
         problem = missing_reference(reference_name)
         if problem:

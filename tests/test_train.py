@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import comfy.sd
+from invadapter_core.adapter.eaa import InvAdapter, SelfEAA
 from invadapter_core.adapter.fit import check_adapter_fits
 from invadapter_core.reference.capture import reference_pass
 from invadapter_core.arch.layout import layout_of
@@ -435,3 +436,101 @@ def test_trained_weights_change_the_image_in_comfyui(cli_run, comfy_server):
         images[weight] = _png(png)
     assert images[0.0].shape == images[1.0].shape == (RES, RES, 3)
     assert np.abs(images[1.0] - images[0.0]).mean() > 1.0, "the trained adapter did not change the image"
+
+
+# ------------------------------------------------------------------------------------------------ config checked first
+def config_file(tmp_path) -> Path:
+    """A usable config (real checkpoint, data folder, cache and run folders named)."""
+    astronaut_images(tmp_path / "images", bad=False)
+    (tmp_path / "c.toml").write_text(f"""[model]
+checkpoint = "{models.shallow_sd15_checkpoint()}"
+[data]
+source = "images"
+cache_dir = "cache"
+[train]
+output_dir = "run"
+""")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    return tmp_path / "c.toml"
+
+
+CONFIG_CASES = {
+    # name: (command, --set overrides, a fragment of each expected line, in order)
+    "zero resolution": ("preprocess", ["data.resolution=0"], ["data.resolution = 0: must be a positive number"]),
+    "a text file as the checkpoint": ("train", ["model.checkpoint={notes}"],
+                                      ["notes.txt': is neither a safetensors file nor a PyTorch checkpoint"]),
+    "a checkpoint that does not exist": ("count", ["model.checkpoint={tmp}/nothing.safetensors"], ["does not exist"]),
+    "negative learning rate": ("train", ["optim.lr=-1"], ["optim.lr = -1.0: must be a finite number above 0"]),
+    "NaN learning rate": ("train", ["optim.lr=NaN"], ["optim.lr = nan"]),
+    "fp4 precision": ("train", ["train.mixed_precision=fp4"],
+                      ["train.mixed_precision = 'fp4': must be one of auto, no, bf16, fp16"]),
+    "zero steps": ("train", ["train.max_steps=0"], ["train.max_steps = 0: must be 1 or more (0 would train nothing"]),
+    "betas of the wrong form": ("train", ["optim.betas=[0.9]"], ["optim.betas = [0.9]: must be two numbers"]),
+    "timesteps backwards": ("train", ["train.min_timestep=800", "train.max_timestep=100"], ["is above"]),
+    "unknown sampler and scheduler": ("train", ["validation.sampler=eulr", "validation.scheduler=smple"],
+                                      ["validation.sampler = 'eulr'", "validation.scheduler = 'smple'"]),
+    "several problems at once": ("train", ["data.resolution=-8", "optim.lr=0", "train.max_steps=0",
+                                           "data.face_crop=maybe"],
+                                 ["data.resolution = -8", "data.face_crop = 'maybe'", "train.max_steps = 0",
+                                  "optim.lr = 0.0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_the_whole_config_is_checked_before_anything_loads(tmp_path, capsys, case):
+    command, sets, fragments = CONFIG_CASES[case]
+    config = config_file(tmp_path)
+    args = [command, "--config", str(config), "--quiet"]
+    for item in sets:
+        args += ["--set", item.format(notes=tmp_path / "notes.txt", tmp=tmp_path)]
+    code = cli(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == len(fragments), err
+    for line, fragment in zip(err, fragments):
+        assert line.startswith("config error: ") and fragment in line, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_a_checked_config_still_runs(tmp_path, capsys):
+    assert cli(["count", "--config", str(config_file(tmp_path)), "--quiet"]) == 0
+    assert "total" in capsys.readouterr().out
+
+
+EXPORT_CASES = {
+    "missing checkpoint": (lambda t: [str(t / "step-9"), str(t / "out.safetensors")], "not found"),
+    "folder without weights": (lambda t: [str(t), str(t / "out.safetensors")], "holds no adapter.safetensors"),
+    "output folder missing": (lambda t: [str(t / "w.safetensors"), str(t / "no" / "out.safetensors")],
+                              "does not exist; create it first"),
+    "not a weights file": (lambda t: [str(t / "notes.safetensors"), str(t / "out.safetensors")],
+                           "truncated or not a safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_errors_are_one_line(tmp_path, capsys, case):
+    from invadapter_core.adapter.weights import save_adapter
+
+    save_adapter(InvAdapter("SD15", None, None, {"input.1.0": SelfEAA(8, 8)}, {}), str(tmp_path / "w.safetensors"))
+    (tmp_path / "notes.safetensors").write_text("not weights")
+    args, fragment = EXPORT_CASES[case]
+    code = cli(["export", *args(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad", ["only corrupt images", "only uncaptioned images"])
+def test_preprocessing_that_keeps_nothing_fails(tmp_path, capsys, bad):
+    config = config_file(tmp_path)
+    images = tmp_path / "images"
+    for png in images.glob("*.png"):
+        if bad == "only corrupt images":
+            png.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        else:
+            png.with_suffix(".txt").unlink()
+    code = cli(["preprocess", "--config", str(config), "--quiet", "--set", f"data.resolution={RES}",
+                "--set", "data.inversion_steps=2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[r0]")]
+    assert code == 1 and len(err) == 1, err
+    reason = "unreadable image" if bad == "only corrupt images" else "no caption"
+    assert err[0].startswith("error: preprocessing kept none of the 3 item(s)") and f"3 {reason}" in err[0], err

@@ -70,6 +70,11 @@ ADAPTER_CASES = {
     "a layer is missing": (lambda t, m: t.pop("cross.input.1.0.token_agg.bias"), ["lacks token_agg.bias"]),
     "M contradicts the metadata": (meta_set("tokens_m", "8"), ["4 rows", "tokens_m = 8"]),
     "1-D projection": (tensor_set("self.input.1.0.to_k.weight", lambda x: x[0]), ["(32,)", "expected 2-D"]),
+    # finite in float32, but past what float32 can square (the attention and normalisation products)
+    "weights x1e30": (tensor_set("self.input.1.0.to_k.weight", lambda x: x * 1e30),
+                      ["self.input.1.0.to_k.weight", "magnitude", "float32", "overflow", "black image"]),
+    "cross weights x1e30": (tensor_set("cross.input.1.0.token_agg.weight", lambda x: x * 1e30),
+                            ["cross.input.1.0.token_agg.weight", "magnitude"]),
 }
 
 
@@ -112,6 +117,14 @@ REFERENCE_CASES = {
     "missing caption": (lambda t, m: t.pop("cond.c_crossattn"), ["caption conditioning", "missing"]),
     "feature batch other than the images": (tensor_set("features.0.self.input.1.0", lambda x: x.repeat(2, 1, 1)),
                                             ["batch 2 for 1 image"]),
+    "unknown level": (meta_set("levels", "[\"input_hgh\"]"), ["levels", "input_hgh", "input_high, input_mid"]),
+    "levels not a list": (meta_set("levels", "\"coarse\""), ["levels", "a non-empty list of levels"]),
+    "no level": (meta_set("levels", "[]"), ["levels", "a non-empty list of levels"]),
+    "states x1e30": (tensor_set("trajectory.states", lambda x: x * 1e30),
+                     ["'trajectory.states' (as the UNet sees it)", "magnitude", "float32", "black image"]),
+    "features x1e30": (tensor_set("features.0.self.input.1.0", lambda x: x * 1e30),
+                       ["features.0.self.input.1.0", "magnitude"]),
+    "caption x1e30": (tensor_set("cond.c_crossattn", lambda x: x * 1e30), ["cond.c_crossattn", "magnitude"]),
 }
 
 
@@ -128,3 +141,15 @@ def test_good_files_load_and_loaded_adapters_need_no_gradients(tmp_path):
     save_reference(good_reference(), str(tmp_path / "r.safetensors"))
     ref = load_reference(str(tmp_path / "r.safetensors"))
     assert ref.features.sigmas() == [0.5, 2.0] and json.loads(json.dumps(list(ref.resolution))) == [64, 64]
+
+
+def test_known_levels_load_and_states_are_judged_as_the_unet_sees_them(tmp_path):
+    """A capture setting's levels load; a state at sigma 14.6 may be 15x what the UNet sees (1/sqrt(1 + sigma^2))."""
+    ref = good_reference()
+    ref.levels = ["input_low", "middle", "output_low"]
+    ref.states = ref.states * 1e18  # scaled by the UNet's 1/sqrt(1 + sigma^2) to below float32's 1.8e19
+    ref.states[:2] = 0
+    save_reference(ref, str(tmp_path / "r.safetensors"))
+    back = load_reference(str(tmp_path / "r.safetensors"))
+    assert back.levels == ["input_low", "middle", "output_low"] and back.source == str(tmp_path / "r.safetensors")
+    assert back.peak == pytest.approx(float(ref.states[2].abs().max()) / (1 + 14.6 ** 2) ** 0.5, rel=1e-5)

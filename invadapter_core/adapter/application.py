@@ -29,7 +29,7 @@ from ..reference.capture import Features, reference_pass
 from ..reference.reference import FeatureCache, Reference, same_sigma
 from .block_weights import BlockWeights
 from .eaa import InvAdapter
-from .fit import check_adapter_fits, check_reference_fits
+from .fit import check_adapter_fits, check_levels_fit, check_magnitudes, check_reference_fits
 from .injection import ADD, CALL, SLOTS, STASH, KV, Call, EAAInjection, Step, ordered_patches
 
 log = logging.getLogger("InvAdapter")
@@ -304,6 +304,8 @@ def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self
     check_served(model)
     check_reference_fits(model, reference)
     check_adapter_fits(adapter, model, reference)
+    check_levels_fit(model, reference)
+    check_magnitudes(model, adapter, reference)
     if weight_self == 0 and weight_cross == 0:
         return model.clone()
     if start_percent > end_percent:

@@ -6,7 +6,7 @@ error. Which models are served at all is ``arch.fit``'s check.
 from __future__ import annotations
 
 from ..arch.layout import ModelFamilyError, layout_of, model_family
-from ..files.validation import AdapterFileError
+from ..files.validation import AdapterFileError, ReferenceFileError, check_magnitude, peak
 from .eaa import InvAdapter
 
 
@@ -71,3 +71,27 @@ def check_adapter_fits(adapter: InvAdapter, model, reference=None) -> None:
                 raise AdapterFileError(f"Inv-Adapter '{adapter.name}' aggregates {layer.token_agg.in_features} "
                                        f"reference tokens in block {name}; a {reference.resolution[0]} px reference "
                                        f"has {tokens[name]}: encode the face at {adapter.reference_resolution} px")
+
+
+def check_levels_fit(model, reference) -> None:
+    """A reference that keeps only some levels (its capture setting) keeps at least one block of this model."""
+    if reference.levels is None:
+        return
+    present = sorted(set(layout_of(model).levels.values()))
+    if not set(reference.levels) & set(present):
+        raise ModelFamilyError(f"the reference keeps the features of {', '.join(reference.levels)} only, and this "
+                               f"{model_family(model)} model has no transformer block at those levels (its levels: "
+                               f"{', '.join(present)}): encode the face again with capture 'all levels'")
+
+
+def check_magnitudes(model, adapter: InvAdapter, reference) -> None:
+    """The adapter's weights and a loaded reference's values stay below what the model's compute dtype can square
+    (``files.validation.magnitude_limit``): refuse, naming the file, what would otherwise sample a black image."""
+    dtype = model.model.get_dtype_inference()
+    params = list(adapter.parameters())
+    if params:
+        check_magnitude(AdapterFileError, f"Inv-Adapter '{adapter.name}'", "its weights", max(peak(p) for p in params),
+                        dtype, "load weights trained without overflow, or re-export them")
+    if reference.peak is not None:
+        check_magnitude(ReferenceFileError, reference.source or "the reference", "its trajectory, caption or features",
+                        reference.peak, dtype, "encode the face again and save the reference again")

@@ -2,6 +2,9 @@
 decoded (the trainer's preprocessing, the evaluation CLI)."""
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -78,3 +81,26 @@ def load_image_file(path) -> torch.Tensor:
             return torch.from_numpy(np.array(frame).astype(np.float32) / 255.0)
     except (OSError, UnidentifiedImageError, ValueError, StopIteration, Image.DecompressionBombError) as e:
         raise ImageFileError(f"{path}: unreadable image ({problem}; {type(e).__name__}: {e})") from None
+
+
+def truncated_image_file(path: str) -> Optional[str]:
+    """Why the image file ``path`` cannot be fully decoded (its data ends early), or None. ComfyUI's LoadImage
+    decodes such a file anyway and fills the missing rows with black; here PIL decodes it with truncated images
+    refused (the flag is global: set only for this read, as ComfyUI's own ``node_helpers.pillow`` does)."""
+    from PIL import Image, ImageFile, ImageSequence, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        return None
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as image:
+            for frame in ImageSequence.Iterator(image):
+                frame.load()
+    except UnidentifiedImageError:
+        return None  # not an image PIL reads (ComfyUI may read it otherwise): nothing to say
+    except (OSError, SyntaxError, ValueError) as e:
+        return str(e) or type(e).__name__
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return None

@@ -7,11 +7,13 @@ with a raw shape error or turn the image black (NaN). Model-dependent checks (do
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable, Optional
 
 import torch
 
 from ..arch.layout import is_block_name
+from ..arch.levels import LEVELS
 from .format import FORMAT_VERSION, INVERSION_CONVENTIONS, META
 
 
@@ -51,17 +53,50 @@ def _json_meta(meta: dict, key: str, error, path: str, fix: str, check: Callable
     return value
 
 
-def check_tensor(error, path: str, name: str, t: torch.Tensor, ndim: Optional[int], fix: str) -> None:
-    """A floating tensor of ``ndim`` dimensions (None: any), finite everywhere."""
+def magnitude_limit(dtype: torch.dtype) -> float:
+    """The largest magnitude a value the UNet computes with may have in ``dtype``: its square must stay finite. The
+    UNet squares what it computes with (the attention logits q.k, the variance of every LayerNorm and GroupNorm), so
+    a larger value becomes inf there, then NaN: a black image. float16: 256; bfloat16 and float32: 1.8e19."""
+    return math.sqrt(torch.finfo(dtype).max)
+
+
+# At load the compute dtype is not known yet: refuse what even the widest one ComfyUI runs a UNet in cannot hold
+# (InvAdapterApply checks again against the model's own compute dtype).
+LOAD_LIMIT = magnitude_limit(torch.float32)
+
+
+def peak(t: torch.Tensor) -> float:
+    """The largest magnitude in ``t`` (0 for an empty tensor)."""
+    if t.numel() == 0:
+        return 0.0
+    return float((t.half() if t.dtype == torch.float8_e4m3fn else t).detach().abs().max())
+
+
+def check_magnitude(error, path: str, what: str, value: float, dtype: torch.dtype, fix: str) -> None:
+    limit = magnitude_limit(dtype)
+    if value > limit:
+        _fail(error, path, f"{what} reaches a magnitude of {value:.3g}; computing in "
+                           f"{str(dtype).replace('torch.', '')}, values above {limit:.3g} overflow in the attention "
+                           f"and normalisation products (a black image)", fix)
+
+
+def check_tensor(error, path: str, name: str, t: torch.Tensor, ndim: Optional[int], fix: str,
+                 scale: Optional[torch.Tensor] = None) -> float:
+    """A floating tensor of ``ndim`` dimensions (None: any), finite everywhere, with magnitudes a UNet can compute
+    with (``LOAD_LIMIT``; ``scale``: factors that broadcast onto ``t`` first, what the UNet sees of it); returns its
+    peak magnitude (InvAdapterApply checks it against the model's compute dtype)."""
     if t.dtype not in FLOATS:
         _fail(error, path, f"tensor '{name}' has dtype {str(t.dtype).replace('torch.', '')}, expected a float type",
               fix)
     if ndim is not None and t.ndim != ndim:
         _fail(error, path, f"tensor '{name}' has shape {tuple(t.shape)} ({t.ndim}-D), expected {ndim}-D", fix)
-    finite = torch.isfinite(t if t.dtype != torch.float8_e4m3fn else t.half())
-    if not finite.all():
-        bad = int((~finite).sum())
+    top = peak(t if scale is None else t.float() * scale)  # NaN or inf when any value is (max propagates both)
+    if not math.isfinite(top):
+        bad = int((~torch.isfinite(t if t.dtype != torch.float8_e4m3fn else t.half())).sum())
         _fail(error, path, f"tensor '{name}' holds {bad} NaN/infinite value(s) (it would turn the image black)", fix)
+    check_magnitude(error, path, f"tensor '{name}'" + ("" if scale is None else " (as the UNet sees it)"), top,
+                    torch.float32, fix)
+    return top
 
 
 # --------------------------------------------------------------------------------------------------- adapter files
@@ -147,7 +182,8 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
     levels = None
     if META + "levels" in meta:
         levels = _json_meta(meta, "levels", E, path, REFERENCE_FIX,
-                            lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of levels")
+                            lambda v: isinstance(v, list) and v and all(x in LEVELS for x in v),
+                            f"a non-empty list of levels among {', '.join(LEVELS)}")
     convention = meta.get(META + "convention", "lowest sigma")
     if convention not in INVERSION_CONVENTIONS:
         _fail(E, path, f"metadata '{META}convention' is {convention!r}, expected one of "
@@ -158,7 +194,10 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
             _fail(E, path, f"tensor '{name}' is missing (the file is incomplete)", REFERENCE_FIX)
     sigmas, states = tensors["trajectory.sigmas"], tensors["trajectory.states"]
     check_tensor(E, path, "trajectory.sigmas", sigmas, 1, REFERENCE_FIX)
-    check_tensor(E, path, "trajectory.states", states, 5, REFERENCE_FIX)
+    # the UNet sees a state at sigma s scaled by 1 / sqrt(1 + s^2) (ComfyUI's calculate_input)
+    c_in = (1 + sigmas.double() ** 2).rsqrt().reshape(-1, 1, 1, 1, 1) if sigmas.ndim == 1 else None
+    scaled = c_in is not None and states.ndim == 5 and states.shape[0] == sigmas.shape[0]
+    top = check_tensor(E, path, "trajectory.states", states, 5, REFERENCE_FIX, scale=c_in.float() if scaled else None)
     if sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()) or float(sigmas[0]) < 0:
         _fail(E, path, "trajectory.sigmas is not an ascending list of at least 2 sigmas", REFERENCE_FIX)
     if states.shape[0] != sigmas.shape[0]:
@@ -171,7 +210,7 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
     if "c_crossattn" not in conds:
         _fail(E, path, "the caption conditioning (cond.c_crossattn) is missing", REFERENCE_FIX)
     for name, t in conds.items():
-        check_tensor(E, path, f"cond.{name}", t, COND_DIMS.get(name), REFERENCE_FIX)
+        top = max(top, check_tensor(E, path, f"cond.{name}", t, COND_DIMS.get(name), REFERENCE_FIX))
         if t.shape[0] not in (1, images):
             _fail(E, path, f"cond.{name} has batch {t.shape[0]} for {images} image(s)", REFERENCE_FIX)
     blocks_per_step: dict[int, set] = {}
@@ -187,7 +226,7 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
         if i >= len(feature_sigmas):
             _fail(E, path, f"tensor '{name}' is for step {i}, but feature_sigmas lists {len(feature_sigmas)}",
                   REFERENCE_FIX)
-        check_tensor(E, path, name, t, 3, REFERENCE_FIX)
+        top = max(top, check_tensor(E, path, name, t, 3, REFERENCE_FIX))
         if t.shape[0] != images:
             _fail(E, path, f"tensor '{name}' has batch {t.shape[0]} for {images} image(s)", REFERENCE_FIX)
         blocks_per_step.setdefault(i, set()).add((parts[2], block))
@@ -195,4 +234,4 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
     if len(blocks_per_step) != len(feature_sigmas) or len(layouts) > 1:
         _fail(E, path, "its features do not cover the same blocks at every listed sigma", REFERENCE_FIX)
     return {"family": family, "resolution": tuple(resolution), "feature_sigmas": feature_sigmas,
-            "convention": convention, "levels": levels}
+            "convention": convention, "levels": levels, "peak": top}

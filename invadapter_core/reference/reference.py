@@ -168,6 +168,8 @@ class Reference:
     weights: Optional[Hashable] = None  # in-process key of the encoding weights; None: unknown (loaded from a file)
     convention: str = "lowest sigma"  # how the trajectory was inverted (ddim.CONVENTIONS)
     levels: Optional[list[str]] = None  # the block levels whose features are kept (None: every level)
+    source: str = ""  # the file it was loaded from (named in errors)
+    peak: Optional[float] = None  # a loaded file's largest magnitude the UNet computes with (None: made by a model)
     _other: dict = field(default_factory=dict, repr=False)  # weights key -> FeatureCache of other weights
 
     @property
@@ -249,15 +251,17 @@ def load_reference(path: str) -> Reference:
     return Reference(family=parsed["family"], resolution=parsed["resolution"], sigmas=tensors["trajectory.sigmas"],
                      states=tensors["trajectory.states"], conds=conds, features=cache,
                      uid=meta.get(META + "uid") or uuid.uuid4().hex, convention=parsed["convention"],
-                     levels=parsed["levels"])
+                     levels=parsed["levels"], source=path, peak=parsed["peak"])
 
 
 # --------------------------------------------------------------------------------------------------- combining
 def combine_references(refs: list[Reference]) -> Reference:
     """Several references of one identity -> one reference holding all their images (IDAdapter's mixed features).
 
-    They must come from the same model family, resolution and inversion sigmas. Features are kept for the sigmas
-    every reference holds (computed with the same weights); cross-attention features only where all have them.
+    They must come from the same model family, resolution, inversion convention and sigmas; anything else that
+    differs is named. What can be combined is: features are kept for the sigmas every reference holds (computed with
+    the same weights), for the blocks every one keeps (other capture levels: their common levels, with a notice),
+    cross-attention features only where all have them, all in one precision (the finest of theirs, with a notice).
     """
     if not refs:
         raise ReferenceFileError("no reference to combine")
@@ -265,38 +269,107 @@ def combine_references(refs: list[Reference]) -> Reference:
         return refs[0]
     first = refs[0]
     for i, r in enumerate(refs[1:], start=2):
-        if r.family != first.family:
-            raise ReferenceFileError(f"reference {i} was encoded with a {r.family} model, reference 1 with "
-                                     f"{first.family}: encode every photo with the same checkpoint")
-        if tuple(r.resolution) != tuple(first.resolution) or r.states.shape[2:] != first.states.shape[2:]:
-            raise ReferenceFileError(f"reference {i} has resolution {r.resolution}, reference 1 {first.resolution}: "
-                                     f"encode every photo at the same resolution")
-        if r.sigmas.shape != first.sigmas.shape or not torch.allclose(r.sigmas.double(), first.sigmas.double()):
-            raise ReferenceFileError(f"reference {i} was inverted with other steps/scheduler than reference 1: "
-                                     f"use the same steps and scheduler in every InvAdapterEncodeReference")
-        if r.convention != first.convention:
-            raise ReferenceFileError(f"reference {i} was inverted with the '{r.convention}' convention, reference 1 "
-                                     f"with '{first.convention}': use the same inversion in every encode node")
-        if set(r.conds) != set(first.conds) or any(r.conds[k].shape[1:] != first.conds[k].shape[1:]
-                                                     for k in first.conds):
-            raise ReferenceFileError(f"the caption of reference {i} does not match reference 1's "
-                                     f"({_cond_shapes(r)} against {_cond_shapes(first)}): keep the captions under "
-                                     f"75 tokens and use the same model")
+        _check_combinable(first, r, i)
+    levels = _common_levels(refs)
     conds = {k: torch.cat([_per_image(r.conds[k], r.images) for r in refs]) for k in first.conds}
     same_weights = all(r.weights == first.weights for r in refs)
-    cache = FeatureCache(first.features.store_dtype)
+    store_dtype = _common_store_dtype(refs)
+    cache = FeatureCache(store_dtype)
     shared = [s for s in first.features.sigmas() if all(r.features.get(s) is not None for r in refs)]
     cache.reserve(shared if same_weights else [])
     for s in (shared if same_weights else []):
         found = [r.features.get(s, device="cpu") for r in refs]
-        self_attn = {k: torch.cat([f.self_attn[k] for f in found]) for k in found[0].self_attn}
+        self_attn = _concat([f.self_attn for f in found], store_dtype)
         cross = None
         if all(f.cross_attn is not None for f in found):
-            cross = {k: torch.cat([f.cross_attn[k] for f in found]) for k in found[0].cross_attn}
+            cross = _concat([f.cross_attn for f in found], store_dtype)
         cache.put(s, Features(self_attn, cross), pin=True)
+    peaks = [r.peak for r in refs if r.peak is not None]
     return Reference(first.family, first.resolution, first.sigmas, torch.cat([r.states for r in refs], dim=1),
                      conds, cache, weights=first.weights if same_weights else None, convention=first.convention,
-                     levels=first.levels)
+                     levels=levels, source=", ".join(r.source for r in refs if r.source),
+                     peak=max(peaks) if peaks else None)
+
+
+def _check_combinable(first: Reference, r: Reference, i: int) -> None:
+    """Refuse, naming exactly what differs between reference ``i`` and reference 1, what cannot be combined."""
+    if r.family != first.family:
+        raise ReferenceFileError(f"reference {i} was encoded with a {r.family} model, reference 1 with "
+                                 f"{first.family}: encode every photo with the same checkpoint")
+    if tuple(r.resolution) != tuple(first.resolution):
+        raise ReferenceFileError(f"reference {i} has resolution {r.resolution}, reference 1 {first.resolution}: "
+                                 f"encode every photo at the same resolution")
+    if r.states.shape[2:] != first.states.shape[2:]:
+        raise ReferenceFileError(f"reference {i}'s latents are {tuple(r.states.shape[2:])} (channels, height, width), "
+                                 f"reference 1's {tuple(first.states.shape[2:])}: encode every photo with the same "
+                                 f"checkpoint and resolution")
+    if r.convention != first.convention:
+        raise ReferenceFileError(f"reference {i} was inverted with the '{r.convention}' inversion, reference 1 "
+                                 f"with '{first.convention}': use the same inversion in every encode node")
+    steps, steps_1 = int((r.sigmas > 0).sum()), int((first.sigmas > 0).sum())  # the encode node's steps
+    if r.sigmas.shape != first.sigmas.shape or steps != steps_1:
+        raise ReferenceFileError(f"reference {i} was inverted over {steps} steps, reference 1 over {steps_1}: use "
+                                 f"the same steps/scheduler in every InvAdapterEncodeReference")
+    if not torch.allclose(r.sigmas.double(), first.sigmas.double()):
+        at = int((~torch.isclose(r.sigmas.double(), first.sigmas.double())).nonzero()[0])
+        raise ReferenceFileError(f"reference {i} was inverted over other sigmas than reference 1 (same {steps} "
+                                 f"steps; sigma {at} is {float(r.sigmas[at]):.4g} against {float(first.sigmas[at]):.4g}"
+                                 f"): use the same scheduler (and sampler) in every InvAdapterEncodeReference")
+    if set(r.conds) != set(first.conds) or any(r.conds[k].shape[1:] != first.conds[k].shape[1:]
+                                                 for k in first.conds):
+        raise ReferenceFileError(f"the caption of reference {i} does not match reference 1's "
+                                 f"({_cond_shapes(r)} against {_cond_shapes(first)}): keep the captions under "
+                                 f"75 tokens and use the same model")
+
+
+def _common_levels(refs: list[Reference]) -> Optional[list[str]]:
+    """The block levels every reference keeps (None: all); a notice when some reference keeps more."""
+    from ..comfyui.notify import notify
+
+    kept = [set(r.levels) for r in refs if r.levels is not None]
+    if not kept:
+        return None
+    common = set.intersection(*kept)
+    if not common:
+        described = "; ".join(f"reference {i}: {', '.join(r.levels) if r.levels else 'all levels'}"
+                              for i, r in enumerate(refs, start=1))
+        raise ReferenceFileError(f"the references keep features of no common block level ({described}): encode "
+                                 f"every photo with the same capture setting")
+    if any(r.levels is None or set(r.levels) != common for r in refs):
+        notify(f"the references were encoded with other capture settings; the combined reference keeps the levels "
+               f"they all hold ({', '.join(sorted(common))}): encode every photo with the same capture setting to "
+               f"keep more")
+    return sorted(common)
+
+
+def _common_store_dtype(refs: list[Reference]) -> Optional[torch.dtype]:
+    """One precision for the combined features: 8-bit only if every reference keeps 8-bit features, else the
+    model's (the 8-bit ones are widened: no further rounding), with a notice."""
+    from ..comfyui.notify import notify
+
+    dtypes = {r.features.store_dtype for r in refs if len(r.features)}
+    if len(dtypes) <= 1:
+        return dtypes.pop() if dtypes else refs[0].features.store_dtype
+    notify(f"the references keep their features in different precisions "
+           f"({', '.join(sorted(_dtype_name(d) for d in dtypes))}); the combined reference keeps them all in the "
+           f"model's precision")
+    return None
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return "the model's" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _concat(parts: list[dict[str, torch.Tensor]], store_dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """The blocks every reference holds, their images concatenated (one dtype: the store's, else the widest)."""
+    blocks = [k for k in parts[0] if all(k in p for p in parts)]
+    out = {}
+    for k in blocks:
+        tensors = [p[k] for p in parts]
+        dtype = store_dtype or max((t.dtype for t in tensors if t.dtype != torch.float8_e4m3fn),
+                                   key=lambda d: d.itemsize, default=torch.float16)
+        out[k] = torch.cat([t.to(dtype) for t in tensors])
+    return out
 
 
 def _per_image(t: torch.Tensor, images: int) -> torch.Tensor:

@@ -74,6 +74,16 @@ def main(argv=None) -> int:
     setup_comfy()
     info = env_info()
     logging.basicConfig(level=logging.INFO, format=f"[r{info.rank}] %(levelname)s %(name)s: %(message)s")
+    from .config_check import check_config, check_export
+
+    # everything the command will rely on, before anything loads (imported after the logging setup: the modules
+    # it names may log on import)
+    problems = check_export(args.checkpoint, args.output) if args.command == "export" \
+        else check_config(cfg, args.command)
+    if problems:
+        for problem in problems:
+            print(f"config error: {problem}" if args.command != "export" else f"error: {problem}", file=sys.stderr)
+        return 2
     from .data import DataError
     from .loop import Interrupted
 
@@ -98,7 +108,13 @@ def run_preprocess(cfg, args, info) -> int:
     from .preprocess import preprocess
 
     model, clip, vae = load_base(require(cfg.model.checkpoint, "model.checkpoint"), "auto", True, True)
-    preprocess(cfg, model, clip, vae, info, progress=not args.quiet)
+    summary = preprocess(cfg, model, clip, vae, info, progress=not args.quiet)
+    if summary["kept"] == 0 and summary["shards_kept"] == 0 and info.world_size == 1:
+        reasons = ", ".join(f"{n} {why}" for why, n in summary.get("skip_reasons", {}).items()) or "no images found"
+        print(f"error: preprocessing kept none of the {summary['items']} item(s) of {cfg.data.source} ({reasons}; "
+              f"details in {cfg.data.cache_dir}/report-r000.jsonl): fix or caption the images, then run "
+              f"preprocess again", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -141,12 +157,16 @@ def run_export(cfg, args, info) -> int:
 
     import torch
 
-    from ..adapter.weights import load_adapter, save_adapter
+    from ..adapter.weights import AdapterFileError, load_adapter, save_adapter
 
     source = args.checkpoint
     if os.path.isdir(source):
         source = os.path.join(source, "adapter.safetensors")
-    save_adapter(load_adapter(source), args.output, getattr(torch, args.dtype))
+    try:
+        save_adapter(load_adapter(source), args.output, getattr(torch, args.dtype))
+    except (AdapterFileError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 
