@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -68,6 +69,9 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-poses", type=int, default=8, help="target poses per reference")
     g.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     g.add_argument("--no-eval", action="store_true", help="train only (no classifiers, no sampling)")
+    g.add_argument("--export-demo-weights", metavar="DIR",
+                   help="also write the base, the classifiers and the trained adapter as `make demo`'s small "
+                        "shipped weights, with their PROVENANCE.md (benchmarks/identity_toy_demo)")
     g.add_argument("--curve-every", type=int, default=0,
                    help="also checkpoint every N steps and evaluate each checkpoint's weights (trained arm): the "
                         "identity-accuracy learning curve (0: off)")
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from identity_toy_lib import base as toy_base
-    from identity_toy_lib import classifiers, data, evaluate, grid
+    from identity_toy_lib import classifiers, data, evaluate, grid, shipped
     from identity_toy_lib.sampling import SamplerSettings
     from invadapter_core.train.loop import Trainer
 
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
     base, base_info = toy_base.load_or_pretrain(recipe, say)
     timings["base_s"] = round(time.time() - t, 1)
     judges = None
-    if not args.no_eval:
+    if not args.no_eval or args.export_demo_weights:
         t = time.time()
         judges, classifier_info = classifiers.load_or_train(base.identities, steps=args.classifier_steps, log=say)
         timings["classifiers_s"] = round(time.time() - t, 1)
@@ -165,7 +169,17 @@ def main(argv=None) -> int:
               "weights": str(result.weights), "parameters": result.parameters["total"],
               "base": {**base_info, "steps": recipe.steps, "batch": recipe.batch, "ema": recipe.ema}}
 
-    if judges is not None:
+    if args.export_demo_weights:
+        given = argv if argv is not None else sys.argv[1:]
+        command = shlex.join([".venv/bin/python", "benchmarks/identity_toy.py", *given])
+        details = {"base recipe": vars(recipe), "base": Path(base_info["path"]).name, "adapter training": {
+            k: getattr(args, k) for k in ("train_steps", "batch", "lr", "warmup", "tokens_m", "pool", "min_timestep",
+                                          "seed")}, "held-out loss": result.heldout[-1], "timings": timings}
+        exported = shipped.export(Path(args.export_demo_weights), base, judges, result.weights, command, args.seed,
+                                  details)
+        say(f"demo weights: {', '.join(str(p) for p in exported)}")
+        report["demo_weights"] = [str(p) for p in exported]
+    if judges is not None and not args.no_eval:
         plan = evaluate.make_plan(len(base.identities), args.eval_refs, args.eval_poses, seed=args.seed + 5)
         evaluation = evaluate.Evaluation(base, judges, plan, settings, args.inversion, say)
         arms, images = {}, {}
