@@ -249,8 +249,9 @@ def load_or_pretrain(recipe: PretrainRecipe, log: Callable[[str], None] = print)
         model, encoder, losses = pretrain(recipe, identities, log)
         info["seconds"] = round(time.time() - started, 1)
         info["pretrain_seconds"] = info["seconds"]
-        store.save(path, to_tensors(model, encoder), {"seconds": str(info["seconds"]), "final_loss": f"{sum(losses[-100:]) / 100:.5f}",
-                                   "threads": str(torch.get_num_threads())})
+        store.save(path, to_tensors(model, encoder), {"seconds": str(info["seconds"]),
+                                                      "final_loss": f"{sum(losses[-100:]) / 100:.5f}",
+                                                      "threads": str(torch.get_num_threads())})
     model.diffusion_model.requires_grad_(False)
     return ToyBase(patcher(model), encoder.eval(), PixelUnshuffleVAE(), identities), info
 

@@ -90,14 +90,24 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def load_base(path: Path) -> tuple[toy_base.ToyBase, dict]:
+    """A base file as ``export`` writes it, and what the benchmark records about it: its path, and a name for the
+    caches derived from it (the reference pool) that changes whenever the file does."""
+    tensors, meta = read_checked(str(path), "the identity toy's shipped base", RuntimeError, REGENERATE)
+    identities = toy_base.identity_set(int(meta.get("identities", toy_base.IDENTITIES)))
+    model, encoder = toy_base.from_tensors(tensors)
+    base = toy_base.ToyBase(toy_base.patcher(model), encoder.eval(), toy_base.PixelUnshuffleVAE(), identities)
+    info = {"path": str(path), "cached": True, "seconds": 0.0, "cache_name": f"shipped-{sha256(path)[:12]}",
+            "command": meta.get("command", "")}
+    return base, info
+
+
 def load(folder: Path = FOLDER) -> Shipped:
     """The shipped toy; a missing or damaged file raises an error that says how to regenerate it."""
-    base_tensors, meta = read_checked(str(folder / BASE), "the identity toy's shipped base", RuntimeError, REGENERATE)
-    identities = toy_base.identity_set(int(meta.get("identities", toy_base.IDENTITIES)))
-    model, encoder = toy_base.from_tensors(base_tensors)
-    base = toy_base.ToyBase(toy_base.patcher(model), encoder.eval(), toy_base.PixelUnshuffleVAE(), identities)
+    base, _ = load_base(folder / BASE)
+    identities = base.identities
     judge_tensors, _ = read_checked(str(folder / JUDGES), "the identity toy's shipped judges", RuntimeError,
-                                      REGENERATE)
+                                    REGENERATE)
     adapter = folder / ADAPTER
     if not adapter.is_file():
         raise FileNotFoundError(f"the identity toy's shipped adapter is missing: {adapter}; {REGENERATE}")
