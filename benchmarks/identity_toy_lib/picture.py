@@ -60,7 +60,7 @@ def save(path: Path, references: torch.Tensor, arms: dict[str, torch.Tensor], co
                 canvas.paste(tile(images[n], scale), (x + frame, y + frame))
 
     y = height - footer + 10
-    draw.text((margin, y), f"16 synthetic identities (chance {100 * chance:.2f} %); every arm samples the same target "
+    draw.text((margin, y), f"{round(1 / chance)} synthetic identities (chance {100 * chance:.2f} %); every arm samples the same target "
                            f"poses with the same noise; the target pose is the prompt, the identity comes only from "
                            f"the reference.", font=small, fill=GREY)
     draw.text((margin, y + 20), "Frame: green = an identity classifier reads the reference's identity in the sample, "
