@@ -1,9 +1,9 @@
 """The method at work, in a few minutes on a CPU: the identity toy through the pack's nodes, from the small weights
 shipped in benchmarks/identity_toy_demo/ (part of `make demo`).
 
-    .venv/bin/python scripts/identity_demo.py [--out out/identity_demo.png] [--identities 16] [--poses 8]
+    .venv/bin/python scripts/identity_demo.py [--out out/identity_demo.png] [--identities 8] [--poses 4]
 
-For one reference of each of the toy's 16 synthetic identities, three arms sample the same target poses with the
+For one reference of each of the first 8 of the toy's 16 synthetic identities, three arms sample the same target poses with the
 same noise: the base model alone (no adapter), the training-free default ("init from model") and the adapter trained
 by the pack's trainer (its weights file through InvAdapterLoader). InvAdapterEncodeReference encodes each reference,
 InvAdapterApply installs it, ComfyUI's sampler draws the samples; an identity classifier says whose identity each
@@ -28,14 +28,14 @@ from invadapter_core.host import use_comfyui  # noqa: E402
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "out" / "identity_demo.png", help="the picture")
-    p.add_argument("--identities", type=int, default=16, help="references: one per identity, the first N of 16")
-    p.add_argument("--poses", type=int, default=8, help="target poses (samples) per reference and arm")
+    p.add_argument("--identities", type=int, default=8, help="references: one per identity, the first N of 16")
+    p.add_argument("--poses", type=int, default=4, help="target poses (samples) per reference and arm")
     p.add_argument("--rows", type=int, default=4, help="references shown in the picture")
     p.add_argument("--shown", type=int, default=3, help="samples shown per arm and row")
     p.add_argument("--steps", type=int, default=50, help="sampling and inversion steps (the weights were trained "
                                                          "with 50)")
     p.add_argument("--seed", type=int, default=5, help="seed of the references' and targets' poses and the noise")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the toy's batches are small)")
     p.add_argument("--weights", type=Path, help="folder of the shipped weights (default: benchmarks/identity_toy_demo)")
     args = p.parse_args(argv)
     if not 1 <= args.identities <= 16:

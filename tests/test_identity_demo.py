@@ -26,16 +26,16 @@ def test_shipped_toy_weights_are_small_and_their_provenance_names_command_and_se
 
 def test_identity_demo_runs_from_the_shipped_weights_and_the_trained_adapter_wins(tmp_path):
     picture = tmp_path / "demo.png"
-    # 8 references x 2 poses: 16 samples per arm, about 30 s on 2 threads
-    done = subprocess.run([host.python_exe(), str(host.ROOT / "scripts" / "identity_demo.py"), "--identities", "8",
-                           "--poses", "2", "--rows", "2", "--shown", "2", "--out", str(picture)],
-                          capture_output=True, text=True, timeout=600, cwd=host.ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+    # the demo's own settings (8 references x 4 poses, 1 thread: measured 1/32 without the adapter, 8/32 trained;
+    # about 2 minutes on this project's shared 2-core machine, less on an idle one)
+    done = subprocess.run([host.python_exe(), str(host.ROOT / "scripts" / "identity_demo.py"), "--out", str(picture)],
+                          capture_output=True, text=True, timeout=900, cwd=host.ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-6000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     arms = report["arms"]
     assert list(arms) == ["no adapter", "training-free", "trained"]
-    assert report["samples_per_arm"] == 16
+    assert report["samples_per_arm"] == 32
     assert arms["trained"]["identity_accuracy"] > arms["no adapter"]["identity_accuracy"], arms
     assert "identity accuracy" in done.stdout  # the terminal shows the numbers too
     from PIL import Image
