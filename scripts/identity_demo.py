@@ -66,7 +66,11 @@ def main(argv=None) -> int:
     from identity_toy_lib import evaluate, picture, shipped
     from identity_toy_lib.sampling import SamplerSettings
 
-    toy = shipped.load(args.weights or shipped.FOLDER)
+    try:
+        toy = shipped.load(args.weights or shipped.FOLDER)
+    except (FileNotFoundError, RuntimeError) as e:  # missing or damaged weights: the message says how to remake them
+        print(f"identity demo: {e}", file=sys.stderr)
+        return 1
     plan = evaluate.make_plan(args.identities, 1, args.poses, seed=args.seed)
     settings = SamplerSettings(steps=args.steps)
     evaluation = evaluate.Evaluation(toy.base, toy.judges, plan, settings, "lowest sigma", say)

@@ -93,6 +93,8 @@ def sha256(path: Path) -> str:
 def load_base(path: Path) -> tuple[toy_base.ToyBase, dict]:
     """A base file as ``export`` writes it, and what the benchmark records about it: its path, and a name for the
     caches derived from it (the reference pool) that changes whenever the file does."""
+    if not path.is_file():
+        raise FileNotFoundError(f"the identity toy's shipped base is missing: {path}; {REGENERATE}")
     tensors, meta = read_checked(str(path), "the identity toy's shipped base", RuntimeError, REGENERATE)
     identities = toy_base.identity_set(int(meta.get("identities", toy_base.IDENTITIES)))
     model, encoder = toy_base.from_tensors(tensors)
@@ -106,6 +108,8 @@ def load(folder: Path = FOLDER) -> Shipped:
     """The shipped toy; a missing or damaged file raises an error that says how to regenerate it."""
     base, _ = load_base(folder / BASE)
     identities = base.identities
+    if not (folder / JUDGES).is_file():
+        raise FileNotFoundError(f"the identity toy's shipped judges are missing: {folder / JUDGES}; {REGENERATE}")
     judge_tensors, _ = read_checked(str(folder / JUDGES), "the identity toy's shipped judges", RuntimeError,
                                     REGENERATE)
     adapter = folder / ADAPTER
