@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -41,6 +42,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "out" / "identity-toy"), help="grid image and the training run")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter training and the evaluation plan")
     g = p.add_argument_group("base model and classifiers (cached by these settings)")
+    g.add_argument("--base-file", type=Path,
+                   help="start from this base file instead (benchmarks/identity_toy_demo/toy_base.safetensors: the "
+                        "shipped one, no pretraining); the other base settings are then unused")
     g.add_argument("--base-steps", type=int, default=1400)
     g.add_argument("--base-batch", type=int, default=64)
     g.add_argument("--identities", type=int, default=16, help="how many of the 16 identities")
@@ -68,6 +72,9 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-poses", type=int, default=8, help="target poses per reference")
     g.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     g.add_argument("--no-eval", action="store_true", help="train only (no classifiers, no sampling)")
+    g.add_argument("--export-demo-weights", metavar="DIR",
+                   help="also write the base, the classifiers and the trained adapter as `make demo`'s small "
+                        "shipped weights, with their PROVENANCE.md (benchmarks/identity_toy_demo)")
     g.add_argument("--curve-every", type=int, default=0,
                    help="also checkpoint every N steps and evaluate each checkpoint's weights (trained arm): the "
                         "identity-accuracy learning curve (0: off)")
@@ -123,7 +130,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from identity_toy_lib import base as toy_base
-    from identity_toy_lib import classifiers, data, evaluate, grid
+    from identity_toy_lib import classifiers, data, evaluate, grid, shipped
     from identity_toy_lib.sampling import SamplerSettings
     from invadapter_core.train.loop import Trainer
 
@@ -131,17 +138,21 @@ def main(argv=None) -> int:
     t = time.time()
     recipe = toy_base.PretrainRecipe(steps=args.base_steps, batch=args.base_batch, identities=args.identities,
                                      ema=args.base_ema)
-    base, base_info = toy_base.load_or_pretrain(recipe, say)
+    if args.base_file:
+        base, base_info = shipped.load_base(args.base_file)
+    else:
+        base, base_info = toy_base.load_or_pretrain(recipe, say)
     timings["base_s"] = round(time.time() - t, 1)
     judges = None
-    if not args.no_eval:
+    if not args.no_eval or args.export_demo_weights:
         t = time.time()
         judges, classifier_info = classifiers.load_or_train(base.identities, steps=args.classifier_steps, log=say)
         timings["classifiers_s"] = round(time.time() - t, 1)
 
     settings = SamplerSettings(steps=args.sample_steps, sampler=args.sampler, scheduler=args.scheduler)
     t = time.time()
-    pool, cached = data.load_or_build_pool(base, Path(base_info["path"]).stem, args.pool, settings.steps,
+    base_name = base_info.get("cache_name") or Path(base_info["path"]).stem
+    pool, cached = data.load_or_build_pool(base, base_name, args.pool, settings.steps,
                                            settings.scheduler, settings.sampler, args.inversion, seed=args.seed + 2)
     timings["pool_s"] = round(time.time() - t, 1)
     say(f"reference pool: {len(pool.identity)} references inverted ({args.inversion}){' (cached)' if cached else ''}"
@@ -163,9 +174,20 @@ def main(argv=None) -> int:
               "heldout": result.heldout, "heldout_loss_other_identity": trainer.heldout_loss(samples=other),
               "train_loss_first_last": [result.losses[0], result.losses[-1]],
               "weights": str(result.weights), "parameters": result.parameters["total"],
-              "base": {**base_info, "steps": recipe.steps, "batch": recipe.batch, "ema": recipe.ema}}
+              "base": base_info if args.base_file else {**base_info, "steps": recipe.steps, "batch": recipe.batch,
+                                                        "ema": recipe.ema}}
 
-    if judges is not None:
+    if args.export_demo_weights:
+        given = argv if argv is not None else sys.argv[1:]
+        command = shlex.join([".venv/bin/python", "benchmarks/identity_toy.py", *given])
+        details = {"base recipe": "from the file" if args.base_file else vars(recipe), "base": Path(base_info["path"]).name, "adapter training": {
+            k: getattr(args, k) for k in ("train_steps", "batch", "lr", "warmup", "tokens_m", "pool", "min_timestep",
+                                          "seed")}, "held-out loss": result.heldout[-1], "timings": timings}
+        exported = shipped.export(Path(args.export_demo_weights), base, judges, result.weights, command, args.seed,
+                                  details)
+        say(f"demo weights: {', '.join(str(p) for p in exported)}")
+        report["demo_weights"] = [str(p) for p in exported]
+    if judges is not None and not args.no_eval:
         plan = evaluate.make_plan(len(base.identities), args.eval_refs, args.eval_poses, seed=args.seed + 5)
         evaluation = evaluate.Evaluation(base, judges, plan, settings, args.inversion, say)
         arms, images = {}, {}

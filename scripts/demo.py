@@ -1,5 +1,6 @@
 """End-to-end demo: a real headless ComfyUI with this pack runs a workflow through the HTTP API and the output
-image is saved under out/.
+image is saved under out/; then the identity toy shows the method working (scripts/identity_demo.py: the pack's
+nodes on small shipped weights, a picture with each arm's identity accuracy, out/identity_demo.png).
 
     make demo                       # or: .venv/bin/python scripts/demo.py [--workflow F] [--image P] [--checkpoint P]
 
@@ -11,6 +12,7 @@ that the whole graph runs.
 """
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ def main() -> int:
     parser.add_argument("--image", type=Path, help=f"input image for LoadImage (default: {INPUT_IMAGE.name})")
     parser.add_argument("--checkpoint", type=Path, help="SD1.5 checkpoint file (default: the random test one)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help=f"where the image goes (default: {OUT_DIR})")
+    parser.add_argument("--no-identity-toy", action="store_true", help="only the workflow run (no identity toy)")
     args = parser.parse_args()
 
     host.import_comfy_cpu()  # only used if the test checkpoint has to be generated
@@ -67,7 +70,13 @@ def main() -> int:
         paths.append(path)
     for path in paths:
         print(f"Output image: {path.resolve()}")
-    return 0
+    if args.no_identity_toy:
+        return 0
+    # its own process: the toy sets torch's threads and ComfyUI's attention flag before ComfyUI is imported
+    print("identity toy: the pack's nodes on the shipped toy weights (scripts/identity_demo.py)", file=sys.stderr,
+          flush=True)
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "identity_demo.py"),
+                           "--out", str(args.out_dir / "identity_demo.png")]).returncode
 
 
 if __name__ == "__main__":

@@ -241,11 +241,7 @@ def load_or_pretrain(recipe: PretrainRecipe, log: Callable[[str], None] = print)
     info = {"path": str(path), "cached": path.exists(), "seconds": 0.0}
     if path.exists():
         tensors, meta = store.load(path)
-        model = build_unet_model()
-        model.diffusion_model.load_state_dict(store.prefixed(tensors, "unet."))
-        encoder = PoseEncoder()
-        encoder.load_state_dict(store.prefixed(tensors, "encoder."))
-        encoder.requires_grad_(False)
+        model, encoder = from_tensors(tensors)
         info["pretrain_seconds"] = float(meta.get("seconds", "nan"))
     else:
         log(f"pretraining the toy base ({recipe.steps} steps at batch {recipe.batch}); cached as {path}")
@@ -253,9 +249,26 @@ def load_or_pretrain(recipe: PretrainRecipe, log: Callable[[str], None] = print)
         model, encoder, losses = pretrain(recipe, identities, log)
         info["seconds"] = round(time.time() - started, 1)
         info["pretrain_seconds"] = info["seconds"]
-        tensors = {**{f"unet.{k}": v for k, v in model.diffusion_model.state_dict().items()},
-                   **{f"encoder.{k}": v for k, v in encoder.state_dict().items()}}
-        store.save(path, tensors, {"seconds": str(info["seconds"]), "final_loss": f"{sum(losses[-100:]) / 100:.5f}",
-                                   "threads": str(torch.get_num_threads())})
+        store.save(path, to_tensors(model, encoder), {"seconds": str(info["seconds"]),
+                                                      "final_loss": f"{sum(losses[-100:]) / 100:.5f}",
+                                                      "threads": str(torch.get_num_threads())})
     model.diffusion_model.requires_grad_(False)
     return ToyBase(patcher(model), encoder.eval(), PixelUnshuffleVAE(), identities), info
+
+
+def to_tensors(model: comfy.model_base.BaseModel, encoder: PoseEncoder) -> dict[str, torch.Tensor]:
+    """The base as one file's tensors: the UNet under "unet.", the pose encoder under "encoder."."""
+    return {**{f"unet.{k}": v for k, v in model.diffusion_model.state_dict().items()},
+            **{f"encoder.{k}": v for k, v in encoder.state_dict().items()}}
+
+
+def from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[comfy.model_base.BaseModel, PoseEncoder]:
+    """``to_tensors`` undone (float32 whatever the file's dtype: the shipped demo base is stored in float16)."""
+    tensors = {k: v.float() for k, v in tensors.items()}
+    model = build_unet_model()
+    model.diffusion_model.load_state_dict(store.prefixed(tensors, "unet."))
+    model.diffusion_model.requires_grad_(False)
+    encoder = PoseEncoder()
+    encoder.load_state_dict(store.prefixed(tensors, "encoder."))
+    encoder.requires_grad_(False)
+    return model, encoder

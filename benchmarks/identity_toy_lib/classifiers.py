@@ -107,17 +107,25 @@ def load_or_train(identities: torch.Tensor, steps: int = 600, batch: int = 128, 
     info = {"path": str(path), "cached": path.exists(), "seconds": 0.0}
     if path.exists():
         tensors, _ = store.load(path)
-        identity, attributes = Classifier(identity_heads), Classifier(attribute_heads)
-        identity.load_state_dict(store.prefixed(tensors, "identity."))
-        attributes.load_state_dict(store.prefixed(tensors, "attributes."))
-        identity.eval().requires_grad_(False)
-        attributes.eval().requires_grad_(False)
-    else:
-        started = time.time()
-        identity = train_classifier(identity_heads, identity_draw(identities), steps, batch, seed, log)
-        attributes = train_classifier(attribute_heads, attribute_draw, steps, batch, seed + 10, log)
-        info["seconds"] = round(time.time() - started, 1)
-        store.save(path, {**{f"identity.{k}": v for k, v in identity.state_dict().items()},
-                          **{f"attributes.{k}": v for k, v in attributes.state_dict().items()}},
-                   {"seconds": str(info["seconds"])})
-    return Judges(identity, attributes, identities), info
+        return from_tensors(tensors, identities), info
+    started = time.time()
+    identity = train_classifier(identity_heads, identity_draw(identities), steps, batch, seed, log)
+    attributes = train_classifier(attribute_heads, attribute_draw, steps, batch, seed + 10, log)
+    info["seconds"] = round(time.time() - started, 1)
+    judges = Judges(identity, attributes, identities)
+    store.save(path, to_tensors(judges), {"seconds": str(info["seconds"])})
+    return judges, info
+
+
+def to_tensors(judges: Judges) -> dict[str, torch.Tensor]:
+    """Both classifiers as one file's tensors, under "identity." and "attributes."."""
+    return {**{f"identity.{k}": v for k, v in judges.identity.state_dict().items()},
+            **{f"attributes.{k}": v for k, v in judges.attributes.state_dict().items()}}
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], identities: torch.Tensor) -> Judges:
+    """``to_tensors`` undone (float32 whatever the file's dtype)."""
+    identity, attributes = Classifier({"identity": len(identities)}), Classifier(dict(render.ATTRIBUTES))
+    identity.load_state_dict({k: v.float() for k, v in store.prefixed(tensors, "identity.").items()})
+    attributes.load_state_dict({k: v.float() for k, v in store.prefixed(tensors, "attributes.").items()})
+    return Judges(identity.eval().requires_grad_(False), attributes.eval().requires_grad_(False), identities)
