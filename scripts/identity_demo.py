@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from invadapter_core.host import use_comfyui  # noqa: E402
+from invadapter_core.comfyui.host import use_comfyui  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:

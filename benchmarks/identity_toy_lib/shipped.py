@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from invadapter_core.host import REPO
-from invadapter_core.safetensors_io import read_checked
+from invadapter_core.comfyui.host import REPO
+from invadapter_core.files.safetensors_io import read_checked
 
 from . import base as toy_base
 from . import classifiers, store
