@@ -1,4 +1,4 @@
-"""Builds example_workflows/ from workflows_api/: the UI graphs ComfyUI's template browser lists, and their thumbnails.
+"""Builds example_workflows/ from workflows/api/: the UI graphs ComfyUI's template browser lists, and their thumbnails.
 
     .venv/bin/python scripts/make_examples.py            # all of them (a few minutes on a CPU)
     .venv/bin/python scripts/make_examples.py basic      # one
@@ -43,7 +43,7 @@ MODELS = {name: {"name": name, "directory": folder, "url": f"{HF}/{repo}/resolve
               ("OpenPoseXL2.safetensors", "controlnet", "thibaud/controlnet-openpose-sdxl-1.0"))}
 SDXL_FILES = {"sd_xl_base_1.0.safetensors", "OpenPoseXL2.safetensors"}
 LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
-# (workflows_api/<name>.json, what its note adds to the common steps), in the order a newcomer meets them.
+# (workflows/api/<name>.json, what its note adds to the common steps), in the order a newcomer meets them.
 EXAMPLES = [
     ("basic", "The face photo is cropped, inverted with your checkpoint into an identity reference, and that "
               "identity is applied to the generation. Edit the caption to describe your photo, and the positive "
@@ -218,7 +218,7 @@ def make(page, index: int, name: str, extra: str, object_info: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help="workflows_api/<name>.json to build (default: all)")
+    parser.add_argument("names", nargs="*", help="workflows/api/<name>.json to build (default: all)")
     args = parser.parse_args()
     unknown = set(args.names) - {name for name, _ in EXAMPLES}
     if unknown:

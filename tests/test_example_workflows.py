@@ -1,5 +1,5 @@
 """The shipped workflows as files: example_workflows/NN_<name>.json (the UI graphs ComfyUI's template browser lists,
-with their thumbnails) stay in sync with workflows_api/<name>.json (what POST /prompt takes), are laid out to be read
+with their thumbnails) stay in sync with workflows/api/<name>.json (what POST /prompt takes), are laid out to be read
 (scripts/workflow_layout.py's checks on the node rectangles), and are ready to run once a checkpoint is picked: a
 note says what to pick and upload, the model links the missing-model dialog offers are embedded, every image they
 name ships with the pack, the face crops are previewed. The frontend side of the same is in
@@ -44,13 +44,16 @@ def test_examples_are_numbered_in_order_and_each_has_an_api_twin():
 
 
 def test_only_example_workflows_is_scanned_by_the_template_browser():
-    """The host lists every *.json in any of these folders of a pack as a template (an API graph opens as an empty
-    canvas): only example_workflows/ may exist."""
+    """The host lists every *.json directly in any of these folders of a pack as a template (an API graph opens as
+    an empty canvas; its glob is ``<pack>/<folder>/*.json``): only example_workflows/ may hold one. workflows/ is one
+    of these folders, so the API graphs sit a level below it, in workflows/api/."""
     source = (comfyui_path() / "app" / "custom_node_manager.py").read_text()
     scanned = ast.literal_eval(re.search(r"example_workflow_folder_names = (\[.*?\])", source).group(1))
-    assert "example_workflows" in scanned
-    present = [name for name in scanned if (ROOT / name).exists()]
+    assert "example_workflows" in scanned and "workflows" in scanned
+    assert re.search(r'os\.path\.join\(folder, f"\*/\{folder_name\}/\*\.json"\)', source), "the host scans deeper now"
+    present = [name for name in scanned if list((ROOT / name).glob("*.json"))]
     assert present == ["example_workflows"], present
+    assert API_WORKFLOWS.parent.name == "workflows" and list(API_WORKFLOWS.glob("*.json"))
     assert {p.suffix for p in EXAMPLE_WORKFLOWS.iterdir()} == {".json", ".jpg"}
 
 

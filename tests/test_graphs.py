@@ -1,5 +1,5 @@
 """Inv-Adapter graphs through a real ComfyUI server on the random shallow SD1.5 checkpoint: every shipped API
-workflow (workflows_api/, with the test checkpoint in place of the standard one they name), several samplers,
+workflow (workflows/api/, with the test checkpoint in place of the standard one they name), several samplers,
 ControlNet and LoRA alongside, and the clear errors for bad inputs."""
 import io
 

@@ -1,5 +1,5 @@
 """API-format graphs (what POST /prompt takes) for plain SD1.5 and SDXL runs, small enough for CPU tests, and the
-shipped workflows: workflows_api/<name>.json (API format) and example_workflows/NN_<name>.json (the UI graphs the
+shipped workflows: workflows/api/<name>.json (API format) and example_workflows/NN_<name>.json (the UI graphs the
 template browser lists, NN = the order a newcomer meets them)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-API_WORKFLOWS = ROOT / "workflows_api"  # a folder name ComfyUI's template browser does not scan
+API_WORKFLOWS = ROOT / "workflows" / "api"  # a folder name ComfyUI's template browser does not scan
 EXAMPLE_WORKFLOWS = ROOT / "example_workflows"
 EXAMPLE_NAME = re.compile(r"^(\d\d)_(\w+)\.json$")
 
@@ -20,7 +20,7 @@ def example_files() -> list[Path]:
 
 
 def api_twin(ui_file: Path) -> Path:
-    """workflows_api/<name>.json for example_workflows/NN_<name>.json."""
+    """workflows/api/<name>.json for example_workflows/NN_<name>.json."""
     match = EXAMPLE_NAME.match(ui_file.name)
     if not match:
         raise ValueError(f"{ui_file.name}: example workflows are named NN_<name>.json (NN = their order)")
@@ -95,7 +95,7 @@ def shrink_for_smoke_run(prompt: dict) -> dict:
 
 
 def load_workflow(name: str, smoke: bool = True) -> dict:
-    """workflows_api/<name>.json, shrunk for a CPU smoke run when ``smoke``."""
+    """workflows/api/<name>.json, shrunk for a CPU smoke run when ``smoke``."""
     prompt = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
     return shrink_for_smoke_run(prompt) if smoke else prompt
 
