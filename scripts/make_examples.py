@@ -85,6 +85,23 @@ EXAMPLES = {
                   "and size condition the reference passes.",
     "sdxl_controlnet": "SDXL with the pose from an OpenPose skeleton (an SDXL OpenPose ControlNet).",
 }
+# What each thumbnail shows: the nodes (by title prefix) that make the template what it is, close enough to read.
+FOCUS = {
+    "basic": ("Face Crop", "Face crop preview"),
+    "controlnet": ("Load ControlNet", "Control image"),
+    "save_reference": ("Encode Reference", "Save Reference"),
+    "from_saved_reference": ("Load Reference", "Inv-Adapter Apply"),
+    "two_photos": ("Face crop preview",),
+    "best_of_n": ("Face Similarity", "Select Best", "Every candidate"),
+    "cond_only": ("Inv-Adapter Apply",),
+    "lora": ("Load LoRA", "Load Checkpoint"),
+    "coarse_vs_fine": ("Block Weights", "Inv-Adapter Apply"),
+    "two_people": ("Face crop preview",),
+    "attention_maps": ("Inv-Adapter Attention Maps", "Where the"),
+    "trained_adapter": ("Inv-Adapter Loader", "Inv-Adapter Apply"),
+    "sdxl_basic": ("Face Crop", "Face crop preview"),
+    "sdxl_controlnet": ("Load ControlNet", "Control image"),
+}
 NOTE_TYPE = "MarkdownNote"
 # Width and height a node gets at least (the frontend's own minimum, measured, wins when larger).
 PREFERRED = {"CLIPTextEncode": (400, 120), NOTE_TYPE: (440, 0), "LoadImage": (320, 420), "PreviewImage": (320, 360),
@@ -92,7 +109,7 @@ PREFERRED = {"CLIPTextEncode": (400, 120), NOTE_TYPE: (440, 0), "LoadImage": (32
 DEFAULT_WIDTH = 320
 THUMBNAIL_SIDE = 512  # the template browser shows thumbnails in square cards
 THUMBNAIL_VIEWPORT = 1400  # the browser window the screenshot is taken in (square)
-THUMBNAIL_MIN_SIDE = 700  # screen pixels: a smaller view is widened around its centre (less blur when scaled down)
+THUMBNAIL_MIN_SIDE = 560  # screen pixels: a smaller view is widened around its centre (less blur when scaled down)
 NOTE_SLACK = 12  # pixels below the note's text (at 100 %)
 # no minimap or frame counter over the graph; nodes drawn in full detail however small
 SCREENSHOT_SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
@@ -209,26 +226,21 @@ def screenshot(page, box: list[float], side: int) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
-def focus(ui: dict, api: dict) -> list[float]:
-    """The part of the graph that makes this template what it is: the face crop previews and the nodes the basic
-    graph lacks (for the basic graph itself: its reference stage), as one box [x, y, w, h]."""
-    basic = {n["_meta"]["title"] for n in json.loads((API_WORKFLOWS / "basic.json").read_text()).values()}
-    stages = stage_of(api)
-    nodes = [n for n in ui["nodes"] if n["type"] != NOTE_TYPE]
-    chosen = [n for n in nodes if n["title"] not in basic or n["title"].startswith("Face crop preview")]
-    if all(n["title"] in basic for n in chosen):
-        chosen += [n for n in nodes if stages[str(n["id"])] == "reference"]
-    rects = [node_rect(n) for n in chosen]
+def focus(ui: dict, name: str) -> list[float]:
+    """The box [x, y, w, h] around the nodes FOCUS names for this template."""
+    rects = [node_rect(n) for n in ui["nodes"] if n.get("title", "").startswith(FOCUS[name])]
+    if not rects:
+        raise ValueError(f"{name}: no node's title starts with any of {FOCUS[name]} (make_examples.FOCUS)")
     left, top = min(r[0] for r in rects), min(r[1] for r in rects)
     margin = 30
     return [left - margin, top - margin, max(r[0] + r[2] for r in rects) - left + 2 * margin,
             max(r[1] + r[3] for r in rects) - top + 2 * margin]
 
 
-def thumbnail(page, ui: dict, api: dict, path: Path) -> int:
+def thumbnail(page, ui: dict, name: str, path: Path) -> int:
     """A square JPEG (within THUMBNAIL_MAX_BYTES) of the graph as it ran: one view of focus(), as large as the
     window allows up to 100 %."""
-    image = screenshot(page, focus(ui, api), THUMBNAIL_VIEWPORT - 120)
+    image = screenshot(page, focus(ui, name), THUMBNAIL_VIEWPORT - 120)
     image = image.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS)
     for quality in (85, 75, 65, 55, 45):
         data = io.BytesIO()
@@ -255,7 +267,7 @@ def make(page, name: str, object_info: dict) -> None:
                                   for i, values in edits.items()})
     if second["status"] != "success":
         raise RuntimeError(f"{name}: the smoke run of the final graph failed: {second}")
-    size = thumbnail(page, ui, api, out.with_suffix(".jpg"))
+    size = thumbnail(page, ui, name, out.with_suffix(".jpg"))
     print(f"{out} and its thumbnail ({size / 1000:.0f} kB)", file=sys.stderr)
 
 
@@ -263,6 +275,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="workflows/api/<name>.json to build (default: all)")
     args = parser.parse_args()
+    assert set(EXAMPLES) == set(FOCUS) == {name for name, _ in TEMPLATES}, "EXAMPLES, FOCUS and TEMPLATES differ"
     unknown = set(args.names) - set(EXAMPLES)
     if unknown:
         parser.error(f"not in EXAMPLES: {sorted(unknown)}")

@@ -29,14 +29,15 @@ def consumers(api: dict, node_id: str) -> list[tuple[str, str]]:
 
 
 def stage_of(api: dict) -> dict[str, str]:
-    """Each API node's stage: the checkpoint loader starts; face photos, their crops and previews are the photo;
+    """Each API node's stage: the checkpoint loader (and a LoRA on it) starts; face photos, their crops and previews
+    are the photo;
     the adapter, the encoding (with its caption) and saved references are the reference; the rest generates."""
     stages = {}
     for i, node in api.items():
         kind = node["class_type"]
         used_by = [(api[c]["class_type"], name) for c, name in consumers(api, i)]
         sources = [api[v[0]]["class_type"] for v in node["inputs"].values() if isinstance(v, list)]
-        if kind == "CheckpointLoaderSimple":
+        if kind in ("CheckpointLoaderSimple", "LoraLoader"):  # the model every later stage uses
             stages[i] = "model"
         elif kind == "InvAdapterFaceCrop" or (kind == "LoadImage" and ("InvAdapterFaceCrop", "image") in used_by) \
                 or (kind == "PreviewImage" and sources == ["InvAdapterFaceCrop"]):
