@@ -12,7 +12,8 @@ import shutil
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 # name in the input folder -> file in assets/ (see assets/README.md for where each comes from)
-EXAMPLE_INPUTS = {"invadapter_example_face.png": "face.png", "invadapter_example_pose.png": "pose.png"}
+EXAMPLE_INPUTS = {"invadapter_example_face.png": "face.png", "invadapter_example_face_2.png": "face2.png",
+                  "invadapter_example_pose.png": "pose.png"}
 
 
 def install_example_inputs(input_dir: str | None = None) -> list[str]:

@@ -28,7 +28,8 @@ class InvAdapterApply(io.ComfyNode):
                 io.Float.Input("weight_self", default=1.0, min=-2.0, max=5.0, step=0.05,
                                tooltip="lambda_s: strength of the self-attention EAA (identity detail)."),
                 io.Float.Input("weight_cross", default=1.0, min=-2.0, max=5.0, step=0.05,
-                               tooltip="lambda_c: strength of the cross-attention EAA (needs trained weights)."),
+                               tooltip="lambda_c: strength of the cross-attention EAA. Only adapter files trained with "
+                                       "cross-attention layers have one: with 'init from model' this does nothing."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Where in sampling the adapter starts acting (0 = the first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,

@@ -112,8 +112,8 @@ def missing_reference(name) -> str | None:
     what = f"no saved reference '{name}'" if name else "no saved reference chosen"
     listing = f"saved there: {', '.join(saved)}" if saved else "none is saved there yet"
     return (f"{what} in {folders.searched(folders.REFERENCES)} ({listing}): run a graph with Inv-Adapter Save "
-            f"Reference first (e.g. the 'save reference' template), then pick its file here (the list refreshes "
-            f"after the save; press R to refresh it by hand)")
+            f"Reference first (e.g. the template '03 - Save an identity'), then pick its file here (the list "
+            f"refreshes after the save; press R to refresh it by hand)")
 
 
 NODES = [InvAdapterSaveReference, InvAdapterLoadReference]

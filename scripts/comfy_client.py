@@ -1,17 +1,17 @@
 """A small client for ComfyUI's HTTP API (standard library only; run_listening also needs websocket-client):
 upload a face photo, set the checkpoint, queue a workflow, wait for it, fetch the images it saved.
 
-    python scripts/comfy_client.py workflows_api/basic.json --face me.jpg \\
+    python scripts/comfy_client.py workflows/api/basic.json --face me.jpg \\
         --checkpoint v1-5-pruned-emaonly-fp16.safetensors [--server http://127.0.0.1:8188] [--out out/]
 
-prints the path of every image the workflow saved, one per line. The workflow may be API format (workflows_api/)
+prints the path of every image the workflow saved, one per line. The workflow may be API format (workflows/api/)
 or a UI graph (example_workflows/, converted with the server's /object_info). ``--face`` goes to every LoadImage
 that feeds a face crop, in node order; give it once per face photo (the last one fills the remaining photos).
 
 From Python::
 
     client = ComfyClient("http://127.0.0.1:8188")
-    prompt = use_inputs(load_workflow("workflows_api/basic.json", client), [client.upload_image("me.jpg")],
+    prompt = use_inputs(load_workflow("workflows/api/basic.json", client), [client.upload_image("me.jpg")],
                         "v1-5-pruned-emaonly-fp16.safetensors")
     entry = client.run(prompt, timeout=1800)
     pngs = client.images(entry["prompt_id"])
@@ -210,7 +210,7 @@ def use_inputs(prompt: dict, faces: list[str], checkpoint: str | None = None) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("workflow", type=Path, help="API workflow (workflows_api/) or UI graph (example_workflows/)")
+    parser.add_argument("workflow", type=Path, help="API workflow (workflows/api/) or UI graph (example_workflows/)")
     parser.add_argument("--face", type=Path, action="append", default=[], help="face photo to upload (repeatable)")
     parser.add_argument("--checkpoint", help="checkpoint file name in the server's models/checkpoints")
     parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI's address")

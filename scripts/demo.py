@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ROOT / "workflows_api" / "basic.json"  # used when present, else the built-in plain SD1.5 graph
+WORKFLOW = ROOT / "workflows" / "api" / "basic.json"  # used when present, else the built-in plain SD1.5 graph
 INPUT_IMAGE = ROOT / "assets" / "face.png"  # uploaded for the graph's LoadImage nodes
 OUT_DIR = ROOT / "out"
 sys.path.insert(0, str(ROOT / "tests"))

@@ -1,15 +1,17 @@
-"""Builds example_workflows/ from workflows_api/: the UI graphs ComfyUI's template browser lists, and their thumbnails.
+"""Builds example_workflows/ from workflows/api/: the UI graphs ComfyUI's template browser lists, and their thumbnails.
 
-    .venv/bin/python scripts/make_examples.py            # all of them (a few minutes on a CPU)
+    .venv/bin/python scripts/make_examples.py            # all of them (several minutes on a CPU)
     .venv/bin/python scripts/make_examples.py basic      # one
 
-For each API graph, in the order a newcomer should meet them (EXAMPLES): the UI graph gets a note saying what to pick
-and upload, the download links ComfyUI's missing-model dialog offers (node ``properties.models``), one group per
-stage and a left-to-right layout (scripts/workflow_layout.py) with node sizes measured in the real frontend
-(headless Chromium on a real server with the random-weight test checkpoint). Then the graph runs there, with the
-checkpoint picked (the one edit a user makes) and shrunk to a CPU smoke run, and the thumbnail NN_<name>.jpg is a
-screenshot of the graph as it ran (test checkpoint, smoke sizes): the face crops are the real ones; the generated
-images are noise, because no real weights ship with the pack.
+For each API graph, in the order a newcomer should meet them (support.graphs.TEMPLATES, which also gives the file
+name the browser shows as the card's title): the UI graph gets a note saying what to pick and upload, the download
+links ComfyUI's missing-model dialog offers (node ``properties.models``), one group per stage and a left-to-right
+layout (scripts/workflow_layout.py) with node sizes measured in the real frontend (headless Chromium on a real server
+with the random-weight test checkpoint; the note's height is its rendered text's), and opens at a zoom where text is
+drawn. Then the graph runs there, with the checkpoint picked (the one edit a user makes) and shrunk to a CPU smoke
+run, and the thumbnail "NN - <title>.jpg" is one screenshot of the part of the graph that makes the template what it
+is, as it ran (test checkpoint, smoke sizes): the face crops are the real ones; generated images are noise, because no
+real weights ship with the pack.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from support import host  # noqa: E402
 from support.browser import frontend_page, run_graph  # noqa: E402
 from support.fixtures import test_files  # noqa: E402
-from support.graphs import API_WORKFLOWS, EXAMPLE_WORKFLOWS, smoke_edits, user_edits  # noqa: E402
+from support.graphs import (API_WORKFLOWS, EXAMPLE_WORKFLOWS, TEMPLATES, example_file, smoke_edits,  # noqa: E402
+                            user_edits)
 from support.server import ComfyServer  # noqa: E402
-from workflow_layout import STAGES, fit_view, place, stage_of  # noqa: E402
+from workflow_layout import node_rect, open_view, place, stage_of  # noqa: E402
 from workflow_ui import api_to_ui  # noqa: E402
 
 # The standard files the graphs name, and where ComfyUI's missing-model dialog downloads them from (by file name).
@@ -43,28 +46,62 @@ MODELS = {name: {"name": name, "directory": folder, "url": f"{HF}/{repo}/resolve
               ("OpenPoseXL2.safetensors", "controlnet", "thibaud/controlnet-openpose-sdxl-1.0"))}
 SDXL_FILES = {"sd_xl_base_1.0.safetensors", "OpenPoseXL2.safetensors"}
 LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
-# (workflows_api/<name>.json, what its note adds to the common steps), in the order a newcomer meets them.
-EXAMPLES = [
-    ("basic", "The face photo is cropped, inverted with your checkpoint into an identity reference, and that "
-              "identity is applied to the generation. Edit the caption to describe your photo, and the positive "
-              "prompt to say what the person should become."),
-    ("controlnet", "The same, with the pose taken from an OpenPose skeleton (the shipped "
-                   "`invadapter_example_pose.png`, or your own)."),
-    ("save_reference", "Encodes the face once and saves it to `models/invadapter_references/my_identity.safetensors`; "
-                       "`04_from_saved_reference` then uses it without the photo."),
-    ("from_saved_reference", "Run `03_save_reference` first (or pick another saved identity in **Load Reference**)."),
-    ("two_photos", "Two photos of one person make one, steadier identity: upload a second photo of the same person "
-                   "into **Face photo 2**."),
-    ("coarse_vs_fine", "The same identity applied only in the coarse levels (face shape, layout) and only in the "
-                       "fine levels (texture, skin, eyes), side by side."),
-    ("two_people", "Two identities in one image, each confined to half of it by a mask: upload the second person "
-                   "into **Face photo (person 2)**."),
-    ("attention_maps", "Also shows where the generation looks in the face and where the face acts on the image."),
-    ("sdxl_basic", "The first graph for SDXL-family checkpoints (SDXL 1.0 fine-tunes, Pony, Illustrious, SSD-1B, "
-                   "Segmind Vega): the reference is encoded at the family's 1024 px, and its caption's pooled output "
-                   "and size condition the reference passes."),
-    ("sdxl_controlnet", "SDXL with the pose from an OpenPose skeleton (an SDXL OpenPose ControlNet)."),
-]
+# workflows/api/<name>.json -> what its note adds to the common steps (support.graphs.TEMPLATES orders them)
+EXAMPLES = {
+    "basic": "The face photo is cropped, inverted with your checkpoint into an identity reference, and that identity "
+             "is applied to the generation. Edit the caption to describe your photo, and the positive prompt to say "
+             "what the person should become.",
+    "controlnet": "The same, with the pose taken from an OpenPose skeleton (the shipped "
+                  "`invadapter_example_pose.png`, or your own).",
+    "save_reference": "Encodes the face once and saves it to "
+                      "`models/invadapter_references/my_identity.safetensors`; template 04 then uses it without the "
+                      "photo and without the inversion.",
+    "from_saved_reference": "**Run template 03 (Save an identity) first**: it writes "
+                            "`models/invadapter_references/my_identity.safetensors`, the file **Load Reference** "
+                            "names. Until then ComfyUI lists that file as a missing model: there is nothing to "
+                            "download, 03 makes it. Any other saved identity can be picked in **Load Reference**.",
+    "two_photos": "Two photos of one person make one, steadier identity: upload a second photo of the same person "
+                  "into **Face photo 2**.",
+    "best_of_n": "Generates 4 candidates (batch_size in **Empty Latent Image**), scores each against the face photo "
+                 "with **Face Similarity** and saves the most alike (**Select Best**); the preview shows every "
+                 "candidate with its score. Scoring needs InsightFace or dlib: `pip install dlib-bin "
+                 "face-recognition-models`.",
+    "cond_only": "apply_to **cond only**: the identity acts on the positive prompt's pass only and the negative "
+                 "pass stays the plain model, so CFG pushes towards the identity (a stronger likeness than 01; "
+                 "lower weight_self or cfg if it overshoots).",
+    "lora": "A LoRA (style or subject) changes the model before the identity is applied; the reference is encoded "
+            "with the same LoRA'd model, so its kept features are reused as they are.",
+    "coarse_vs_fine": "The same identity applied only in the coarse levels (face shape, layout) and only in the fine "
+                      "levels (texture, skin, eyes), side by side.",
+    "two_people": "Two identities in one image, each confined to half of it by a mask: the shipped examples are two "
+                  "different people; upload yours into **Face photo (person 1)** and **Face photo (person 2)**.",
+    "attention_maps": "Also shows where the generation looks in the face and where the face acts on the image.",
+    "trained_adapter": "Uses adapter weights you trained (docs/training.md: the trainer writes "
+                       "`invadapter.safetensors`; copy it into `models/invadapter/`). Encode the reference at the "
+                       "resolution it was trained at. Trained weights have a cross-attention adapter, so weight_cross "
+                       "acts here (with 'init from model' it does nothing).",
+    "sdxl_basic": "The first graph for SDXL-family checkpoints (SDXL 1.0 fine-tunes, Pony, Illustrious, SSD-1B, "
+                  "Segmind Vega): the reference is encoded at the family's 1024 px, and its caption's pooled output "
+                  "and size condition the reference passes.",
+    "sdxl_controlnet": "SDXL with the pose from an OpenPose skeleton (an SDXL OpenPose ControlNet).",
+}
+# What each thumbnail shows: the nodes (by title prefix) that make the template what it is, close enough to read.
+FOCUS = {
+    "basic": ("Face Crop", "Face crop preview"),
+    "controlnet": ("Load ControlNet", "Control image"),
+    "save_reference": ("Encode Reference", "Save Reference"),
+    "from_saved_reference": ("Load Reference", "Inv-Adapter Apply"),
+    "two_photos": ("Face crop preview",),
+    "best_of_n": ("Face Similarity", "Select Best", "Every candidate"),
+    "cond_only": ("Inv-Adapter Apply",),
+    "lora": ("Load LoRA", "Load Checkpoint"),
+    "coarse_vs_fine": ("Block Weights", "Inv-Adapter Apply"),
+    "two_people": ("Face crop preview",),
+    "attention_maps": ("Inv-Adapter Attention Maps", "Where the"),
+    "trained_adapter": ("Inv-Adapter Loader", "Inv-Adapter Apply"),
+    "sdxl_basic": ("Face Crop", "Face crop preview"),
+    "sdxl_controlnet": ("Load ControlNet", "Control image"),
+}
 NOTE_TYPE = "MarkdownNote"
 # Width and height a node gets at least (the frontend's own minimum, measured, wins when larger).
 PREFERRED = {"CLIPTextEncode": (400, 120), NOTE_TYPE: (440, 0), "LoadImage": (320, 420), "PreviewImage": (320, 360),
@@ -72,15 +109,12 @@ PREFERRED = {"CLIPTextEncode": (400, 120), NOTE_TYPE: (440, 0), "LoadImage": (32
 DEFAULT_WIDTH = 320
 THUMBNAIL_SIDE = 512  # the template browser shows thumbnails in square cards
 THUMBNAIL_VIEWPORT = 1400  # the browser window the screenshot is taken in (square)
-BACKGROUND = (32, 32, 32)  # around the screenshots in a thumbnail (the dark theme's canvas)
+THUMBNAIL_MIN_SIDE = 560  # screen pixels: a smaller view is widened around its centre (less blur when scaled down)
+NOTE_SLACK = 12  # pixels below the note's text (at 100 %)
 # no minimap or frame counter over the graph; nodes drawn in full detail however small
 SCREENSHOT_SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
                        "LiteGraph.Canvas.MinFontSizeForLOD": 0}
 THUMBNAIL_MAX_BYTES = 150_000
-
-
-def ui_name(index: int, name: str) -> str:
-    return f"{index + 1:02d}_{name}"
 
 
 def loader_file(api: dict, class_type: str) -> str | None:
@@ -98,13 +132,19 @@ def note_text(api: dict, extra: str) -> str:
         control = MODELS[loader_file(api, "ControlNetLoader")]
         steps.append(f"**Load ControlNet**: an {family.removesuffix('-family')} OpenPose ControlNet, e.g. "
                      f"[{control['name']}]({control['url']}) in `models/{control['directory']}`.")
+    if "LoraLoader" in kinds:
+        steps.append(f"**Load LoRA**: pick an {family} LoRA from `models/loras`.")
+    adapters = [n["inputs"]["adapter_name"] for n in api.values() if n["class_type"] == "InvAdapterLoader"]
+    if any(name != "init from model" for name in adapters):
+        steps.append("**Inv-Adapter Loader**: pick your trained weights from `models/invadapter`.")
     if "InvAdapterFaceCrop" in kinds:
-        steps.append("**Face photo**: upload a photo of the person (one clear face). The shipped "
-                     "`invadapter_example_face.png` (a public-domain NASA portrait) lets the graph run as it is.")
+        steps.append("**Face photo**: upload a photo of the person (one clear face). The shipped example "
+                     "(a public-domain portrait) lets the graph run as it is.")
     steps.append("Press **Run**. The first run inverts the photo (one model pass per step, with a progress bar); "
                  "later runs reuse it." if "InvAdapterEncodeReference" in kinds else "Press **Run**.")
     lines = ["## Start here", ""] + [f"{i + 1}. {step}" for i, step in enumerate(steps)] + ["", extra, "",
-             "Help on any node: select it and open the node library's help (every Inv-Adapter node has a page)."]
+             "Help on a node: select it, click the **(i) Node Info** button above it, **Info** tab (every "
+             "Inv-Adapter node has a page)."]
     return "\n".join(lines)
 
 
@@ -123,38 +163,55 @@ def build(api: dict, object_info: dict, note: str, sizes: dict[int, tuple[float,
     stages[note_id] = "model"
     sizes = sizes or {}
     place(ui, stages, {n["id"]: sizes.get(n["id"], (DEFAULT_WIDTH, 200)) for n in ui["nodes"]})
-    fit_view(ui, 1600, 900)
+    open_view(ui, 1600, 1000)
     return ui
 
 
 def measured_sizes(page, ui: dict) -> dict[int, tuple[float, float]]:
     """Each node's size: the frontend's minimum for its widgets and previews (computeSize, after the run drew the
-    previews), raised to PREFERRED."""
+    previews), raised to PREFERRED; the note's height is what its rendered text needs (note_height)."""
     minimum = page.evaluate("() => Object.fromEntries(window.app.graph._nodes.map(n => [n.id, n.computeSize()]))")
     sizes = {}
     for node in ui["nodes"]:
         width, height = PREFERRED.get(node["type"], (DEFAULT_WIDTH, 0))
         min_w, min_h = minimum[str(node["id"])]
         if node["type"] == NOTE_TYPE:
-            height = note_height(node["widgets_values"][0], max(width, min_w))
+            height = note_height(page, node["id"], max(width, min_w))
         sizes[node["id"]] = (max(width, min_w), max(height, min_h))
     return sizes
 
 
-def note_height(text: str, width: float) -> float:
-    """Room for the note's rendered markdown (about 7.2 px per character, 21 px per line, headings taller)."""
-    per_line = max(int((width - 30) / 7.2), 1)
-    lines = sum(max(1, -(-len(line) // per_line)) for line in text.splitlines())
-    return 60 + 21 * lines
+# The rendered note at 100 % zoom for a node of the given size: [text height, height of the box shown] (the markdown
+# editor scrolls when its text is taller than the box).
+NOTE_HEIGHTS = """async ([id, size]) => {
+    const note = window.app.graph.getNodeById(id);
+    note.setSize(size);
+    const canvas = window.app.canvas;
+    canvas.ds.scale = 1;
+    canvas.ds.offset = [100 - note.pos[0], 100 - note.pos[1]];
+    canvas.setDirty(true, true);
+    canvas.draw(true, true);
+    await new Promise(r => setTimeout(r, 800));  // DOM widgets follow the canvas on the next frames
+    const shown = note.widgets[0].element.querySelector(".ProseMirror");  // the rendered markdown
+    return [shown.scrollHeight, shown.clientHeight];
+}"""
 
 
-def screenshot(page, box: list[float], width: int, height: int) -> Image.Image:
-    """The canvas showing the graph area ``box`` ([x, y, w, h]) fitted into width x height pixels (centred), taken
-    away from the window's corners (focus mode's exit button, the zoom controls)."""
-    border = 60
-    scale = min(width / box[2], height / box[3])
-    offset = [(border + (width - box[2] * scale) / 2) / scale - box[0],
-              (border + (height - box[3] * scale) / 2) / scale - box[1]]
+def note_height(page, note_id: int, width: float) -> float:
+    """The note's node height that shows all its text with NOTE_SLACK to spare, measured in the frontend: with a
+    box too small for the text the editor's scroll height is the text's."""
+    text, _ = page.evaluate(NOTE_HEIGHTS, [note_id, [width, 60]])
+    _, shown = page.evaluate(NOTE_HEIGHTS, [note_id, [width, 1000]])
+    return text + NOTE_SLACK + (1000 - shown)  # the node's height around the editor: 1000 - shown
+
+
+def screenshot(page, box: list[float], side: int) -> Image.Image:
+    """The canvas showing the graph area ``box`` ([x, y, w, h]) centred in a side x side square at up to 100 %,
+    taken away from the window's corners (focus mode's exit button, the zoom controls)."""
+    border = (THUMBNAIL_VIEWPORT - side) / 2
+    scale = min(1.0, side / box[2], side / box[3])
+    shown = max(box[2] * scale, box[3] * scale, THUMBNAIL_MIN_SIDE)  # the square that is cut out
+    offset = [(border + side / 2) / scale - (box[0] + box[2] / 2), (border + side / 2) / scale - (box[1] + box[3] / 2)]
     page.evaluate("""([scale, offset]) => {
         const canvas = window.app.canvas;
         canvas.ds.scale = scale;
@@ -164,28 +221,26 @@ def screenshot(page, box: list[float], width: int, height: int) -> Image.Image:
         canvas.draw(true, true);
     }""", [scale, offset])
     page.wait_for_timeout(800)
-    png = page.screenshot(clip={"x": border, "y": border, "width": width, "height": height})
+    centre = border + side / 2
+    png = page.screenshot(clip={"x": centre - shown / 2, "y": centre - shown / 2, "width": shown, "height": shown})
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
-def thumbnail(page, ui: dict, path: Path) -> int:
-    """A square JPEG (within THUMBNAIL_MAX_BYTES) of the graph as it ran: the whole graph on top (graphs are wide),
-    and below it the photo and identity stages close enough to see the face crop."""
-    def union(boxes):
-        left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
-        return [left, top, max(b[0] + b[2] for b in boxes) - left, max(b[1] + b[3] for b in boxes) - top]
+def focus(ui: dict, name: str) -> list[float]:
+    """The box [x, y, w, h] around the nodes FOCUS names for this template."""
+    rects = [node_rect(n) for n in ui["nodes"] if n.get("title", "").startswith(FOCUS[name])]
+    if not rects:
+        raise ValueError(f"{name}: no node's title starts with any of {FOCUS[name]} (make_examples.FOCUS)")
+    left, top = min(r[0] for r in rects), min(r[1] for r in rects)
+    margin = 30
+    return [left - margin, top - margin, max(r[0] + r[2] for r in rects) - left + 2 * margin,
+            max(r[1] + r[3] for r in rects) - top + 2 * margin]
 
-    groups = {g["title"]: g["bounding"] for g in ui["groups"]}
-    whole = union(list(groups.values()))
-    first_stages = union([groups[title] for stage, (title, _) in STAGES.items()
-                          if stage != "generation" and title in groups] or list(groups.values()))
-    room = THUMBNAIL_VIEWPORT - 120
-    heights = [min(room * box[3] / box[2], room / 2) for box in (whole, first_stages)]
-    top = int((room - sum(heights)) / 2)
-    image = Image.new("RGB", (room, room), BACKGROUND)
-    for box, height in zip((whole, first_stages), heights):
-        image.paste(screenshot(page, box, room, int(height)), (0, top))
-        top += int(height)
+
+def thumbnail(page, ui: dict, name: str, path: Path) -> int:
+    """A square JPEG (within THUMBNAIL_MAX_BYTES) of the graph as it ran: one view of focus(), as large as the
+    window allows up to 100 %."""
+    image = screenshot(page, focus(ui, name), THUMBNAIL_VIEWPORT - 120)
     image = image.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS)
     for quality in (85, 75, 65, 55, 45):
         data = io.BytesIO()
@@ -196,43 +251,47 @@ def thumbnail(page, ui: dict, path: Path) -> int:
     return data.tell()
 
 
-def make(page, index: int, name: str, extra: str, object_info: dict) -> None:
+def make(page, name: str, object_info: dict) -> None:
     api = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
-    note = note_text(api, extra)
+    note = note_text(api, EXAMPLES[name])
     edits = smoke_edits(api, user_edits(api))
     provisional = build(api, object_info, note)
     first = run_graph(page, provisional, edits)
     if first["status"] != "success":
         raise RuntimeError(f"{name}: the smoke run failed in the frontend: {first}")
     ui = build(api, object_info, note, measured_sizes(page, provisional))
-    out = EXAMPLE_WORKFLOWS / f"{ui_name(index, name)}.json"
+    out = example_file(name)
     out.write_text(json.dumps(ui, indent=1) + "\n")
     # the crops at their shipped size (cheap), so the thumbnail shows them sharp; the rest stays a smoke run
     second = run_graph(page, ui, {i: {k: v for k, v in values.items() if api[i]["class_type"] != "InvAdapterFaceCrop"}
                                   for i, values in edits.items()})
     if second["status"] != "success":
         raise RuntimeError(f"{name}: the smoke run of the final graph failed: {second}")
-    size = thumbnail(page, ui, out.with_suffix(".jpg"))
+    size = thumbnail(page, ui, name, out.with_suffix(".jpg"))
     print(f"{out} and its thumbnail ({size / 1000:.0f} kB)", file=sys.stderr)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help="workflows_api/<name>.json to build (default: all)")
+    parser.add_argument("names", nargs="*", help="workflows/api/<name>.json to build (default: all)")
     args = parser.parse_args()
-    unknown = set(args.names) - {name for name, _ in EXAMPLES}
+    assert set(EXAMPLES) == set(FOCUS) == {name for name, _ in TEMPLATES}, "EXAMPLES, FOCUS and TEMPLATES differ"
+    unknown = set(args.names) - set(EXAMPLES)
     if unknown:
         parser.error(f"not in EXAMPLES: {sorted(unknown)}")
     host.import_comfy_cpu()  # only used if the test checkpoint has to be generated
     EXAMPLE_WORKFLOWS.mkdir(exist_ok=True)
+    if not args.names:  # a renamed or dropped template leaves no stale card behind
+        for old in EXAMPLE_WORKFLOWS.iterdir():
+            old.unlink()
     with ComfyServer(models=test_files()) as server:
         object_info = server.client.object_info()
         with frontend_page(server.url, viewport=(THUMBNAIL_VIEWPORT, THUMBNAIL_VIEWPORT), settings=SCREENSHOT_SETTINGS) \
                 as page:
             page.evaluate("() => { window.app.extensionManager.focusMode = true; }")  # no menus over the canvas
-            for index, (name, extra) in enumerate(EXAMPLES):
+            for name, _ in TEMPLATES:
                 if not args.names or name in args.names:
-                    make(page, index, name, extra, object_info)
+                    make(page, name, object_info)
     return 0
 
 

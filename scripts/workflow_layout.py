@@ -29,14 +29,15 @@ def consumers(api: dict, node_id: str) -> list[tuple[str, str]]:
 
 
 def stage_of(api: dict) -> dict[str, str]:
-    """Each API node's stage: the checkpoint loader starts; face photos, their crops and previews are the photo;
+    """Each API node's stage: the checkpoint loader (and a LoRA on it) starts; face photos, their crops and previews
+    are the photo;
     the adapter, the encoding (with its caption) and saved references are the reference; the rest generates."""
     stages = {}
     for i, node in api.items():
         kind = node["class_type"]
         used_by = [(api[c]["class_type"], name) for c, name in consumers(api, i)]
         sources = [api[v[0]]["class_type"] for v in node["inputs"].values() if isinstance(v, list)]
-        if kind == "CheckpointLoaderSimple":
+        if kind in ("CheckpointLoaderSimple", "LoraLoader"):  # the model every later stage uses
             stages[i] = "model"
         elif kind == "InvAdapterFaceCrop" or (kind == "LoadImage" and ("InvAdapterFaceCrop", "image") in used_by) \
                 or (kind == "PreviewImage" and sources == ["InvAdapterFaceCrop"]):
@@ -115,14 +116,23 @@ def place(ui: dict, stages: dict[int, str], sizes: dict[int, tuple[float, float]
     ui["groups"] = groups
 
 
-def fit_view(ui: dict, width: float, height: float, margin: float = 40) -> None:
-    """extra.ds (the canvas offset and zoom saved with a workflow) showing every group in a width x height canvas."""
+OPEN_SCALE = 0.8  # the zoom a graph opens at when the whole of it would need less: the frontend draws no text
+# below about 0.6 (LiteGraph's low-quality threshold), so a fitted 14-node graph opens as blank boxes
+OPEN_MARGIN = (80, 80)  # screen pixels left of and above the graph: clear of the sidebar and the tab bar
+
+
+def open_view(ui: dict, width: float, height: float) -> None:
+    """extra.ds (the canvas offset and zoom saved with a workflow): the whole graph in a width x height canvas if it
+    fits at OPEN_SCALE or more, else OPEN_SCALE with the graph's top-left corner (the Start here group and its note)
+    in view."""
     boxes = [g["bounding"] for g in ui["groups"]] or [node_rect(n) for n in ui["nodes"]]
     left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
     right, bottom = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
-    scale = min(1.0, (width - 2 * margin) / (right - left), (height - 2 * margin) / (bottom - top))
+    fit = min((width - 2 * OPEN_MARGIN[0]) / (right - left), (height - 2 * OPEN_MARGIN[1]) / (bottom - top))
+    scale = min(1.0, max(fit, OPEN_SCALE))
     ui.setdefault("extra", {})["ds"] = {"scale": round(scale, 4),
-                                        "offset": [round(margin / scale - left, 1), round(margin / scale - top, 1)]}
+                                        "offset": [round(OPEN_MARGIN[0] / scale - left, 1),
+                                                   round(OPEN_MARGIN[1] / scale - top, 1)]}
 
 
 def layout_problems(ui: dict) -> list[str]:

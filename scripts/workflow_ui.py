@@ -1,6 +1,6 @@
 """API workflow JSON <-> UI workflow JSON (the litegraph graph the browser loads), using a server's /object_info.
 
-    python scripts/workflow_ui.py --url http://127.0.0.1:8188 workflows_api/basic.json > basic_ui.json
+    python scripts/workflow_ui.py --url http://127.0.0.1:8188 workflows/api/basic.json > basic_ui.json
 prints a plain UI graph (nodes in columns by depth). The shipped UI graphs (example_workflows/) are built on it by
 scripts/make_examples.py, which adds the note, model links, groups and a measured layout; ui_to_api reads a UI graph
 back (tests check the shipped pairs with it; scripts/comfy_client.py runs UI graphs with it).

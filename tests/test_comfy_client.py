@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from support.fixtures import CHECKPOINT
-from support.graphs import EXAMPLE_WORKFLOWS, ROOT, load_workflow, strip_meta
+from support.graphs import ROOT, example_file, load_workflow, strip_meta
 from support.host import python_exe
 
 sys.path.append(str(ROOT / "scripts"))
@@ -24,7 +24,7 @@ FACE = ROOT / "assets" / "face.png"
 
 @pytest.fixture
 def smoke_workflow(tmp_path):
-    """workflows_api/<name>.json shrunk for a CPU run, as a file."""
+    """workflows/api/<name>.json shrunk for a CPU run, as a file."""
     def write(name):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(load_workflow(name)))
@@ -70,8 +70,8 @@ def test_faces_go_to_the_loaders_that_feed_face_crops():
 
 
 def test_a_ui_graph_is_read_as_its_api_twin(comfy_client):
-    from_ui = client_load_workflow(EXAMPLE_WORKFLOWS / "01_basic.json", comfy_client)
-    api = client_load_workflow(ROOT / "workflows_api" / "basic.json", comfy_client)
+    from_ui = client_load_workflow(example_file("basic"), comfy_client)
+    api = client_load_workflow(ROOT / "workflows" / "api" / "basic.json", comfy_client)
     assert from_ui == strip_meta(api)
 
 

@@ -18,7 +18,7 @@ def test_existing_files_are_kept_and_missing_ones_copied(tmp_path):
     mine.write_bytes(b"my own photo")
     copied = example_inputs.install_example_inputs(str(tmp_path))
     assert mine.read_bytes() == b"my own photo"
-    assert copied == [str(tmp_path / "invadapter_example_pose.png")]
+    assert copied == [str(tmp_path / "invadapter_example_face_2.png"), str(tmp_path / "invadapter_example_pose.png")]
     assert example_inputs.install_example_inputs(str(tmp_path)) == []
 
 
@@ -26,4 +26,4 @@ def test_an_unwritable_folder_costs_a_warning_not_the_pack(tmp_path, caplog):
     blocked = tmp_path / "input"
     blocked.write_text("a file where the folder should be")
     assert example_inputs.install_example_inputs(str(blocked)) == []
-    assert "upload face.png, pose.png" in caplog.text
+    assert "upload face.png, face2.png, pose.png" in caplog.text

@@ -1,5 +1,5 @@
 """The shipped workflows as files: example_workflows/NN_<name>.json (the UI graphs ComfyUI's template browser lists,
-with their thumbnails) stay in sync with workflows_api/<name>.json (what POST /prompt takes), are laid out to be read
+with their thumbnails) stay in sync with workflows/api/<name>.json (what POST /prompt takes), are laid out to be read
 (scripts/workflow_layout.py's checks on the node rectangles), and are ready to run once a checkpoint is picked: a
 note says what to pick and upload, the model links the missing-model dialog offers are embedded, every image they
 name ships with the pack, the face crops are previewed. The frontend side of the same is in
@@ -12,7 +12,8 @@ import sys
 import pytest
 from PIL import Image
 
-from support.graphs import API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT, api_twin, example_files, strip_meta
+from support.graphs import (API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT, TEMPLATES, api_twin, example_file,
+                            example_files, example_name, strip_meta)
 from support.host import comfyui_path
 
 sys.path.append(str(ROOT / "scripts"))
@@ -33,24 +34,37 @@ def load(path):
 
 
 def test_examples_are_numbered_in_order_and_each_has_an_api_twin():
+    """The file name is the browser's card title: 'NN - <what it does>', numbered in the order a newcomer meets
+    them (web/js/templates.js sorts the cards by it)."""
     names = [p.name for p in UI_FILES]
     assert names, "example_workflows/ is empty"
     assert all(EXAMPLE_NAME.match(n) for n in names), names
     assert [int(n[:2]) for n in names] == list(range(1, len(names) + 1)), f"not numbered 01, 02, ...: {names}"
-    assert [EXAMPLE_NAME.match(n).group(2) for n in names] == [name for name, _ in EXAMPLES], \
+    assert [p.stem for p in UI_FILES] == [example_name(name) for name, _ in TEMPLATES], \
         "example_workflows/ is not what scripts/make_examples.py makes: run it"
+    assert set(EXAMPLES) == {name for name, _ in TEMPLATES}
     twins = {api_twin(p).name for p in UI_FILES}
     assert twins == {p.name for p in API_WORKFLOWS.glob("*.json")}, "every API graph needs exactly one UI graph"
+    assert all(len(p.stem) <= 45 for p in UI_FILES), "a card shows about 45 characters of its title"
+
+
+def test_readme_lists_every_template():
+    readme = (ROOT / "README.md").read_text()
+    missing = [p.stem for p in UI_FILES if f"`{p.stem}`" not in readme]
+    assert not missing, f"README's template table lacks {missing}"
 
 
 def test_only_example_workflows_is_scanned_by_the_template_browser():
-    """The host lists every *.json in any of these folders of a pack as a template (an API graph opens as an empty
-    canvas): only example_workflows/ may exist."""
+    """The host lists every *.json directly in any of these folders of a pack as a template (an API graph opens as
+    an empty canvas; its glob is ``<pack>/<folder>/*.json``): only example_workflows/ may hold one. workflows/ is one
+    of these folders, so the API graphs sit a level below it, in workflows/api/."""
     source = (comfyui_path() / "app" / "custom_node_manager.py").read_text()
     scanned = ast.literal_eval(re.search(r"example_workflow_folder_names = (\[.*?\])", source).group(1))
-    assert "example_workflows" in scanned
-    present = [name for name in scanned if (ROOT / name).exists()]
+    assert "example_workflows" in scanned and "workflows" in scanned
+    assert re.search(r'os\.path\.join\(folder, f"\*/\{folder_name\}/\*\.json"\)', source), "the host scans deeper now"
+    present = [name for name in scanned if list((ROOT / name).glob("*.json"))]
     assert present == ["example_workflows"], present
+    assert API_WORKFLOWS.parent.name == "workflows" and list(API_WORKFLOWS.glob("*.json"))
     assert {p.suffix for p in EXAMPLE_WORKFLOWS.iterdir()} == {".json", ".jpg"}
 
 
@@ -80,7 +94,7 @@ def test_ui_graph_is_what_the_builder_makes_of_its_api_graph(ui_file, comfy_clie
     """Nothing in a UI graph is edited by hand (the note, model links, groups and layout come from
     scripts/make_examples.py), so a change to an API graph shows up here until the examples are rebuilt."""
     ui, api = load(ui_file), load(api_twin(ui_file))
-    extra = dict(EXAMPLES)[EXAMPLE_NAME.match(ui_file.name).group(2)]
+    extra = EXAMPLES[api_twin(ui_file).stem]
     sizes = {n["id"]: tuple(n["size"]) for n in ui["nodes"]}
     assert build(api, comfy_client.object_info(), note_text(api, extra), sizes) == ui, \
         f"{ui_file.name} is out of date: run scripts/make_examples.py"
@@ -131,3 +145,55 @@ def test_shipped_images_are_in_assets():
     for asset in example_inputs.EXAMPLE_INPUTS.values():
         assert (ROOT / "assets" / asset).is_file(), asset
         assert asset in (ROOT / "assets" / "README.md").read_text(), f"assets/README.md: say where {asset} comes from"
+
+
+@pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
+def test_note_says_where_the_help_is_and_what_to_run_first(ui_file):
+    """The help pages are under the node's (i) Node Info button, Info tab, in this frontend (1.47); a graph that
+    loads a saved identity names the template that saves one."""
+    (note,) = [n["widgets_values"][0] for n in load(ui_file)["nodes"] if n["type"] == NOTE_TYPE]
+    assert "**(i) Node Info**" in note and "**Info** tab" in note and "node library" not in note
+    api = load(api_twin(ui_file))
+    if any(n["class_type"] == "InvAdapterLoadReference" for n in api.values()):
+        saver = example_file("save_reference").stem  # "03 - Save an identity"
+        number, title = saver.split(" - ")
+        assert f"template {number} ({title})" in note, note
+        saved = [n["inputs"]["name"] for n in load_api("save_reference").values()
+                 if n["class_type"] == "InvAdapterSaveReference"]
+        loaded = [n["inputs"]["reference_name"] for n in api.values() if n["class_type"] == "InvAdapterLoadReference"]
+        assert loaded == [f"{saved[0]}.safetensors"] and f"`models/invadapter_references/{loaded[0]}`" in note
+
+
+@pytest.mark.parametrize("api_file", sorted(API_WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
+def test_strengths_match_what_the_adapter_can_do(api_file):
+    """'init from model' has no cross-attention adapter, so weight_cross does nothing with it: the templates set 0
+    there (and a trained file's template a strength that acts)."""
+    api = load(api_file)
+    adapters = {i: n["inputs"]["adapter_name"] for i, n in api.items() if n["class_type"] == "InvAdapterLoader"}
+    for node in api.values():
+        if node["class_type"] == "InvAdapterApply":
+            trained = adapters[node["inputs"]["invadapter"][0]] != "init from model"
+            assert (node["inputs"]["weight_cross"] > 0) == trained, (node["_meta"]["title"], adapters)
+
+
+def test_two_people_ships_two_people():
+    """Two different photos (the same one twice would be one reference applied twice: the later application
+    replaces the earlier)."""
+    import example_inputs
+
+    api = load_api("two_people")
+    photos = [n["inputs"]["image"] for n in api.values() if n["class_type"] == "LoadImage"]
+    assert len(photos) == 2 and len(set(photos)) == 2, photos
+    files = [(ROOT / "assets" / example_inputs.EXAMPLE_INPUTS[p]).read_bytes() for p in photos]
+    assert files[0] != files[1]
+
+
+def test_shipped_images_are_small():
+    import example_inputs
+
+    for asset in example_inputs.EXAMPLE_INPUTS.values():
+        assert (ROOT / "assets" / asset).stat().st_size < 200_000, asset
+
+
+def load_api(name):
+    return load(API_WORKFLOWS / f"{name}.json")

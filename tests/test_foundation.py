@@ -193,7 +193,7 @@ def test_demo_runs_the_shipped_workflow_and_ends_with_the_image_path(tmp_path):
     done = subprocess.run([host.python_exe(), str(host.ROOT / "scripts" / "demo.py"), "--out-dir", str(tmp_path),
                            "--no-identity-toy"], capture_output=True, text=True, timeout=900, cwd=host.ROOT)
     assert done.returncode == 0, done.stderr[-6000:]
-    assert "workflows_api/basic.json" in done.stderr  # the shipped face crop -> reference -> generation graph
+    assert "workflows/api/basic.json" in done.stderr  # the shipped face crop -> reference -> generation graph
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("Output image: "), done.stdout
     path = Path(last[len("Output image: "):])

@@ -11,7 +11,7 @@ import pytest
 
 from support.browser import run_graph
 from support.colours import DEFAULT_PALETTE, colour_distance, delta_e2000, frontend_palette_ids, frontend_palettes
-from support.graphs import api_twin, example_files, smoke_edits, user_edits
+from support.graphs import api_twin, example_file, example_files, smoke_edits, user_edits
 
 # CIEDE2000: about 1 is just noticeable; above 10 two link colours read as different at a glance, at 20 they no longer
 # look like one colour family (the default palette's, where most users see them).
@@ -136,7 +136,7 @@ def test_extension_hides_unused_block_weight_sliders(frontend, comfy_server):
 def test_a_notice_during_a_run_shows_as_a_toast(frontend):
     """A prompt queued from the browser whose InvAdapterApply acts on no range (start == end): the pack's notice
     reaches this browser over the websocket and the extension shows it as a toast."""
-    ui_file = next(f for f in example_files() if f.stem.endswith("_basic") and "sdxl" not in f.stem)
+    ui_file = example_file("basic")
     ui, api_graph = json.loads(ui_file.read_text()), json.loads(api_twin(ui_file).read_text())
     edits = smoke_edits(api_graph, user_edits(api_graph))
     apply = next(i for i, n in api_graph.items() if n["class_type"] == "InvAdapterApply")

@@ -1,5 +1,5 @@
 """Inv-Adapter graphs through a real ComfyUI server on the random shallow SD1.5 checkpoint: every shipped API
-workflow (workflows_api/, with the test checkpoint in place of the standard one they name), several samplers,
+workflow (workflows/api/, with the test checkpoint in place of the standard one they name), several samplers,
 ControlNet and LoRA alongside, and the clear errors for bad inputs."""
 import io
 
@@ -11,7 +11,7 @@ from invadapter_core.adapter.eaa import InvAdapter, SelfEAA
 from invadapter_core.reference.reference import load_reference, save_reference
 from invadapter_core.adapter.weights import save_adapter
 from support.fixtures import CHECKPOINT, CONTROLNET, LORA
-from support.graphs import load_workflow, set_inputs
+from support.graphs import load_workflow, set_inputs, user_edits
 from support.server import ExecutionFailed
 
 
@@ -41,14 +41,50 @@ def run_pngs(client, prompt) -> list[np.ndarray]:
     return arrays
 
 
+def workflow_with_stand_ins(name: str) -> dict:
+    """workflow() with the test files in place of every file the graph names (LoRA, trained adapter)."""
+    prompt = workflow(name)
+    for class_type, values in user_edits(prompt).items():
+        set_inputs(prompt, class_type, values)
+    return prompt
+
+
 @pytest.mark.parametrize("name", ["basic", "controlnet", "two_photos", "two_people", "coarse_vs_fine",
-                                  "attention_maps"])
+                                  "attention_maps", "best_of_n", "cond_only", "lora", "trained_adapter"])
 def test_shipped_api_workflow_runs(client, name):
-    images = run_pngs(client, workflow(name))
+    images = run_pngs(client, workflow_with_stand_ins(name))
     if name == "coarse_vs_fine":
         assert images[0].shape[1] > images[0].shape[0]  # the two results side by side
     if name == "attention_maps":
         assert len(images) == 3  # the generated image and its two overlays
+    if name == "best_of_n":
+        assert len(images) == 1  # the most alike of the 4 candidates
+
+
+def test_two_people_are_two_people_and_each_is_applied(client):
+    """The two photos are different people (not the same file twice: the same reference applied twice replaces
+    the earlier application, and one identity would silently win), and each identity changes the image."""
+    prompt = workflow("two_people")
+    photos = [n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"]
+    assert len(set(photos)) == 2, photos
+    entry = client.run(prompt, timeout=900)
+    assert "already applied" not in str(entry["outputs"]), entry["outputs"]
+    both = np.asarray(Image.open(io.BytesIO(client.images(entry["prompt_id"])[0])).convert("RGB"))
+    for apply in [i for i, n in prompt.items() if n["class_type"] == "InvAdapterApply"]:
+        one = workflow("two_people")
+        one[apply]["inputs"]["weight_self"] = 0.0
+        assert not np.array_equal(both, run_pngs(client, one)[0]), f"node {apply} changes nothing"
+
+
+def test_weight_cross_acts_with_trained_weights_only(client):
+    """What the templates' strengths say: with 'init from model' weight_cross changes nothing (it has no
+    cross-attention adapter; the templates set 0), with a trained file it does (the trained-adapter template)."""
+    for name, acts in (("basic", False), ("trained_adapter", True)):
+        prompt = workflow_with_stand_ins(name)
+        set_inputs(prompt, "InvAdapterApply", {"weight_cross": 0.0})
+        without = run_pngs(client, prompt)[0]
+        set_inputs(prompt, "InvAdapterApply", {"weight_cross": 1.0})
+        assert np.array_equal(without, run_pngs(client, prompt)[0]) != acts, name
 
 
 def test_save_a_reference_then_generate_from_the_file(client, comfy_server):

@@ -3,7 +3,8 @@ checkpoint): it loads with no missing node and the frontend turns it into exactl
 a user makes (picking the checkpoint; the test also shrinks it to a CPU smoke run) it runs from the frontend, and its
 nodes as the frontend draws them then (title bars, widgets, image previews) overlap nowhere and fill no more than
 their saved size; the missing-model panel offers the embedded downloads; the template browser lists every example
-with its thumbnail and opens it."""
+with its thumbnail, in their numbered order, and opens them at a zoom where text is drawn with the Start here note
+in view; the note's box fits its text."""
 import itertools
 import json
 import sys
@@ -18,9 +19,21 @@ from support.graphs import (ROOT, api_twin, example_files, load_workflow, set_in
 from support.server import PACK_LINK_NAME
 
 sys.path.append(str(ROOT / "scripts"))
+from make_examples import NOTE_SLACK  # noqa: E402
 from workflow_layout import node_rect, overlap  # noqa: E402
 
 UI_FILES = example_files()
+WINDOW = (1600, 1000)  # the frontend fixture's window
+LEGIBLE_ZOOM = 0.6  # below it the frontend draws nodes without text (low-quality rendering)
+
+# The opened graph's zoom and its note's box on screen [x, y, w, h].
+OPENED_VIEW = """() => {
+    const canvas = window.app.canvas;
+    const note = window.app.graph._nodes.find(n => n.type === 'MarkdownNote');
+    const [x, y, w, h] = note.getBounding();
+    const [sx, sy] = canvas.ds.convertOffsetToCanvas([x, y]);
+    return {scale: canvas.ds.scale, note: [sx, sy, w * canvas.ds.scale, h * canvas.ds.scale]};
+}"""
 
 
 def load(path):
@@ -104,20 +117,44 @@ def test_template_browser_lists_every_example_with_its_thumbnail(frontend):
         except PlaywrightTimeout:
             widths[name] = 0  # no image element at all
     cards = widths
-    assert set(cards) == {p.stem for p in UI_FILES}
+    assert list(cards) == [p.stem for p in UI_FILES], "the cards are not in the templates' numbered order"
     assert all(width > 0 for width in cards.values()), f"thumbnails that did not load: {cards}"
     first = UI_FILES[0]
     frontend.locator(f"[data-testid='template-workflow-{first.stem}']").click()
     frontend.wait_for_function(f"() => window.app.graph._nodes.length === {len(load(first)['nodes'])}", timeout=30_000)
     assert set(node_bounds(frontend)) == {str(n["id"]) for n in load(first)["nodes"]}
+    frontend.wait_for_timeout(500)
+    opened = frontend.evaluate(OPENED_VIEW)
+    assert opened["scale"] >= LEGIBLE_ZOOM, opened
+
+
+def test_templates_open_at_a_legible_zoom_with_the_note_in_view(frontend):
+    """Opened as the template browser opens them (loadGraphData with openSource 'template', which fits the view to
+    the whole graph unless web/js/templates.js restores the saved one) in a 1600 x 1000 window: the zoom draws
+    text, and the Start here note is on screen in full."""
+    problems = []
+    for ui_file in UI_FILES:
+        frontend.evaluate("""async ([workflow, name]) => {
+            await window.app.loadGraphData(workflow, true, true, name, {openSource: 'template'});
+        }""", [load(ui_file), ui_file.stem])
+        frontend.wait_for_timeout(300)
+        opened = frontend.evaluate(OPENED_VIEW)
+        x, y, w, h = opened["note"]
+        print(f"{ui_file.stem}: opens at {opened['scale']:.0%}, note at {[round(v) for v in opened['note']]}")
+        if opened["scale"] < LEGIBLE_ZOOM:
+            problems.append(f"{ui_file.name} opens at {opened['scale']:.0%}")
+        if not (0 <= x and 0 <= y and x + w <= WINDOW[0] and y + h <= WINDOW[1]):
+            problems.append(f"{ui_file.name}: the note is at {opened['note']}, outside the window")
+    assert not problems, "\n".join(problems)
 
 
 def test_the_start_here_note_shows_all_its_text(frontend):
-    """At 100% zoom, the rendered note needs no scrolling (its height is estimated from the text when built)."""
+    """At 100% zoom, the rendered note needs no scrolling and its box is no taller than its text needs (the
+    height is measured in the frontend when the graph is built)."""
     problems = []
     for ui_file in UI_FILES:
         frontend.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", load(ui_file))
-        sizes = frontend.evaluate("""async () => {
+        text, shown = frontend.evaluate("""async () => {
             const note = window.app.graph._nodes.find(n => n.type === 'MarkdownNote');
             const canvas = window.app.canvas;
             canvas.ds.scale = 1;
@@ -126,8 +163,13 @@ def test_the_start_here_note_shows_all_its_text(frontend):
             canvas.draw(true, true);
             await new Promise(r => setTimeout(r, 800));  // DOM widgets follow the canvas on the next frames
             const shown = note.widgets[0].element.querySelector(".ProseMirror");  // the rendered markdown
-            return [shown.scrollHeight, shown.clientHeight];
+            const text = document.createRange();
+            text.selectNodeContents(shown);
+            return [text.getBoundingClientRect().height, shown.clientHeight];
         }""")
-        if not 0 < sizes[0] <= sizes[1] + 1:
-            problems.append(f"{ui_file.name}: the note's text is {sizes[0]} px high in {sizes[1]} px")
+        print(f"{ui_file.stem}: note text {text:.0f} px in a {shown} px box")
+        if not 0 < text <= shown + 1:
+            problems.append(f"{ui_file.name}: the note's text is {text:.0f} px high in {shown} px")
+        elif shown - text > NOTE_SLACK + 12:
+            problems.append(f"{ui_file.name}: the note's box is {shown} px for {text:.0f} px of text")
     assert not problems, "\n".join(problems)

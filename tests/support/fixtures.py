@@ -9,6 +9,7 @@ from .server import ComfyServer
 CHECKPOINT = "invadapter-test-sd15-shallow.safetensors"
 CONTROLNET = "invadapter-test-controlnet-sd15-shallow.safetensors"
 LORA = "invadapter-test-lora-sd15-shallow.safetensors"
+ADAPTER = "invadapter-test-adapter-sd15-shallow.safetensors"  # random weights in a trained adapter's layout
 # The Segmind Vega-layout SDXL checkpoint and its add-ons (sdxl_models.server_models("vega")).
 SDXL_CHECKPOINT = "invadapter-test-sdxl-vega.safetensors"
 SDXL_CONTROLNET = "invadapter-test-controlnet-sdxl-vega.safetensors"
@@ -17,7 +18,9 @@ SDXL_LORA = "invadapter-test-lora-sdxl-vega.safetensors"
 STAND_INS = {"v1-5-pruned-emaonly-fp16.safetensors": CHECKPOINT,
              "control_v11p_sd15_openpose_fp16.safetensors": CONTROLNET,
              "sd_xl_base_1.0.safetensors": SDXL_CHECKPOINT,
-             "OpenPoseXL2.safetensors": SDXL_CONTROLNET}
+             "OpenPoseXL2.safetensors": SDXL_CONTROLNET,
+             "your_lora.safetensors": LORA,  # the LoRA template's placeholder for the user's own
+             "invadapter.safetensors": ADAPTER}  # what the trainer writes (docs/training.md)
 
 
 def pytest_configure(config):

@@ -1,6 +1,6 @@
 """API-format graphs (what POST /prompt takes) for plain SD1.5 and SDXL runs, small enough for CPU tests, and the
-shipped workflows: workflows_api/<name>.json (API format) and example_workflows/NN_<name>.json (the UI graphs the
-template browser lists, NN = the order a newcomer meets them)."""
+shipped workflows: workflows/api/<name>.json (API format) and example_workflows/NN - <title>.json (the UI graphs the
+template browser lists: it shows the file name as the card's title; NN = the order a newcomer meets them)."""
 from __future__ import annotations
 
 import copy
@@ -9,9 +9,37 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-API_WORKFLOWS = ROOT / "workflows_api"  # a folder name ComfyUI's template browser does not scan
+# workflows/ is one of the folders the host scans for templates, but only at its top level (<pack>/workflows/*.json)
+API_WORKFLOWS = ROOT / "workflows" / "api"
 EXAMPLE_WORKFLOWS = ROOT / "example_workflows"
-EXAMPLE_NAME = re.compile(r"^(\d\d)_(\w+)\.json$")
+EXAMPLE_NAME = re.compile(r"^(\d\d) - (.+)\.json$")
+# The templates in the order a newcomer meets them: (workflows/api/<name>.json, the template browser's title).
+TEMPLATES = [
+    ("basic", "Face photo to image"),
+    ("controlnet", "Face and pose with ControlNet"),
+    ("save_reference", "Save an identity"),
+    ("from_saved_reference", "Use a saved identity, run 03 first"),
+    ("two_photos", "Two photos of one person"),
+    ("best_of_n", "Best of 4 by face similarity"),
+    ("cond_only", "Identity on the positive prompt only"),
+    ("lora", "Identity with a LoRA"),
+    ("coarse_vs_fine", "Coarse vs fine levels"),
+    ("two_people", "Two people in one image"),
+    ("attention_maps", "Where the identity acts, attention maps"),
+    ("trained_adapter", "Trained adapter weights"),
+    ("sdxl_basic", "SDXL face photo to image"),
+    ("sdxl_controlnet", "SDXL face and pose with ControlNet"),
+]
+
+
+def example_name(name: str) -> str:
+    """The UI graph's file stem (the browser's card title) of workflows/api/<name>.json."""
+    index, title = next((i, t) for i, (n, t) in enumerate(TEMPLATES) if n == name)
+    return f"{index + 1:02d} - {title}"
+
+
+def example_file(name: str) -> Path:
+    return EXAMPLE_WORKFLOWS / f"{example_name(name)}.json"
 
 
 def example_files() -> list[Path]:
@@ -20,11 +48,11 @@ def example_files() -> list[Path]:
 
 
 def api_twin(ui_file: Path) -> Path:
-    """workflows_api/<name>.json for example_workflows/NN_<name>.json."""
-    match = EXAMPLE_NAME.match(ui_file.name)
-    if not match:
-        raise ValueError(f"{ui_file.name}: example workflows are named NN_<name>.json (NN = their order)")
-    return API_WORKFLOWS / f"{match.group(2)}.json"
+    """workflows/api/<name>.json for example_workflows/NN - <title>.json."""
+    names = {example_name(name): name for name, _ in TEMPLATES}
+    if ui_file.stem not in names:
+        raise ValueError(f"{ui_file.name} is not in support.graphs.TEMPLATES: run scripts/make_examples.py")
+    return API_WORKFLOWS / f"{names[ui_file.stem]}.json"
 
 
 def sd15_txt2img(ckpt_name: str, *, seed: int = 0, steps: int = 2, cfg: float = 2.0, size: int = 64,
@@ -95,12 +123,13 @@ def shrink_for_smoke_run(prompt: dict) -> dict:
 
 
 def load_workflow(name: str, smoke: bool = True) -> dict:
-    """workflows_api/<name>.json, shrunk for a CPU smoke run when ``smoke``."""
+    """workflows/api/<name>.json, shrunk for a CPU smoke run when ``smoke``."""
     prompt = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
     return shrink_for_smoke_run(prompt) if smoke else prompt
 
 
-LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
+LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name",
+                 "LoraLoader": "lora_name", "InvAdapterLoader": "adapter_name"}
 
 
 def user_edits(prompt: dict) -> dict[str, dict]:
@@ -111,7 +140,7 @@ def user_edits(prompt: dict) -> dict[str, dict]:
     edits = {}
     for node in prompt.values():
         field = LOADER_INPUTS.get(node["class_type"])
-        if field is not None:
+        if field is not None and node["inputs"][field] in STAND_INS:  # not e.g. "init from model"
             edits[node["class_type"]] = {field: STAND_INS[node["inputs"][field]]}
     return edits
 

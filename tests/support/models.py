@@ -273,6 +273,25 @@ def lora_file(for_checkpoint="shallow") -> Path:
                    lambda tmp: _save_lora(tmp, lora_targets(kind), f"{kind} checkpoint"))
 
 
+ADAPTER_RESOLUTION = 64  # the smoke runs' reference resolution (support.graphs.SMOKE_INPUTS)
+
+
+def adapter_file(for_checkpoint="shallow") -> Path:
+    """A trained adapter's stand-in for an SD1.5 test checkpoint: self and cross EAA on every block with random
+    weights (the trainer's layout, build_adapter init "random"), for references encoded at ADAPTER_RESOLUTION."""
+    kind = _kind(for_checkpoint)
+
+    def build(tmp):
+        from invadapter_core.train.model import build_adapter
+        from invadapter_core.adapter.weights import save_adapter
+
+        model = random_patcher(_sd15_config(sd15_unet_config(KINDS[kind]), torch.float32))
+        torch.manual_seed(SEED)
+        save_adapter(build_adapter(model, ADAPTER_RESOLUTION, 16, init="random"), str(tmp), torch.float16)
+
+    return _cached(f"invadapter-test-adapter-sd15-{kind}-{RECIPE}.safetensors", build)
+
+
 # ---------------------------------------------------------------- in-process
 def random_patcher(config, seed: int = SEED, model_type=None):
     """A ComfyUI ModelPatcher (CPU) around ``config.get_model`` -- or a BaseModel of ``model_type`` where the
@@ -341,6 +360,7 @@ def server_models(kind: str = "shallow") -> dict[str, dict[str, Path]]:
         "checkpoints": {f"invadapter-test-sd15-{kind}.safetensors": sd15_checkpoint(kind)},
         "controlnet": {f"invadapter-test-controlnet-sd15-{kind}.safetensors": controlnet_checkpoint(kind)},
         "loras": {f"invadapter-test-lora-sd15-{kind}.safetensors": lora_file(kind)},
+        "invadapter": {f"invadapter-test-adapter-sd15-{kind}.safetensors": adapter_file(kind)},
     }
 
 
