@@ -4,7 +4,7 @@ sampler), over ``arch`` (what the pack knows of a network), ``files`` (formats a
 
 Plain torch, runnable outside ComfyUI: the EAA layers and attention (``adapter.eaa``), the inversion in sigma space
 (``reference.inversion``), block levels (``arch.levels``), the file formats (``files``). What runs a ComfyUI model
-talks to ComfyUI: at import ``comfyui.memory`` (the memory manager; so ``reference.reference``, ``adapter`` and
-``face.recognize`` through it), ``reference.encode`` and ``adapter.application``; inside functions (only when a model
-or a tool needs it) ``arch``, ``comfyui.host``, ``files.images.load_image_file``, ``train`` and ``evaluate``.
+talks to ComfyUI: at import ``reference.encode``, ``adapter.application`` and ``adapter.joint``; inside functions
+(only when a model or a tool needs it) ``arch``, ``comfyui.memory`` (the memory manager), ``comfyui.host``,
+``files.images.load_image_file``, ``train`` and ``evaluate``.
 """

@@ -11,6 +11,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.host import import_comfy_cpu  # noqa: E402
 
 import_comfy_cpu()  # ComfyUI's top-level `nodes` module must win over our `nodes/` package
+# ... and be bound now: when the clone's folder is not a valid package name (e.g. "ComfyUI-InvAdapter"), pytest puts
+# the repository root first on sys.path while collecting, where `import nodes` would find our package instead
+import nodes  # noqa: E402,F401
 pytest_plugins = ["support.fixtures"]
 
 

@@ -22,15 +22,22 @@ import logging
 import math
 import threading
 import weakref
-from typing import Callable, Hashable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Optional
 
 import torch
 
-import comfy.model_management as mm
-import comfy.model_patcher
+if TYPE_CHECKING:
+    import comfy.model_patcher
 
 Shape = tuple[int, ...]
 log = logging.getLogger("InvAdapter")
+
+
+def _mm():
+    """ComfyUI's memory manager, imported on first use (importing this module needs no ComfyUI)."""
+    import comfy.model_management
+
+    return comfy.model_management
 
 
 def managed_patcher(module: torch.nn.Module, load_device: Optional[torch.device] = None,
@@ -38,8 +45,10 @@ def managed_patcher(module: torch.nn.Module, load_device: Optional[torch.device]
                     on_release: Optional[Callable[[], None]] = None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher through which ComfyUI's memory manager handles ``module`` (``size`` bytes when the module's
     own parameters do not say what it holds); ``on_release`` runs when ComfyUI unloads it for good."""
+    import comfy.model_patcher
     from comfy.patcher_extension import CallbacksMP
 
+    mm = _mm()
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device or mm.get_torch_device(),
                                                offload_device=offload_device or mm.unet_offload_device(),
                                                size=max(int(size), 1) if size is not None else 0)
@@ -52,7 +61,7 @@ def managed_patcher(module: torch.nn.Module, load_device: Optional[torch.device]
 def load(patchers: list) -> None:
     """Have ComfyUI load these (evicting others if it needs the room)."""
     if patchers:
-        mm.load_models_gpu(patchers)
+        _mm().load_models_gpu(patchers)
 
 
 class TensorPack(torch.nn.Module):
@@ -141,8 +150,8 @@ class TensorPack(torch.nn.Module):
     def pin(self) -> None:
         """Pin a host-resident pack in place, so the device writes into it and reads from it without blocking."""
         data = self.flat.data
-        if data.device.type == "cpu" and not data.is_pinned() and mm.pin_memory(data):
-            weakref.finalize(self, mm.unpin_memory, data)
+        if data.device.type == "cpu" and not data.is_pinned() and _mm().pin_memory(data):
+            weakref.finalize(self, _mm().unpin_memory, data)
 
     # --- moves (ComfyUI calls .to(device) when it loads or evicts the pack) ----------------------------------------
     def to(self, *args, **kwargs):
@@ -155,9 +164,9 @@ class TensorPack(torch.nn.Module):
     def _to_host(self) -> torch.Tensor:
         if self._host is None or self._host.shape != self.flat.shape:
             host = torch.empty(self.flat.shape, dtype=self.flat.dtype, device="cpu")
-            pinned = mm.pin_memory(host)
+            pinned = _mm().pin_memory(host)
             if pinned:
-                weakref.finalize(self, mm.unpin_memory, host)
+                weakref.finalize(self, _mm().unpin_memory, host)
             host.copy_(self.flat.data, non_blocking=pinned)
             if pinned and self.flat.device.type == "cuda":
                 self._host_done = torch.cuda.Event()
@@ -169,7 +178,7 @@ class TensorPack(torch.nn.Module):
     def _copy(self, data: torch.Tensor, device: torch.device) -> torch.Tensor:
         if data.device == device:
             return data
-        moved = data.to(device, non_blocking=data.is_pinned() and mm.device_supports_non_blocking(device))
+        moved = data.to(device, non_blocking=data.is_pinned() and _mm().device_supports_non_blocking(device))
         self._count(data)
         return moved
 
@@ -190,7 +199,7 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
     """Room for ``nbytes`` more on ``device`` while keeping ComfyUI's own inference reserve free."""
     if device.type == "cpu":
         return True
-    return mm.get_free_memory(device) - nbytes > mm.minimum_inference_memory()
+    return _mm().get_free_memory(device) - nbytes > _mm().minimum_inference_memory()
 
 
 def register(packs: Iterable[TensorPack], device: torch.device) -> None:
@@ -213,8 +222,8 @@ class ManagedObject:
     use and dropped when ComfyUI unloads it (the "Unload models" button / ``POST /free``, ``unload_all_models()``,
     or another model needing the memory); the next use builds it again."""
 
-    def __init__(self, name: str, build: Callable[[], object], size_bytes: int):
-        self.name, self.build = name, build
+    def __init__(self, kind: str, build: Callable[[], object], size_bytes: int, what: str = "face recognizer"):
+        self.kind, self.what, self.build = kind, what, build
         self.loads = 0  # how many times it was built (tests and logs)
         self.holder = _Holder()
         self.patcher = managed_patcher(self.holder, offload_device=torch.device("cpu"), size=size_bytes,
@@ -223,7 +232,7 @@ class ManagedObject:
     def _release(self) -> None:
         if self.holder.value is not None:
             self.holder.value = None
-            log.info("InvAdapter: %s released by ComfyUI's model management", self.name)
+            log.info("InvAdapter: %s %s released by ComfyUI's model management", self.what, self.kind)
 
     @property
     def loaded(self) -> bool:
@@ -241,10 +250,10 @@ _MANAGED: dict[tuple, ManagedObject] = {}
 _LOCK = threading.Lock()
 
 
-def managed(key: tuple, name: str, build: Callable[[], object], size: Callable[[], int]) -> ManagedObject:
+def managed(key: tuple, kind: str, build: Callable[[], object], size: Callable[[], int]) -> ManagedObject:
     """The process's one ManagedObject for ``key`` (made on first request)."""
     with _LOCK:
         entry = _MANAGED.get(key)
         if entry is None:
-            entry = _MANAGED[key] = ManagedObject(name, build, size())
+            entry = _MANAGED[key] = ManagedObject(kind, build, size())
     return entry

@@ -201,7 +201,7 @@ ManagedRecognizer = ManagedObject  # a recognizer as ComfyUI's memory manager ho
 
 def _dlib(device: torch.device) -> ManagedRecognizer:
     dlib_model_files()  # refuse early, with the packages to install
-    return managed(("dlib", str(device)), "face recognizer dlib", lambda: DlibRecognizer(device),
+    return managed(("dlib", str(device)), "dlib", lambda: DlibRecognizer(device),
                    DlibRecognizer.weight_bytes)
 
 
@@ -210,7 +210,7 @@ def _insightface(roots: Sequence[str], model: str, device: torch.device) -> Mana
     root = face_core.find_insightface_models(roots, model, RECOGNIZER_FALLBACK)
     path = arcface_file(root, model)
     gpu = device.type != "cpu"
-    return managed((f"insightface:{model}", root, gpu), f"face recognizer insightface:{model}",
+    return managed((f"insightface:{model}", root, gpu), f"insightface:{model}",
                    lambda: InsightFaceRecognizer(root, model, gpu=gpu),
                    lambda: os.path.getsize(path))
 
