@@ -46,7 +46,14 @@ STAMP="${VENV}/.invadapter-stamp"
 WANT="$(cat "${COMFY}/requirements.txt" "${ROOT}/requirements.txt" "${ROOT}/requirements-dev.txt" | sha256sum | cut -c1-16)"
 if [ ! -f "${STAMP}" ] || [ "$(cat "${STAMP}")" != "${WANT}" ]; then
   [ -x "${VENV}/bin/python" ] || { log "creating venv ${VENV}"; "${PY}" -m venv "${VENV}"; }
-  PIP=("${VENV}/bin/python" -m pip install --quiet --disable-pip-version-check)
+  # uv installs the same wheels about four times faster than pip (parallel unpacking, no bytecode compile):
+  # the torch set alone is ~7 GB unpacked. pip stays the fallback where uv cannot be installed.
+  if [ -z "${INVADAPTER_NO_UV:-}" ] && "${VENV}/bin/python" -m pip install --quiet --disable-pip-version-check uv \
+      >/dev/null 2>&1 && [ -x "${VENV}/bin/uv" ]; then
+    PIP=("${VENV}/bin/uv" pip install --quiet --python "${VENV}/bin/python")
+  else
+    PIP=("${VENV}/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
+  fi
   log "installing ${TORCH_SET[*]} (large; cached by pip afterwards)"
   "${PIP[@]}" "${TORCH_SET[@]}"
   "${PIP[@]}" --no-deps "${TORCHAUDIO}"
