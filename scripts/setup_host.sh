@@ -54,7 +54,7 @@ if [ ! -f "${STAMP}" ] || [ "$(cat "${STAMP}")" != "${WANT}" ]; then
   else
     PIP=("${VENV}/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
   fi
-  log "installing ${TORCH_SET[*]} (large; cached by pip afterwards)"
+  log "installing ${TORCH_SET[*]} (large: about 7 GB unpacked)"
   "${PIP[@]}" "${TORCH_SET[@]}"
   "${PIP[@]}" --no-deps "${TORCHAUDIO}"
   PINS="${VENV}/torch-pins.txt"
