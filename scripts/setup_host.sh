@@ -47,23 +47,27 @@ WANT="$(cat "${COMFY}/requirements.txt" "${ROOT}/requirements.txt" "${ROOT}/requ
 if [ ! -f "${STAMP}" ] || [ "$(cat "${STAMP}")" != "${WANT}" ]; then
   [ -x "${VENV}/bin/python" ] || { log "creating venv ${VENV}"; "${PY}" -m venv "${VENV}"; }
   # uv installs the same wheels about four times faster than pip (parallel unpacking, no bytecode compile):
-  # the torch set alone is ~7 GB unpacked. pip stays the fallback where uv cannot be installed.
-  if [ -z "${INVADAPTER_NO_UV:-}" ] && "${VENV}/bin/python" -m pip install --quiet --disable-pip-version-check uv \
-      >/dev/null 2>&1 && [ -x "${VENV}/bin/uv" ]; then
-    PIP=("${VENV}/bin/uv" pip install --quiet --python "${VENV}/bin/python")
-  else
-    PIP=("${VENV}/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
+  # the torch set alone is ~7 GB unpacked. pip stays the fallback, per step, wherever uv cannot do it.
+  PIP_INSTALL=("${VENV}/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
+  UV=""
+  if [ -z "${INVADAPTER_NO_UV:-}" ] && "${PIP_INSTALL[@]}" uv >/dev/null 2>&1 && [ -x "${VENV}/bin/uv" ]; then
+    UV="${VENV}/bin/uv"
   fi
+  install() {
+    if [ -n "${UV}" ] && "${UV}" pip install --quiet --python "${VENV}/bin/python" "$@"; then return 0; fi
+    [ -z "${UV}" ] || log "uv could not install $*; trying pip"
+    "${PIP_INSTALL[@]}" "$@"
+  }
   log "installing ${TORCH_SET[*]} (large: about 7 GB unpacked)"
-  "${PIP[@]}" "${TORCH_SET[@]}"
-  "${PIP[@]}" --no-deps "${TORCHAUDIO}"
+  install "${TORCH_SET[@]}"
+  install --no-deps "${TORCHAUDIO}"
   PINS="${VENV}/torch-pins.txt"
   printf '%s\n' "${TORCH_SET[@]}" "${TORCHAUDIO}" > "${PINS}"
   log "installing ComfyUI requirements"
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*($|[<>=])' "${COMFY}/requirements.txt" > "${VENV}/comfy-reqs.txt"
-  "${PIP[@]}" -c "${PINS}" -r "${VENV}/comfy-reqs.txt"
+  install -c "${PINS}" -r "${VENV}/comfy-reqs.txt"
   log "installing pack and test requirements"
-  "${PIP[@]}" -c "${PINS}" -r "${ROOT}/requirements.txt" -r "${ROOT}/requirements-dev.txt"
+  install -c "${PINS}" -r "${ROOT}/requirements.txt" -r "${ROOT}/requirements-dev.txt"
   echo "${WANT}" > "${STAMP}"
 fi
 
