@@ -287,3 +287,20 @@ def test_the_memory_table_is_the_layouts_arithmetic():
     assert "| Flux.1-dev at 512² | 57 | 717 MB | 14.34 GB | 7.17 GB | 239 MB · 4.78 GB · 2.39 GB |" in out
     assert "| Chroma at 1024² | 57 | 2.87 GB | 57.38 GB | 28.69 GB | 956 MB · 19.13 GB · 9.56 GB |" in out
     assert "| Qwen-Image at 1024² | 60 | 3.02 GB |" in out
+
+
+def test_features_that_fit_nowhere_are_not_kept_and_the_user_is_told(flux, conds, text, monkeypatch):
+    """More than the device leaves and than the host's share (here: any size at all): the inversion keeps nothing,
+    says so, and the application falls back to one reference pass per step with the kept features' result."""
+    import invadapter_core.reference.encode as encode_module
+    from invadapter_core.comfyui.notify import collecting
+
+    want = sample(install_joint(flux, JointApplication(flux, encode(flux, conds), 1.0, keep_kv=False)), text)
+    monkeypatch.setattr(encode_module, "HOST_SHARE", 0.0)
+    with collecting() as notes:
+        ref = encode(flux, conds)
+    assert len(ref.features) == 0 and ref.features.nbytes() == 0
+    assert len(notes) == 1 and "none are kept" in notes[0] and "capture 'double blocks'" in notes[0]
+    app = JointApplication(flux, ref, 1.0, keep_kv=False)
+    torch.testing.assert_close(sample(install_joint(flux, app), text), want, rtol=1e-5, atol=1e-5)
+    assert app.passes == STEPS

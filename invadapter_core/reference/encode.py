@@ -19,7 +19,8 @@ from tqdm import tqdm
 from ..arch.fit import check_served, default_resolution
 from ..arch.layout import layout_of, model_family, weights_key
 from ..arch.levels import DIT_LEVELS, DIT_PRESETS, preset_levels
-from ..comfyui.memory import register
+from ..comfyui.memory import fits_on_device, register
+from ..comfyui.notify import notify
 from ..files.images import to_rgb
 from .capture import reference_pass
 from .inversion import CONVENTIONS, invert, inversion_sigmas
@@ -49,6 +50,19 @@ def capture_levels(model, capture: str) -> Optional[set[str]]:
         raise ValueError(f"capture {capture!r} is not an option for this {'MM-DiT' if dit else 'UNet'} model; "
                          f"choose one of {', '.join(options)}")
     return options[capture]
+
+
+# At most this share of the free host memory goes to one reference's kept features when the device has no room
+# (the rest stays for the models ComfyUI offloads there): an MM-DiT's features at 1024² are ~57 GB for 20 steps.
+HOST_SHARE = 0.5
+
+
+def room_for_features(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of kept features have a place: the compute device beside ComfyUI's reserve, else pinned
+    host memory within ``HOST_SHARE`` of what is free there."""
+    if device.type != "cpu" and fits_on_device(nbytes, device):
+        return True
+    return nbytes <= HOST_SHARE * comfy.model_management.get_free_memory(torch.device("cpu"))
 
 
 def kept_sigmas(model, sigmas: list[float], keep_percent: tuple[float, float] = (0.0, 1.0)) -> list[float]:
@@ -155,10 +169,14 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
     console = tqdm(total=len(sigmas) - 1, desc="Inv-Adapter inversion", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        nonlocal kept
         comfy.model_management.throw_exception_if_processing_interrupted()
         keeping = sigma in kept
         denoised, features = reference_pass(base, x, sigma, on_device, layout, cross and keeping,
                                             kept_blocks if keeping else set())
+        if keeping and not len(cache) and not _room_for_steps(features, len(kept), store_dtype, device):
+            kept, keeping = [], False
+            cache.reserve([])
         if keeping:
             cache.put(sigma, features, pin=True)
         return denoised
@@ -176,3 +194,17 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
                      sigmas=torch.tensor(sigmas, dtype=torch.float64), states=states.float().cpu(),
                      conds={k: v.float().cpu() for k, v in conds.items()}, features=cache,
                      weights=weights_key(model), convention=convention, levels=sorted(levels) if levels else None)
+
+
+def _room_for_steps(features, steps: int, store_dtype: Optional[torch.dtype], device) -> bool:
+    """Whether ``steps`` steps shaped like ``features`` fit (``room_for_features``); if not, the user is told that
+    none are kept and what keeps fewer (each generation step then makes its own with one reference pass)."""
+    tensors = list(features.tensors().values())
+    per_step = sum(t.numel() * (store_dtype or t.dtype).itemsize for t in tensors)
+    if room_for_features(per_step * steps, torch.device(device)):
+        return True
+    notify(f"the reference's features would take {per_step * steps / 1e9:.1f} GB ({steps} steps of "
+           f"{per_step / 1e6:.0f} MB), more than the device has room for and more than half the free host memory, "
+           f"so none are kept: each generation step makes its own with one reference pass (slower). To keep them, "
+           f"keep fewer: capture 'double blocks', feature precision fp8, a smaller reference, or a keep window")
+    return False
