@@ -6,6 +6,7 @@ import torch
 
 import comfy.model_management as mm
 import comfy.sample
+from comfy.patcher_extension import WrappersMP
 from invadapter_core.adapter.joint import JointApplication, install_joint
 from invadapter_core.arch.layout import layout_of
 from invadapter_core.arch.levels import DIT_PRESETS
@@ -304,3 +305,21 @@ def test_features_that_fit_nowhere_are_not_kept_and_the_user_is_told(flux, conds
     app = JointApplication(flux, ref, 1.0, keep_kv=False)
     torch.testing.assert_close(sample(install_joint(flux, app), text), want, rtol=1e-5, atol=1e-5)
     assert app.passes == STEPS
+
+
+def test_batch_chunks_of_one_step_share_its_recomputed_k_v(flux, conds, text):
+    """Without a store or kept features, cond and uncond (cfg > 1) run as two calls per step when ComfyUI
+    splits the batch; they share the step's one reference pass."""
+    ref = encode(flux, conds, keep_features=False)
+    app = JointApplication(flux, ref, 1.0, reuse_features=False)
+    m = install_joint(flux, app)
+    ctx, opts = text
+    noise = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+    # 7 and 5 text tokens: ComfyUI cannot batch them, so each step is two calls of one sample
+    cond, uncond = [[ctx, dict(opts, guidance=3.5)]], [[torch.zeros_like(ctx[:, :5]), dict(opts, guidance=3.5)]]
+    calls = []
+    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "count",
+                           lambda ex, x, *a, **k: calls.append(x.shape[0]) or ex(x, *a, **k))
+    comfy.sample.sample(m, noise, STEPS, 2.0, "euler", "simple", cond, uncond, torch.zeros(1, 16, SIDE, SIDE),
+                        disable_pbar=True, seed=0)
+    assert calls == [1] * (2 * STEPS) and app.passes == STEPS

@@ -53,13 +53,14 @@ class JointKVCache:
         self.keep = keep  # False: no store (every step makes its K/V and drops them)
         self.run: Optional[tuple[tuple, list[float]]] = None  # (weights, sigmas > 0) of the sampling run
         self.store: Optional[KVStore] = None
+        self._last: Optional[tuple[float, KV]] = None  # the step just made, for the next batch chunk at its sigma
 
     def begin_run(self, weights, sigmas: list[float]) -> None:
         self.run = (weights, [float(s) for s in sigmas if s > 0])
 
     def end_run(self) -> None:
         """The run is over: a store made on the device during it is handed to ComfyUI's memory manager."""
-        self.run = None
+        self.run, self._last = None, None
         if self.store is not None and self.store.pack._patcher is None:
             register([self.store.pack], self.load_device)
 
@@ -72,10 +73,16 @@ class JointKVCache:
     def get(self, sigma: float, device) -> Optional[KV]:
         store = self._current()
         i = store.index(sigma) if store is not None else None
-        return store.get(i, device) if i is not None and i in store.filled else None
+        if i is not None and i in store.filled:
+            return store.get(i, device)
+        last = self._last
+        return last[1] if last is not None and same_sigma(last[0], sigma) else None
 
     def put(self, sigma: float, kv: KV, dtype: torch.dtype, device) -> None:
-        """Keep ``kv`` for this run's schedule (off-schedule sigmas, such as heun's midpoints, are not kept)."""
+        """Keep ``kv`` for this run's schedule (off-schedule sigmas, such as heun's midpoints, are not kept); the
+        last step is held until the next, so batch chunks of one step (cond and uncond in separate calls) share
+        it even without a store."""
+        self._last = (sigma, kv) if self.run is not None else None
         if not self.keep or not kv or self.run is None or not any(same_sigma(s, sigma) for s in self.run[1]):
             return
         store = self._current()
