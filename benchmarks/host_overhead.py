@@ -39,21 +39,21 @@ from support.models import text_context, tiny_sd15_model  # noqa: E402
 OURS = set(STASH.values()) | set(ADD.values())
 
 
-def timed_patches(model, totals: dict):
-    """A clone whose Inv-Adapter patches add their wall time and call count to ``totals``."""
+def timed_patches(model, totals: dict, ours: set = OURS):
+    """A clone whose Inv-Adapter patches (``ours``) add their wall time and call count to ``totals``."""
     m = model.clone()
     patches = m.model_options["transformer_options"]["patches"]
     for slot, fns in patches.items():
         def wrap(fn):
-            def timed(*args):
+            def timed(*args, **kwargs):
                 start = time.perf_counter()
                 try:
-                    return fn(*args)
+                    return fn(*args, **kwargs)
                 finally:
                     totals["s"] += time.perf_counter() - start
                     totals["calls"] += 1
             return timed
-        patches[slot] = [wrap(fn) if fn in OURS else fn for fn in fns]
+        patches[slot] = [wrap(fn) if fn in ours else fn for fn in fns]
     return m
 
 

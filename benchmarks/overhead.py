@@ -7,6 +7,9 @@ inversion reused); warm (the same reference again: its features are cached); nai
 pipeline: inversion, then a fresh reference pass at every step, nothing reused). Then checks that memory does not
 grow over --rss-runs warm generations. The last line printed is one JSON object.
 Without --checkpoint it uses the full-size random SD1.5 checkpoint the tests generate (cached outside the repo).
+A Flux-family checkpoint (a Flux or Chroma UNET file, or one checkpoint with its text encoders), or ``tiny-flux``
+(the tests' tiny random Flux, in-process), runs the MM-DiT benchmark (``overhead_dit.py``): the same times, plus the
+host work per patched block call and the model calls of each run.
 """
 from __future__ import annotations
 
@@ -42,13 +45,18 @@ from invadapter_core.adapter.weights import init_from_model  # noqa: E402
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="an SD1.x/2.x or SDXL-family checkpoint (default: the full-size random SD1.5 "
-                                        "test checkpoint)")
+                                        "test checkpoint), a Flux-family UNET file or checkpoint, or tiny-flux")
     p.add_argument("--size", type=int, default=256, help="output width and height in pixels")
     p.add_argument("--ref-size", type=int, default=256, help="reference (face) resolution in pixels")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="simple")
-    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--cfg", type=float, default=None, help="default 7 (UNets), 1 (MM-DiTs: guidance embedding)")
+    p.add_argument("--guidance", type=float, default=3.5, help="MM-DiTs: the distilled guidance (Flux-dev)")
+    p.add_argument("--capture", default="all levels", help="MM-DiTs: which blocks the reference keeps "
+                                                           "(all levels, double blocks, early blocks)")
+    p.add_argument("--feature-precision", default="model", help="MM-DiTs: model, or fp8 (half the memory)")
+    p.add_argument("--threads", type=int, default=0, help="MM-DiTs: torch CPU threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rss-runs", type=int, default=20, help="warm generations for the memory check (0: skip)")
     p.add_argument("--image", default=str(REPO / "assets" / "face.png"))
@@ -71,6 +79,13 @@ def rss_mb() -> float:
 
 def main() -> int:
     args = parse()
+    if args.checkpoint is not None:
+        import overhead_dit
+
+        if overhead_dit.is_dit_checkpoint(args.checkpoint):
+            return overhead_dit.main(args)
+    if args.cfg is None:
+        args.cfg = 7.0
     if args.checkpoint is None:
         sys.path.insert(0, str(REPO / "tests"))
         from support.models import full_sd15_checkpoint

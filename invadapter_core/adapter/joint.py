@@ -27,10 +27,11 @@ import torch
 import comfy.patcher_extension as ext
 from comfy.ldm.flux.math import apply_rope1
 
-from ..arch.flux import FluxLayout, split_kv
-from ..arch.layout import layout_of
-from ..reference.capture import reference_pass
-from ..reference.reference import Reference, same_sigma
+from ..arch.flux import FluxLayout
+from ..arch.layout import layout_of, weights_key
+from ..reference.capture import Features, reference_pass
+from ..reference.reference import Reference
+from .joint_store import JOINT_CACHE_SLOT, JointCacheHook, JointKVCache, reference_kv
 
 JOINT = "invadapter_joint"  # transformer_options key of the per-call state
 STASHED = "invadapter_joint_q"  # extra_options key between a block's two patches
@@ -113,7 +114,7 @@ class JointApplication:
 
     def __init__(self, model, reference: Reference, weight: float, sigma_start: float = math.inf,
                  sigma_end: float = 0.0, block_weights: Optional[dict[str, float]] = None, rows: str = "image",
-                 positions: str = "own"):
+                 positions: str = "own", reuse_features: bool = True, keep_kv: bool = True):
         if rows not in ROWS:
             raise ValueError(f"unknown rows {rows!r}; expected one of {ROWS}")
         if positions not in POSITIONS:
@@ -127,32 +128,68 @@ class JointApplication:
         weights = block_weights or {}
         self.scales = {name: float(weight) * weights.get(level, 1.0) for name, level in layout.levels.items()}
         self.key = f"invadapter-joint:{next(_ids)}"
-        self._kv: dict[float, dict] = {}  # sigma -> per-block K/V: made once per step, kept (the K/V store decision)
+        # reuse_features False: the fallback when nothing fits, one reference pass per step at the trajectory's
+        # latent and nothing kept; keep_kv False: K/V made from the kept features at every step, no store
+        self.reuse_features = reuse_features
+        self.cache = JointKVCache(model.load_device, keep=keep_kv and reuse_features)
+        self.passes = 0  # reference passes made while sampling (tests and the benchmark read it)
+        self._pe: dict = {}  # device -> the reference's RoPE (the same every step)
 
     def active(self, sigma: float) -> bool:
         return self.sigma_end <= sigma <= self.sigma_start
 
     def kv_at(self, base_model, sigma: float, device, dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        found = next((kv for s, kv in self._kv.items() if same_sigma(s, sigma)), None)
-        if found is not None:
-            return found
-        ref, layout = self.reference, self.layout
-        features = ref.features.get(sigma, device=device)
-        if features is None:  # off the inversion's schedule: one reference pass at the trajectory's latent there
-            features = reference_pass(base_model, ref.latent_at(sigma).to(device), sigma, ref.conds, layout,
-                                      cross=False)[1]
-        side = ref.states.shape[-2:]
-        pe = layout.positions(layout.token_grid(tuple(side)), POSITIONS[self.positions], device)
-        kv = {}
-        for name, f in features.self_attn.items():
-            scale = self.scales.get(name, 0.0)
-            if scale == 0:
-                continue
-            k, v = split_kv(f.to(device=device, dtype=dtype), layout.heads)  # [R, heads, N, d], R photos
-            k = rope_rows(k, pe)  # every photo in the same frame; several photos: their tokens concatenated
-            kv[name] = tuple(t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3]) for t in (k, v * scale))
-        self._kv[float(sigma)] = kv
+        """The reference's K (RoPE'd) and V (scaled) per block at ``sigma``: from the run's K/V store when this
+        schedule ran before (``joint_store``), else made from the kept features or one reference pass."""
+        kv = self.cache.get(sigma, device)
+        if kv is not None:
+            return kv
+        kv = reference_kv(self.layout, self.features_at(base_model, sigma, device), self._positions(device),
+                          self.scales, device, dtype)
+        self.cache.put(sigma, kv, dtype, device)
         return kv
+
+    def features_at(self, base_model, sigma: float, device) -> Features:
+        found = self.reference.features.get(sigma, device=device) if self.reuse_features else None
+        if found is None:  # not kept (off the inversion's schedule, a subset of steps, keep_features off)
+            found = self._reference_pass(base_model, sigma, device)
+        return found
+
+    def _reference_pass(self, base_model, sigma: float, device) -> Features:
+        """One reference pass at the trajectory's latent at ``sigma``, recording only the blocks this application
+        uses (of those the reference keeps) and running no block after the last of them."""
+        ref, layout = self.reference, self.layout
+        kept = layout.at_levels(set(ref.levels) if ref.levels is not None else None)
+        used = {name for name, scale in self.scales.items() if scale != 0 and (kept is None or name in kept)}
+        self.passes += 1
+        return reference_pass(base_model, ref.latent_at(sigma).to(device), sigma, ref.conds, layout, cross=False,
+                              keep=used, features_only=True)[1]
+
+    def _positions(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._pe:
+            layout = self.layout
+            side = tuple(self.reference.states.shape[-2:])
+            self._pe[key] = layout.positions(layout.token_grid(side), POSITIONS[self.positions], device)
+        return self._pe[key]
+
+    # --- runs (what the K/V store is kept for) ------------------------------------------------------------------
+    def outer_sample_wrapper(self, executor, *args, **kwargs):
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        # the store keeps the steps this application acts on (a window keeps only its own steps)
+        self.cache.begin_run(weights_key(executor.class_obj.model_patcher),
+                             [float(s) for s in sigmas if self.active(float(s))])
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.cache.end_run()
+
+    def packs_for_run(self) -> list:
+        """What ComfyUI should load beside the model for this run (``joint_store.JointCacheHook``)."""
+        run = self.cache.run
+        if run is None or not self.reuse_features:
+            return []
+        return self.cache.packs_for_run(run[1], self.reference.features.packs())
 
     def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         sigma = float(t.reshape(-1)[0])
@@ -170,13 +207,15 @@ class JointApplication:
 
 
 def install_joint(model, app: JointApplication):
-    """A clone of ``model`` with ``app`` installed: the two shared patches (once per model) and the per-call
-    wrapper; the original model is untouched."""
+    """A clone of ``model`` with ``app`` installed: the two shared patches (once per model), the per-call and
+    per-run wrappers and the hook through which ComfyUI loads its K/V store; the original model is untouched."""
     m = model.clone()
     patches = m.model_options["transformer_options"].get("patches", {})
     if joint_stash not in patches.get("attn1_patch", []):
         m.set_model_attn1_patch(joint_stash)
     if joint_add not in patches.get("attn1_output_patch", []):
         m.set_model_attn1_output_patch(joint_add)
+    m.set_model_patch(JointCacheHook(app), JOINT_CACHE_SLOT)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, app.key, app.apply_model_wrapper)
+    m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, app.key, app.outer_sample_wrapper)
     return m

@@ -22,6 +22,7 @@ Not yet served by the nodes (``SERVES`` is empty, ``arch.fit`` refuses it): the 
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 
@@ -43,6 +44,14 @@ def split_kv(f: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, width = f.shape
     kv = f.reshape(b, n, 2 * heads, width // (2 * heads)).transpose(1, 2)
     return kv[:, :heads], kv[:, heads:]
+
+
+def _pass_double(args: dict, extra: dict) -> dict:
+    return {"img": args["img"], "txt": args["txt"]}
+
+
+def _pass_single(args: dict, extra: dict) -> dict:
+    return {"img": args["img"]}
 
 
 def parse_block_name(name: str) -> tuple[str, int]:
@@ -109,10 +118,26 @@ class FluxLayout(Layout):
         grid = self.token_grid(latent_hw)
         return dict.fromkeys(self.blocks, grid)
 
-    def feature_bytes_per_step(self, resolution: int, bytes_per_value: int = 2, with_cross: bool = False) -> int:
-        """K and V of every block's image tokens: tokens x 2 x hidden x bytes, summed over blocks."""
-        tokens = self.tokens(resolution)
-        return sum(tokens[n] * 2 * self.dims[n][1] * bytes_per_value for n in self.dims)
+    def feature_bytes_per_step(self, resolution: int, bytes_per_value: int = 2, with_cross: bool = False,
+                               levels: Optional[set[str]] = None) -> int:
+        """K and V of every block's image tokens (the blocks at ``levels``; None: all): tokens x 2 x hidden x bytes,
+        summed over blocks. An application's K/V store costs the same per step it keeps (``adapter.joint_store``)."""
+        tokens, kept = self.tokens(resolution), self.at_levels(levels)
+        return sum(tokens[n] * 2 * self.dims[n][1] * bytes_per_value for n in self.dims if kept is None or n in kept)
+
+    def skip_patches(self, keep: Optional[set[str]]) -> dict:
+        """Block replacements (``patches_replace["dit"]``, ComfyUI's own seam) that pass the hidden states through
+        every block after the last of ``keep``: a reference pass that only records K/V needs none of them (with
+        double blocks only kept, that is half of Flux's compute). The pass's output is then meaningless."""
+        if keep is None:
+            return {}
+        order = list(self.blocks)
+        last = max((order.index(name) for name in keep), default=-1)
+        skipped = {}
+        for name in order[last + 1:]:
+            stream, i = parse_block_name(name)
+            skipped[(f"{stream}_block", i)] = _pass_double if stream == "double" else _pass_single
+        return {"dit": skipped} if skipped else {}
 
     # --- positions ---------------------------------------------------------------------------------------------
     def positions(self, grid_hw: tuple[int, int], index: float = 0.0, device=None) -> torch.Tensor:

@@ -134,11 +134,19 @@ class Layout:
         side = self.latent_side(resolution)
         return {name: h * w for name, (h, w) in self.grids((side, side)).items()}
 
-    def feature_bytes_per_step(self, resolution: int, bytes_per_value: int = 2, with_cross: bool = False) -> int:
-        """What one step of a reference's features costs: the sum over blocks of tokens x width x bytes
-        (self-attention inputs; the cross-attention inputs of a trained adapter cost the same again)."""
-        tokens = self.tokens(resolution)
-        return sum(tokens[n] * self.dims[n][0] * bytes_per_value for n in self.dims) * (2 if with_cross else 1)
+    def feature_bytes_per_step(self, resolution: int, bytes_per_value: int = 2, with_cross: bool = False,
+                               levels: Optional[set[str]] = None) -> int:
+        """What one step of a reference's features costs: the sum over blocks (those at ``levels``; None: all) of
+        tokens x width x bytes (self-attention inputs; the cross-attention inputs of a trained adapter cost the
+        same again)."""
+        tokens, kept = self.tokens(resolution), self.at_levels(levels)
+        return sum(tokens[n] * self.dims[n][0] * bytes_per_value for n in self.dims
+                   if kept is None or n in kept) * (2 if with_cross else 1)
+
+    def skip_patches(self, keep: Optional[set[str]]) -> dict:
+        """``patches_replace`` entries that skip the blocks a features-only reference pass needs not run (those
+        after the last block of ``keep``); none where the network has no such seam."""
+        return {}
 
 
 ARCHITECTURES: list[type[Layout]] = []  # filled by the architecture modules (arch/__init__ imports them)

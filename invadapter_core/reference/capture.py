@@ -83,17 +83,25 @@ def batched(conds: dict[str, torch.Tensor], batch: int, device) -> dict[str, tor
 
 
 def reference_pass(base_model, x: torch.Tensor, sigma, conds: dict[str, torch.Tensor], layout: Layout,
-                   cross: bool, keep: Optional[set[str]] = None) -> tuple[torch.Tensor, Features]:
+                   cross: bool, keep: Optional[set[str]] = None, features_only: bool = False
+                   ) -> tuple[torch.Tensor, Features]:
     """(x0 prediction, captured features) of ``base_model`` (a loaded BaseModel) at ``sigma`` (a float, or one
     per sample). ``conds`` are apply_model's keyword tensors (c_crossattn, y, c_concat) with batch 1 or x's batch;
-    ``keep`` limits which blocks are recorded (``layout.at_levels``)."""
+    ``keep`` limits which blocks are recorded (``layout.at_levels``). ``features_only``: the caller wants the
+    features, not the prediction (which is then meaningless): blocks after the last kept one are skipped where the
+    layout can (``Layout.skip_patches``)."""
     capture = FeatureCapture(layout, cross, keep)
     patches = layout.capture_patches(capture, cross)
+    options = {"patches": patches}
+    if features_only:
+        skipped = layout.skip_patches(keep)
+        if skipped:
+            options["patches_replace"] = skipped
     if torch.is_tensor(sigma) and sigma.numel() > 1:
         sigmas = sigma.to(device=x.device, dtype=torch.float32)
     else:
         sigmas = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
     with torch.no_grad():
-        denoised = base_model.apply_model(x, sigmas, transformer_options={"patches": patches},
+        denoised = base_model.apply_model(x, sigmas, transformer_options=options,
                                           **batched(conds, x.shape[0], x.device))
     return denoised, capture.features()

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from ..arch.fit import check_served, default_resolution
 from ..arch.layout import layout_of, model_family, weights_key
-from ..arch.levels import preset_levels
-from ..comfyui.memory import register
+from ..arch.levels import DIT_LEVELS, DIT_PRESETS, preset_levels
+from ..comfyui.memory import fits_on_device, register
+from ..comfyui.notify import notify
 from ..files.images import to_rgb
 from .capture import reference_pass
 from .inversion import CONVENTIONS, invert, inversion_sigmas
@@ -33,6 +34,50 @@ COND_KEYS = ("c_crossattn", "y", "c_concat", "guidance")
 # precision): every level, or only those a block-weights preset uses; in the model's precision or in 8-bit floats.
 CAPTURE = {"all levels": None, "coarse levels": preset_levels("coarse"), "fine levels": preset_levels("fine")}
 FEATURE_PRECISION = {"model": None, "fp8 (half the memory)": torch.float8_e4m3fn}
+# MM-DiTs (Flux, Chroma: arch.levels.DIT_LEVELS) run every block on one token grid, so coarse and fine mean nothing
+# there: every block, the double (two-stream) blocks only (Flux: 19 of 57 blocks, a third of the memory), or the
+# early blocks (the double blocks and the first third of the single ones: 32 of 57).
+DIT_CAPTURE = {"all levels": None,
+               "double blocks": {lv for lv, w in DIT_PRESETS["double only"].items() if w != 0},
+               "early blocks": {"double_early", "double_late", "single_early"}}
+
+
+def capture_levels(model, capture: str) -> Optional[set[str]]:
+    """The block levels a ``capture`` option keeps on this model's network (None: every block)."""
+    dit = set(layout_of(model).levels.values()) <= set(DIT_LEVELS)
+    options = DIT_CAPTURE if dit else CAPTURE
+    if capture not in options:
+        raise ValueError(f"capture {capture!r} is not an option for this {'MM-DiT' if dit else 'UNet'} model; "
+                         f"choose one of {', '.join(options)}")
+    return options[capture]
+
+
+# At most this share of the free host memory goes to one reference's kept features when the device has no room
+# (the rest stays for the models ComfyUI offloads there): an MM-DiT's features at 1024² are ~57 GB for 20 steps.
+HOST_SHARE = 0.5
+
+
+def room_for_features(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of kept features have a place: the compute device beside ComfyUI's reserve, else pinned
+    host memory within ``HOST_SHARE`` of what is free there."""
+    if device.type != "cpu" and fits_on_device(nbytes, device):
+        return True
+    return nbytes <= HOST_SHARE * comfy.model_management.get_free_memory(torch.device("cpu"))
+
+
+def kept_sigmas(model, sigmas: list[float], keep_percent: tuple[float, float] = (0.0, 1.0)) -> list[float]:
+    """The inversion sigmas whose features are kept: those inside the window ``keep_percent`` (start, end) of the
+    schedule, in the percent the apply node's start/end use, so a reference encoded for the window it is applied
+    with keeps exactly the steps that window needs (a step outside it that a later application needs is made by one
+    reference pass there)."""
+    start, end = keep_percent
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"keep_percent {keep_percent} is not a window: give (start, end) with 0 <= start <= end <= 1")
+    if (start, end) == (0.0, 1.0):
+        return list(sigmas)
+    ms = model.get_model_object("model_sampling")
+    high, low = float(ms.percent_to_sigma(start)), float(ms.percent_to_sigma(end))
+    return [s for s in sigmas if low <= s <= high]
 
 
 def prepare_images(image: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -78,7 +123,8 @@ def sampler_sigmas(model, steps: int, scheduler: str, sampler_name: str = "euler
 def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, scheduler: str, resolution: int = 0,
                      keep_features: bool = True, cross: bool = False, convention: str = CONVENTIONS[0],
                      levels: Optional[set[str]] = None, sampler_name: str = "euler",
-                     store_dtype: Optional[torch.dtype] = None) -> Reference:
+                     store_dtype: Optional[torch.dtype] = None,
+                     keep_percent: tuple[float, float] = (0.0, 1.0)) -> Reference:
     """Face image(s) + caption -> Reference (the images are one identity: a batch = several photos of it).
     ``resolution`` 0 takes the family's own (1024 for SDXL, 768 for SD2.x v-prediction, else 512)."""
     check_served(model)
@@ -89,18 +135,20 @@ def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, 
     x0 = model.model.process_latent_in(latent)
     conds = reference_conds(model, context, options, x0, (resolution, resolution))
     return invert_latent(model, latent, conds, steps, scheduler, (resolution, resolution), keep_features, cross,
-                         convention, levels, sampler_name, store_dtype)
+                         convention, levels, sampler_name, store_dtype, keep_percent)
 
 
 def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | torch.Tensor, steps: int,
                   scheduler: str, resolution: tuple[int, int], keep_features: bool = True, cross: bool = False,
                   convention: str = CONVENTIONS[0], levels: Optional[set[str]] = None,
-                  sampler_name: str = "euler", store_dtype: Optional[torch.dtype] = None) -> Reference:
+                  sampler_name: str = "euler", store_dtype: Optional[torch.dtype] = None,
+                  keep_percent: tuple[float, float] = (0.0, 1.0)) -> Reference:
     """DDIM inversion of a VAE latent (unscaled, as in LATENT dicts) with the caption at guidance 1.
 
     ``conds``: apply_model's conditioning (``reference_conds``), or just the caption context. ``levels``: keep only
     the features of blocks at these levels (the others are never used when their block weight is zero);
-    ``store_dtype``: keep them in this dtype (e.g. float8: half the memory)."""
+    ``store_dtype``: keep them in this dtype (e.g. float8: half the memory); ``keep_percent``: keep only the steps
+    inside this (start, end) window of the schedule (``kept_sigmas``)."""
     if torch.is_tensor(conds):
         conds = {CONTEXT: conds}
     comfy.model_management.load_models_gpu([model])
@@ -113,16 +161,23 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
     sigmas = inversion_sigmas(sampler_sigmas(model, steps, scheduler, sampler_name), convention)
     # Only at the latent's own sigma is an inversion pass also the reference pass the generation needs.
     keep = keep_features and convention == "lowest sigma"
+    kept = kept_sigmas(model, sigmas[:-1], keep_percent) if keep else []
     cache = FeatureCache(store_dtype)
-    if keep:
-        cache.reserve(sigmas[:-1])
+    if kept:
+        cache.reserve(kept)
     progress = comfy.utils.ProgressBar(len(sigmas) - 1)
     console = tqdm(total=len(sigmas) - 1, desc="Inv-Adapter inversion", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        nonlocal kept
         comfy.model_management.throw_exception_if_processing_interrupted()
-        denoised, features = reference_pass(base, x, sigma, on_device, layout, cross and keep, kept_blocks)
-        if keep:
+        keeping = sigma in kept
+        denoised, features = reference_pass(base, x, sigma, on_device, layout, cross and keeping,
+                                            kept_blocks if keeping else set())
+        if keeping and not len(cache) and not _room_for_steps(features, len(kept), store_dtype, device):
+            kept, keeping = [], False
+            cache.reserve([])
+        if keeping:
             cache.put(sigma, features, pin=True)
         return denoised
 
@@ -139,3 +194,17 @@ def invert_latent(model, latent: torch.Tensor, conds: dict[str, torch.Tensor] | 
                      sigmas=torch.tensor(sigmas, dtype=torch.float64), states=states.float().cpu(),
                      conds={k: v.float().cpu() for k, v in conds.items()}, features=cache,
                      weights=weights_key(model), convention=convention, levels=sorted(levels) if levels else None)
+
+
+def _room_for_steps(features, steps: int, store_dtype: Optional[torch.dtype], device) -> bool:
+    """Whether ``steps`` steps shaped like ``features`` fit (``room_for_features``); if not, the user is told that
+    none are kept and what keeps fewer (each generation step then makes its own with one reference pass)."""
+    tensors = list(features.tensors().values())
+    per_step = sum(t.numel() * (store_dtype or t.dtype).itemsize for t in tensors)
+    if room_for_features(per_step * steps, torch.device(device)):
+        return True
+    notify(f"the reference's features would take {per_step * steps / 1e9:.1f} GB ({steps} steps of "
+           f"{per_step / 1e6:.0f} MB), more than the device has room for and more than half the free host memory, "
+           f"so none are kept: each generation step makes its own with one reference pass (slower). To keep them, "
+           f"keep fewer: capture 'double blocks', feature precision fp8, a smaller reference, or a keep window")
+    return False
