@@ -14,6 +14,10 @@ image) never get it. The reference's K/V are the block's own projections of the 
 training-free adapter), RoPE'd once per step at ``positions`` "own" (the generation's frame) or "shifted" (index 1
 on the frame axis, where Kontext puts its context image). The term depends on q only, so another patch that changes
 the joint K/V (FluxKVCache) composes with it in either order.
+
+Qwen-Image (``arch.qwen_image``) has no ``attn1_output_patch``: there the term is added in ComfyUI's
+``optimized_attention_override`` slot (``joint_override``, set per network call and chained to what was there), where
+q is already RoPE'd; the layout's ``ADDS_TERM`` says which.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from comfy.ldm.flux.math import apply_rope1
 
 from ..arch.flux import FluxLayout, split_kv
 from ..arch.layout import layout_of
+from ..arch.qwen_image import QwenImageLayout
 from ..reference.capture import reference_pass
 from ..reference.reference import Reference, same_sigma
 
@@ -73,10 +78,12 @@ class JointCall:
     image_tokens: int
     steps: list[JointStep] = field(default_factory=list)
 
-    def add(self, attn: torch.Tensor, q: torch.Tensor, pe: Optional[torch.Tensor], extra_options: dict
-            ) -> torch.Tensor:
+    def add(self, attn: torch.Tensor, q: torch.Tensor, pe: Optional[torch.Tensor], extra_options: dict,
+            start: Optional[int] = None) -> torch.Tensor:
+        """``attn`` with the steps' terms added; ``q`` before RoPE with its ``pe``, or after it (``pe`` None);
+        ``start``: the first image row (default: the options' ``img_slice``)."""
         name = self.layout.block_at(extra_options)
-        start = extra_options["img_slice"][0]
+        start = extra_options["img_slice"][0] if start is None else start
         end = start + self.image_tokens
         rotated: dict[int, torch.Tensor] = {}  # first row -> RoPE'd q of rows [first, end)
         for step in self.steps:
@@ -107,6 +114,23 @@ def joint_add(attn, extra_options):
     return call.add(attn, stashed[0], stashed[1], extra_options)
 
 
+def joint_override(previous=None):
+    """ComfyUI's ``optimized_attention_override`` for layouts whose attention has no output patch (Qwen-Image,
+    ``ADDS_TERM`` "attention override"): runs the attention (through ``previous``, the override that was in the slot,
+    so it chains), then adds the terms. Its q is after RoPE, [B, heads, L, d] (``skip_reshape``); the image rows
+    follow the text and precede an edit model's reference images (``reference_image_num_tokens``)."""
+    def override(func, *args, **kwargs):
+        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        options = kwargs.get("transformer_options") or {}
+        call = options.get(JOINT)
+        if call is None or not call.steps or not kwargs.get("skip_reshape"):
+            return out
+        q = args[0] if args else kwargs["q"]
+        start = q.shape[2] - call.image_tokens - sum(options.get("reference_image_num_tokens", ()))
+        return call.add(out, q, None, options, start)
+    return override
+
+
 class JointApplication:
     """One identity on one MM-DiT model: a reference (its inversion and kept K/V, ``reference.encode.invert_latent``),
     a strength, a sigma window, block weights per level (``arch.levels.DIT_LEVELS``), rows and positions."""
@@ -119,9 +143,9 @@ class JointApplication:
         if positions not in POSITIONS:
             raise ValueError(f"unknown positions {positions!r}; expected one of {tuple(POSITIONS)}")
         layout = layout_of(model)
-        if not isinstance(layout, FluxLayout):
-            raise ValueError(f"the joint-attention EAA needs an MM-DiT ({FluxLayout.FAMILIES}); this model's "
-                             f"network is a {type(layout).__name__[:-6]}")
+        if not isinstance(layout, FluxLayout):  # Flux's and the layouts built on it (arch.qwen_image)
+            raise ValueError(f"the joint-attention EAA needs an MM-DiT ({FluxLayout.FAMILIES}; "
+                             f"{QwenImageLayout.FAMILIES}); this model's network is a {type(layout).__name__[:-6]}")
         self.layout, self.reference, self.rows, self.positions = layout, reference, rows, positions
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         weights = block_weights or {}
@@ -164,7 +188,9 @@ class JointApplication:
         call = options.get(JOINT)
         if call is None:
             h, w = self.layout.token_grid(tuple(x.shape[-2:]))
-            call = JointCall(self.layout, h * w)
+            call = JointCall(self.layout, h * w * (x.shape[2] if x.ndim == 5 else 1))
+            if self.layout.ADDS_TERM == "attention override":  # once per call, chained to what was in the slot
+                options["optimized_attention_override"] = joint_override(options.get("optimized_attention_override"))
         options[JOINT] = JointCall(call.layout, call.image_tokens, call.steps + [JointStep(kv, self.rows)])
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
@@ -174,6 +200,9 @@ def install_joint(model, app: JointApplication):
     wrapper; the original model is untouched."""
     m = model.clone()
     patches = m.model_options["transformer_options"].get("patches", {})
+    if app.layout.ADDS_TERM != "output patch":  # the term is added in the attention override (per call)
+        m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, app.key, app.apply_model_wrapper)
+        return m
     if joint_stash not in patches.get("attn1_patch", []):
         m.set_model_attn1_patch(joint_stash)
     if joint_add not in patches.get("attn1_output_patch", []):
