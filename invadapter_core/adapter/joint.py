@@ -63,6 +63,16 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return e.transpose(1, 2).reshape(b, n, h * d)
 
 
+def project_joint(layer, f: torch.Tensor) -> torch.Tensor:
+    """A trained joint EAA's reference K/V of one block: its ``to_k`` / ``to_v`` [hidden, hidden] (an
+    ``adapter.eaa.SelfEAA``) applied to the kept K and V, ``f`` [.., N, 2 x hidden] in ``arch.flux.join_kv``'s layout
+    (per token K's heads, then V's), the same layout back. Identity maps are the training-free EAA; on V a map of the
+    kept V is the paper's W'v of the block input reparametrised (V = W_v x, W_v square)."""
+    hidden = f.shape[-1] // 2
+    dtype = layer.to_k.weight.dtype
+    return torch.cat((layer.to_k(f[..., :hidden].to(dtype)), layer.to_v(f[..., hidden:].to(dtype))), dim=-1)
+
+
 @dataclass
 class JointStep:
     """One application's share of one network call: per block, the reference's K (RoPE'd) and V (scaled by λ and
@@ -137,7 +147,7 @@ class JointApplication:
 
     def __init__(self, model, reference: Reference, weight: float, sigma_start: float = math.inf,
                  sigma_end: float = 0.0, block_weights: Optional[dict[str, float]] = None, rows: str = "image",
-                 positions: str = "own"):
+                 positions: str = "own", adapter=None):
         if rows not in ROWS:
             raise ValueError(f"unknown rows {rows!r}; expected one of {ROWS}")
         if positions not in POSITIONS:
@@ -148,6 +158,7 @@ class JointApplication:
                              f"{QwenImageLayout.FAMILIES}); this model's network is a {type(layout).__name__[:-6]}")
         self.layout, self.reference, self.rows, self.positions = layout, reference, rows, positions
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.adapter = adapter  # a trained joint EAA (adapter.eaa.InvAdapter) or None: the block's own K/V
         weights = block_weights or {}
         self.scales = {name: float(weight) * weights.get(level, 1.0) for name, level in layout.levels.items()}
         self.key = f"invadapter-joint:{next(_ids)}"
@@ -172,6 +183,9 @@ class JointApplication:
             scale = self.scales.get(name, 0.0)
             if scale == 0:
                 continue
+            layer = self.adapter.self_layer(name) if self.adapter is not None else None
+            if layer is not None and layer.to_k is not None:
+                f = project_joint(layer.to(device), f.to(device))
             k, v = split_kv(f.to(device=device, dtype=dtype), layout.heads)  # [R, heads, N, d], R photos
             k = rope_rows(k, pe)  # every photo in the same frame; several photos: their tokens concatenated
             kv[name] = tuple(t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3]) for t in (k, v * scale))
