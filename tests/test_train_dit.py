@@ -220,3 +220,36 @@ def test_the_gradient_matches_finite_differences(flux, tmp_path):
                 p.sub_(sign * eps * d)
     numeric = (values[0] - values[1]) / (2 * eps)
     assert abs(analytic) > 1e-3 and numeric == pytest.approx(analytic, rel=2e-2), (analytic, numeric)
+
+
+def test_preprocess_inverts_faces_on_the_flow_schedule_and_keeps_the_guidance(tmp_path):
+    """The trainer's own preprocessing on a flow model, with ComfyUI's CLIP-L and VAE of the shallow SD1.5 test
+    checkpoint (a tiny Flux with 4 latent channels and CLIP-L-wide text and pooled inputs takes them): the shards
+    hold the inversion on the model's flow schedule with its guidance (Flux-dev's default 3.5) and pooled vector,
+    and the trainer trains on them."""
+    import comfy.sd
+    from test_train import astronaut_images
+
+    from invadapter_core.reference.encode import sampler_sigmas
+    from invadapter_core.reference.inversion import inversion_sigmas
+    from invadapter_core.train.distributed import DistInfo
+    from invadapter_core.train.preprocess import preprocess
+    from support.models import shallow_sd15_checkpoint
+
+    _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(shallow_sd15_checkpoint()), output_vae=True,
+                                                            output_clip=True, output_model=False)
+    model = tiny_flux_model(in_channels=4, out_channels=4, context_in_dim=768, vec_in_dim=768)
+    astronaut_images(tmp_path / "images", bad=False)
+    cfg = config(tmp_path / "run", **{"data.source": str(tmp_path / "images"), "data.face_crop": "center",
+                                      "data.cache_dir": str(tmp_path / "cache"), "data.inversion_steps": 3,
+                                      "train.max_steps": 2})
+    summary = preprocess(cfg, model, clip, vae, DistInfo(), progress=False)
+    assert summary["kept"] == 3 and summary["skipped"] == 0
+    shards = ShardSet(str(tmp_path / "cache"))
+    want = inversion_sigmas(sampler_sigmas(model, 3, "simple"))
+    assert shards.sigmas.tolist() == pytest.approx(want) and want[-1] == pytest.approx(1.0)  # the flow schedule
+    sample = shards[0]
+    assert sample.guidance == 3.5 and sample.adm.shape == (768,) and sample.reference_states.shape[1:] == (4, 8, 8)
+    assert shards.empty_adm is not None and shards.empty_adm.shape == (768,)
+    result = Trainer(cfg, model, progress=False).run()
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
