@@ -81,8 +81,11 @@ class InvAdapter(nn.Module):
 
     def __init__(self, family: str, reference_resolution: Optional[int], tokens_m: Optional[int],
                  self_eaa: dict[str, SelfEAA], cross_eaa: dict[str, CrossEAA], name: str = "",
-                 self_from_base: bool = False):
+                 self_from_base: bool = False, architecture: str = "UNet"):
         super().__init__()
+        # the layout the layers are for (files.format.DEFAULT_ARCHITECTURE): on an MM-DiT (adapter.joint) a self
+        # EAA's to_k / to_v map the reference's joint-attention K and V, not the block's input
+        self.architecture = architecture
         self.self_from_base = self_from_base  # training-free default: W'k, W'v are the base model's own
         self.family = family
         self.reference_resolution = reference_resolution  # None: any resolution (no token aggregation)

@@ -51,6 +51,11 @@ def check_adapter_fits(adapter: InvAdapter, model, reference=None) -> None:
         raise AdapterFileError(f"Inv-Adapter '{adapter.name}' was made for model family {adapter.family}, but the "
                                f"model is {family}: load weights trained for {family} or use 'init from model'")
     layout = layout_of(model)
+    architecture = type(layout).__name__[:-len("Layout")]
+    if adapter.architecture != architecture and any(True for _ in adapter.parameters()):  # 'init from model': any
+        raise AdapterFileError(f"Inv-Adapter '{adapter.name}' was made for the {adapter.architecture} network of model "
+                               f"family {adapter.family or 'unknown'}, but the {family} model's network is a "
+                               f"{architecture}: load weights trained for {family} or use 'init from model'")
     dims = layout.dims
     for kind, layers in (("self", adapter.self_layers()), ("cross", adapter.cross_layers())):
         for name, layer in layers.items():

@@ -14,6 +14,10 @@ image) never get it. The reference's K/V are the block's own projections of the 
 training-free adapter), RoPE'd once per step at ``positions`` "own" (the generation's frame) or "shifted" (index 1
 on the frame axis, where Kontext puts its context image). The term depends on q only, so another patch that changes
 the joint K/V (FluxKVCache) composes with it in either order.
+
+Qwen-Image (``arch.qwen_image``) has no ``attn1_output_patch``: there the term is added in ComfyUI's
+``optimized_attention_override`` slot (``joint_override``, set per network call and chained to what was there), where
+q is already RoPE'd; the layout's ``ADDS_TERM`` says which.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from comfy.ldm.flux.math import apply_rope1
 
 from ..arch.flux import FluxLayout
 from ..arch.layout import layout_of, weights_key
+from ..arch.qwen_image import QwenImageLayout
 from ..reference.capture import Features, reference_pass
 from ..reference.reference import Reference
 from .joint_store import JOINT_CACHE_SLOT, JointCacheHook, JointKVCache, reference_kv
@@ -59,6 +64,16 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return e.transpose(1, 2).reshape(b, n, h * d)
 
 
+def project_joint(layer, f: torch.Tensor) -> torch.Tensor:
+    """A trained joint EAA's reference K/V of one block: its ``to_k`` / ``to_v`` [hidden, hidden] (an
+    ``adapter.eaa.SelfEAA``) applied to the kept K and V, ``f`` [.., N, 2 x hidden] in ``arch.flux.join_kv``'s layout
+    (per token K's heads, then V's), the same layout back. Identity maps are the training-free EAA; on V a map of the
+    kept V is the paper's W'v of the block input reparametrised (V = W_v x, W_v square)."""
+    hidden = f.shape[-1] // 2
+    dtype = layer.to_k.weight.dtype
+    return torch.cat((layer.to_k(f[..., :hidden].to(dtype)), layer.to_v(f[..., hidden:].to(dtype))), dim=-1)
+
+
 @dataclass
 class JointStep:
     """One application's share of one network call: per block, the reference's K (RoPE'd) and V (scaled by λ and
@@ -74,10 +89,12 @@ class JointCall:
     image_tokens: int
     steps: list[JointStep] = field(default_factory=list)
 
-    def add(self, attn: torch.Tensor, q: torch.Tensor, pe: Optional[torch.Tensor], extra_options: dict
-            ) -> torch.Tensor:
+    def add(self, attn: torch.Tensor, q: torch.Tensor, pe: Optional[torch.Tensor], extra_options: dict,
+            start: Optional[int] = None) -> torch.Tensor:
+        """``attn`` with the steps' terms added; ``q`` before RoPE with its ``pe``, or after it (``pe`` None);
+        ``start``: the first image row (default: the options' ``img_slice``)."""
         name = self.layout.block_at(extra_options)
-        start = extra_options["img_slice"][0]
+        start = extra_options["img_slice"][0] if start is None else start
         end = start + self.image_tokens
         rotated: dict[int, torch.Tensor] = {}  # first row -> RoPE'd q of rows [first, end)
         for step in self.steps:
@@ -108,23 +125,42 @@ def joint_add(attn, extra_options):
     return call.add(attn, stashed[0], stashed[1], extra_options)
 
 
+def joint_override(previous=None):
+    """ComfyUI's ``optimized_attention_override`` for layouts whose attention has no output patch (Qwen-Image,
+    ``ADDS_TERM`` "attention override"): runs the attention (through ``previous``, the override that was in the slot,
+    so it chains), then adds the terms. Its q is after RoPE, [B, heads, L, d] (``skip_reshape``); the image rows
+    follow the text and precede an edit model's reference images (``reference_image_num_tokens``)."""
+    def override(func, *args, **kwargs):
+        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        options = kwargs.get("transformer_options") or {}
+        call = options.get(JOINT)
+        if call is None or not call.steps or not kwargs.get("skip_reshape"):
+            return out
+        q = args[0] if args else kwargs["q"]
+        start = q.shape[2] - call.image_tokens - sum(options.get("reference_image_num_tokens", ()))
+        return call.add(out, q, None, options, start)
+    return override
+
+
 class JointApplication:
     """One identity on one MM-DiT model: a reference (its inversion and kept K/V, ``reference.encode.invert_latent``),
     a strength, a sigma window, block weights per level (``arch.levels.DIT_LEVELS``), rows and positions."""
 
     def __init__(self, model, reference: Reference, weight: float, sigma_start: float = math.inf,
                  sigma_end: float = 0.0, block_weights: Optional[dict[str, float]] = None, rows: str = "image",
-                 positions: str = "own", reuse_features: bool = True, keep_kv: bool = True):
+                 positions: str = "own", reuse_features: bool = True, keep_kv: bool = True,
+                 adapter=None):
         if rows not in ROWS:
             raise ValueError(f"unknown rows {rows!r}; expected one of {ROWS}")
         if positions not in POSITIONS:
             raise ValueError(f"unknown positions {positions!r}; expected one of {tuple(POSITIONS)}")
         layout = layout_of(model)
-        if not isinstance(layout, FluxLayout):
-            raise ValueError(f"the joint-attention EAA needs an MM-DiT ({FluxLayout.FAMILIES}); this model's "
-                             f"network is a {type(layout).__name__[:-6]}")
+        if not isinstance(layout, FluxLayout):  # Flux's and the layouts built on it (arch.qwen_image)
+            raise ValueError(f"the joint-attention EAA needs an MM-DiT ({FluxLayout.FAMILIES}; "
+                             f"{QwenImageLayout.FAMILIES}); this model's network is a {type(layout).__name__[:-6]}")
         self.layout, self.reference, self.rows, self.positions = layout, reference, rows, positions
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.adapter = adapter  # a trained joint EAA (adapter.eaa.InvAdapter) or None: the block's own K/V
         weights = block_weights or {}
         self.scales = {name: float(weight) * weights.get(level, 1.0) for name, level in layout.levels.items()}
         self.key = f"invadapter-joint:{next(_ids)}"
@@ -145,7 +181,7 @@ class JointApplication:
         if kv is not None:
             return kv
         kv = reference_kv(self.layout, self.features_at(base_model, sigma, device), self._positions(device),
-                          self.scales, device, dtype)
+                          self.scales, device, dtype, self._projection(device))
         self.cache.put(sigma, kv, dtype, device)
         return kv
 
@@ -164,6 +200,16 @@ class JointApplication:
         self.passes += 1
         return reference_pass(base_model, ref.latent_at(sigma).to(device), sigma, ref.conds, layout, cross=False,
                               keep=used, features_only=True)[1]
+
+    def _projection(self, device):
+        """A trained adapter's per-block K/V maps (``project_joint``), or None: the block's own K/V."""
+        if self.adapter is None:
+            return None
+
+        def project(name: str, f: torch.Tensor) -> torch.Tensor:
+            layer = self.adapter.self_layer(name)
+            return f if layer is None or layer.to_k is None else project_joint(layer.to(device), f.to(device))
+        return project
 
     def _positions(self, device) -> torch.Tensor:
         key = str(device)
@@ -201,7 +247,9 @@ class JointApplication:
         call = options.get(JOINT)
         if call is None:
             h, w = self.layout.token_grid(tuple(x.shape[-2:]))
-            call = JointCall(self.layout, h * w)
+            call = JointCall(self.layout, h * w * (x.shape[2] if x.ndim == 5 else 1))
+            if self.layout.ADDS_TERM == "attention override":  # once per call, chained to what was in the slot
+                options["optimized_attention_override"] = joint_override(options.get("optimized_attention_override"))
         options[JOINT] = JointCall(call.layout, call.image_tokens, call.steps + [JointStep(kv, self.rows)])
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
@@ -211,10 +259,11 @@ def install_joint(model, app: JointApplication):
     per-run wrappers and the hook through which ComfyUI loads its K/V store; the original model is untouched."""
     m = model.clone()
     patches = m.model_options["transformer_options"].get("patches", {})
-    if joint_stash not in patches.get("attn1_patch", []):
-        m.set_model_attn1_patch(joint_stash)
-    if joint_add not in patches.get("attn1_output_patch", []):
-        m.set_model_attn1_output_patch(joint_add)
+    if app.layout.ADDS_TERM == "output patch":  # else the term is added in the attention override (per call)
+        if joint_stash not in patches.get("attn1_patch", []):
+            m.set_model_attn1_patch(joint_stash)
+        if joint_add not in patches.get("attn1_output_patch", []):
+            m.set_model_attn1_output_patch(joint_add)
     m.set_model_patch(JointCacheHook(app), JOINT_CACHE_SLOT)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, app.key, app.apply_model_wrapper)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, app.key, app.outer_sample_wrapper)

@@ -14,7 +14,7 @@ cannot free.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -31,14 +31,17 @@ KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def reference_kv(layout: FluxLayout, features: Features, pe: torch.Tensor, scales: dict[str, float], device,
-                 dtype) -> KV:
+                 dtype, project: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> KV:
     """Per block with a non-zero scale: the reference's K with RoPE at ``pe`` and V times the scale, each
-    [1, heads, R x N, d] (R photos of the identity: their tokens side by side, every photo in the same frame)."""
+    [1, heads, R x N, d] (R photos of the identity: their tokens side by side, every photo in the same frame).
+    ``project(name, kept)``: a trained adapter's maps of the kept K/V (None: the block's own, training-free)."""
     kv = {}
     for name, f in features.self_attn.items():
         scale = scales.get(name, 0.0)
         if scale == 0:
             continue
+        if project is not None:
+            f = project(name, f)
         k, v = split_kv(f.to(device=device, dtype=dtype), layout.heads)  # [R, heads, N, d]
         k = apply_rope1(k, pe)  # as the network applies it (joint.rope_rows)
         kv[name] = tuple(t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3]) for t in (k, v * scale))

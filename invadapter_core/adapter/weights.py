@@ -8,7 +8,10 @@ Tensor names (``<block>`` is "stage.id.index", e.g. "input.1.0", "middle.0.0", "
     cross.<block>.to_k.weight         [inner, C]   W''k
     cross.<block>.to_v.weight         [inner, C]   W''v
 Metadata (all strings): ``invadapter.format_version``, ``invadapter.base_family`` (ComfyUI model config name,
-e.g. "SD15"), ``invadapter.reference_resolution`` (pixels), ``invadapter.tokens_m`` (M).
+e.g. "SD15"), ``invadapter.reference_resolution`` (pixels), ``invadapter.tokens_m`` (M), and for the networks
+that are not UNets ``invadapter.architecture`` (the layout: "Flux", "QwenImage"; an MM-DiT's blocks are "double.3",
+"single.12", and its ``self.<block>.to_k`` / ``to_v`` [hidden, hidden] map the reference's joint-attention K (after
+QK-norm, before RoPE) and V, ``adapter.joint``).
 A block absent from the file has no EAA of that kind; a file without ``self.*`` tensors borrows the base model's
 self-attention projections (the init-from-model default).
 """
@@ -19,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..files.format import FORMAT_VERSION, META
+from ..files.format import DEFAULT_ARCHITECTURE, FORMAT_VERSION, META
 from ..files.safetensors_io import read_checked, save_atomic
 from ..files.validation import AdapterFileError, check_adapter_file
 from .eaa import CrossEAA, InvAdapter, SelfEAA
@@ -49,6 +52,8 @@ def adapter_state(adapter: InvAdapter) -> tuple[dict[str, torch.Tensor], dict[st
         META + "reference_resolution": str(adapter.reference_resolution or 0),
         META + "tokens_m": str(adapter.tokens_m or 0),
     }
+    if adapter.architecture != DEFAULT_ARCHITECTURE:  # UNet files stay byte-identical to those written before
+        meta[META + "architecture"] = adapter.architecture
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
 
@@ -74,7 +79,8 @@ def adapter_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], s
         layer.load_state_dict({name: t.to(k.dtype) for name, t in params.items()})
         cross_eaa[block] = layer
     adapter = InvAdapter(parsed["family"], parsed["resolution"], parsed["tokens_m"], self_eaa, cross_eaa,
-                         name=os.path.basename(source), self_from_base=not self_eaa)
+                         name=os.path.basename(source), self_from_base=not self_eaa,
+                         architecture=meta.get(META + "architecture", DEFAULT_ARCHITECTURE))
     return adapter.requires_grad_(False)
 
 

@@ -65,6 +65,7 @@ class FluxLayout(Layout):
     SERVES = ""  # the core knows it; the nodes do not offer it yet (arch.fit.check_served refuses it)
     FAMILIES = "Flux.1 (dev, schnell, their fine-tunes, Kontext) and Chroma"
     PATCH_SLOTS = {"self": ("attn1_patch", "attn1_output_patch")}  # one joint attention per block, no cross
+    ADDS_TERM = "output patch"  # where adapter.joint adds the EAA term: attn1_output_patch (or "attention override")
 
     def __init__(self, model, net: torch.nn.Module):
         self.net = net

@@ -123,7 +123,9 @@ def check_adapter_file(path: str, tensors: dict[str, torch.Tensor], meta: dict, 
         if kind not in ADAPTER_LAYERS or len(parts) < 5:
             _fail(error, path, f"unexpected tensor '{name}' (expected self.<block>.to_k.weight, "
                                f"cross.<block>.token_agg.weight, ...)", ADAPTER_FIX)
-        block, param = ".".join(parts[1:4]), ".".join(parts[4:])
+        # the parameter is the name's tail (UNet blocks have three dotted parts, MM-DiT blocks two)
+        param = next((p for p in ADAPTER_LAYERS.get(kind, ()) if name.endswith("." + p)), ".".join(parts[4:]))
+        block = name[len(kind) + 1:-len(param) - 1]
         if not is_block_name(block):
             _fail(error, path, f"tensor '{name}' names no UNet block ('{block}'; expected e.g. input.1.0)",
                   ADAPTER_FIX)

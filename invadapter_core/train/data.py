@@ -132,6 +132,7 @@ class TrainingSample:
     adm: Optional[torch.Tensor] = None
     reference_adm: Optional[torch.Tensor] = None
     pooled: Optional[torch.Tensor] = None
+    guidance: Optional[float] = None  # models with a guidance embedding (Flux-dev): what both passes get
 
 
 class ShardSet:
@@ -195,8 +196,9 @@ class ShardSet:
         states, context = f.get_slice("states")[row].float(), f.get_slice("context")[row].float()
         extra = {key: f.get_slice(key)[row].float() for key in ("adm", "pooled") if key in f.keys()}
         adm = extra.get("adm")
+        guidance = float(f.get_slice("guidance")[row:row + 1]) if "guidance" in f.keys() else None
         return TrainingSample(states[0], context, self.sigmas, states, context, self.captions[i], adm=adm,
-                              reference_adm=adm, pooled=extra.get("pooled"))
+                              reference_adm=adm, pooled=extra.get("pooled"), guidance=guidance)
 
 
 class Subset:

@@ -25,7 +25,7 @@ from . import distributed, step
 from .checkpoint import find_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, require
 from .data import SampleOrder, ShardSet, StreamOrder, Subset, TrainingSample, is_map_style
-from .model import GenerationPass, build_adapter, count_parameters, freeze, load_fully, resolve_precision
+from .model import build_adapter, count_parameters, freeze, generation_pass, is_joint, load_fully, resolve_precision
 from .validate import Validator
 
 log = logging.getLogger("InvAdapter.train")
@@ -80,7 +80,7 @@ class Trainer:
                                 cfg.model.train_self, cfg.model.train_cross)
         self.parameters = count_parameters(adapter)
         self.adapter = adapter.to(self.device)
-        self.generation = GenerationPass(self.adapter, model)
+        self.generation = generation_pass(self.adapter, model)
         self.net = distributed.wrap(self.generation, self.device, self.info)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -90,6 +90,10 @@ class Trainer:
         self.board = None
         if self.info.is_main:
             shown = self.holdout if self.holdout else self.data
+            if vae is not None and is_joint(layout_of(model)):
+                log.info("validation images are not drawn for %s models yet: the held-out loss only",
+                         model_family(model))
+                vae = None
             self.validator = Validator(cfg.validation, model, vae, shown, cfg.data.resolution, self.empty_context,
                                        self.out / "samples", self._prompt_contexts(clip))
             self.board = tensorboard_writer(self.out / "tensorboard") if t.tensorboard else None

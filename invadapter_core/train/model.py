@@ -2,10 +2,13 @@
 
 Nothing here re-implements EAA math: the generation pass is a direct ``apply_model`` call with ``injection``'s
 patches, fed K/V projected by the adapter's own parameters (so gradients reach them), and the reference pass is
-``reference_pass``, as in the encode node.
+``reference_pass``, as in the encode node. On an MM-DiT (Flux, Chroma, Qwen-Image: ``JointGenerationPass``) the
+patches are ``adapter.joint``'s and the trained layers map the reference's kept joint-attention K and V
+(``adapter.joint.project_joint``), starting from identity maps (the training-free EAA).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -14,6 +17,9 @@ import torch
 from torch import nn
 
 from ..adapter.eaa import CrossEAA, InvAdapter, SelfEAA
+from ..adapter.joint import (JOINT, POSITIONS, JointCall, JointStep, joint_add, joint_override, joint_stash,
+                             project_joint, rope_rows)
+from ..arch.flux import FluxLayout, split_kv
 from ..adapter.fit import check_adapter_fits
 from ..adapter.injection import PER_SAMPLE, EAAInjection, Step, transformer_options
 from ..reference.capture import Features, reference_pass
@@ -100,6 +106,8 @@ def build_adapter(model, resolution: int, tokens_m: int, init: str = "base", tra
     if not (train_self or train_cross):
         raise ValueError("model.train_self and model.train_cross are both off: nothing to train")
     layout = layout_of(model)
+    if is_joint(layout):
+        return build_joint_adapter(model, layout, init, train_self, train_cross)
     dims = layout.dims
     tokens_n = layout.tokens(resolution)
     self_eaa = {name: SelfEAA(c, inner) for name, (c, inner) in dims.items()} if train_self else {}
@@ -111,6 +119,53 @@ def build_adapter(model, resolution: int, tokens_m: int, init: str = "base", tra
         init_from_base(adapter, layout)
     elif init != "random":
         init_from_file(adapter, init, model)
+    return adapter.float()
+
+
+def is_joint(layout: Layout) -> bool:
+    """An MM-DiT whose EAA lives in the joint attention (Flux's layout and those built on it)."""
+    return isinstance(layout, FluxLayout)
+
+
+def check_trainable(model) -> None:
+    """The nodes' served families, and the MM-DiTs the core can invert and train on though the nodes do not offer
+    them yet; anything else refused in one line (``arch.fit.check_served``)."""
+    from ..arch.fit import check_served
+    from ..arch.layout import ModelFamilyError
+
+    try:
+        if is_joint(layout_of(model)):
+            return
+    except ModelFamilyError:
+        pass
+    check_served(model)
+
+
+def build_joint_adapter(model, layout: Layout, init: str, train_self: bool, train_cross: bool) -> InvAdapter:
+    """A float32 joint EAA for an MM-DiT: per block ``to_k``, ``to_v`` [hidden, hidden] applied to the reference's
+    K (after QK-norm, before RoPE) and V (``adapter.joint.project_joint``). 'base' starts from identity maps (what
+    the training-free EAA runs), 'random' from fresh layers, a path from a joint weights file of this family."""
+    if train_cross:
+        raise ValueError(f"model.train_cross: a {model_family(model)} network has no cross-attention for a cross "
+                         f"EAA (its text and image tokens attend jointly); set model.train_cross = false")
+    if not train_self:
+        raise ValueError("model.train_self is off: on an MM-DiT the joint EAA's K/V maps are all there is to train")
+    hidden = {name: inner for name, (_, inner) in layout.dims.items()}
+    adapter = InvAdapter(model_family(model), None, None, {n: SelfEAA(h, h) for n, h in hidden.items()}, {},
+                         name="training", architecture=type(layout).__name__[:-len("Layout")])
+    if init != "random":
+        for layer in adapter.self_layers().values():
+            with torch.no_grad():
+                layer.to_k.weight.copy_(torch.eye(layer.to_k.weight.shape[0]))
+                layer.to_v.weight.copy_(torch.eye(layer.to_v.weight.shape[0]))
+    if init not in ("base", "random"):
+        if not os.path.isfile(init):
+            raise FileNotFoundError(f"model.init: {init!r} is neither 'base', 'random' nor a weights file")
+        loaded = load_adapter(init)
+        check_adapter_fits(loaded, model)
+        mine = adapter.self_layers()
+        for name, layer in loaded.self_layers().items():
+            mine[name].load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
     return adapter.float()
 
 
@@ -185,3 +240,85 @@ class GenerationPass(nn.Module):
         options = transformer_options([Step(self.injection, kv, float(sigmas.reshape(-1)[0]))])
         return self.base.apply_model(x, sigmas, c_crossattn=context, transformer_options=options,
                                      **({} if adm is None else {"y": adm}))
+
+
+@contextlib.contextmanager
+def differentiable_ops():
+    """ComfyUI's training switch for the forward pass: its fused kernels without a backward (Flux's RoPE from
+    comfy_kitchen) give way to plain torch ops, as its own training node does."""
+    import comfy.model_management as mm
+
+    before, mm.in_training = mm.in_training, True
+    try:
+        # Flux's blocks add their residuals in place (``x += ...``) into tensors their norms saved for the backward
+        # pass: each saved tensor is kept as a copy (what torch's save_on_cpu does, on the same device), so the
+        # backward sees the values the forward used
+        with torch.autograd.graph.saved_tensors_hooks(_copy_saved, _same):
+            yield
+    finally:
+        mm.in_training = before
+
+
+def _copy_saved(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if not isinstance(t, nn.Parameter) else t
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class JointGenerationPass(nn.Module):
+    """An MM-DiT with the joint EAA applied (``adapter.joint``'s patches, or its attention override on Qwen-Image),
+    as a module whose only parameters are the adapter's. Reference i serves sample i: its kept K/V mapped by the
+    adapter's layers, K RoPE'd at ``positions``, the term added to the ``rows`` (as ``JointApplication`` does at
+    strength 1)."""
+
+    uses_cross = False
+
+    def __init__(self, adapter: InvAdapter, model, rows: str = "image", positions: str = "own"):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "base", model.model)  # not a submodule: frozen, and DDP must not see it
+        self.layout = layout_of(model)
+        self.rows, self.positions = rows, positions
+
+    def reference_features(self, x_ref: torch.Tensor, sigmas: torch.Tensor, conds: dict) -> Features:
+        """Frozen reference pass (no gradient): every block's image-token K/V, sample i at sigma i."""
+        _, features = reference_pass(self.base, x_ref, sigmas, conds, self.layout, cross=False)
+        return features
+
+    def forward(self, x: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, f_self: dict,
+                f_cross: Optional[dict] = None, adm: Optional[torch.Tensor] = None,
+                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """D(x, sigma) with the EAA fed by ``f_self`` (block -> [B, N, 2 x hidden], the reference pass's); the
+        reference has x's size (the sample is its own reference). ``adm``: Flux's pooled vector ``y``;
+        ``guidance``: [B], for models with a guidance embedding."""
+        layout = self.layout
+        grid = layout.token_grid(tuple(x.shape[-2:]))
+        frames = x.shape[2] if x.ndim == 5 else 1
+        pe = layout.positions(grid, POSITIONS[self.positions], x.device)
+        with differentiable_ops():
+            return self._forward(x, sigmas, context, f_self, adm, guidance, grid[0] * grid[1] * frames, pe)
+
+    def _forward(self, x, sigmas, context, f_self, adm, guidance, image_tokens, pe):
+        layout = self.layout
+        kv = {}
+        for name, f in f_self.items():
+            k, v = split_kv(project_joint(self.adapter.self_layer(name), f), layout.heads)
+            kv[name] = (rope_rows(k, pe), v)
+        options = {JOINT: JointCall(layout, image_tokens, [JointStep(kv, self.rows)])}
+        if layout.ADDS_TERM == "output patch":
+            options["patches"] = {"attn1_patch": [joint_stash], "attn1_output_patch": [joint_add]}
+        else:
+            options["optimized_attention_override"] = joint_override()
+        conds = {"c_crossattn": context}
+        if adm is not None:
+            conds["y"] = adm
+        if guidance is not None:
+            conds["guidance"] = guidance
+        return self.base.apply_model(x, sigmas, transformer_options=options, **conds)
+
+
+def generation_pass(adapter: InvAdapter, model) -> nn.Module:
+    """The generation pass of ``model``'s architecture."""
+    return JointGenerationPass(adapter, model) if is_joint(layout_of(model)) else GenerationPass(adapter, model)

@@ -2,9 +2,12 @@
 
 Per image: load, face crop (or centre crop), resize to the reference resolution, VAE-encode, CLIP-encode the
 caption, DDIM-invert with the caption at guidance 1 (``encode.invert_latent``, the encode node's own code) and keep
-the trajectory. Bad items (unreadable image, missing caption, no face) are reported to ``report-r<rank>.jsonl``
-and skipped. Under torchrun every process takes every WORLD_SIZE-th image; no process group is needed. Shards
-already on disk are kept, so an interrupted preprocess resumes where it stopped.
+the trajectory. On a flow model (Flux, Chroma, Qwen-Image) the same inversion runs on the model's own flow schedule
+with the conditioning its sampler would build (``encode.reference_conds``: Flux's pooled vector and its guidance
+embedding at the model's default, 3.5 for Flux-dev), and each sample's guidance is kept in the shard. Bad items
+(unreadable image, missing caption, no face) are reported to ``report-r<rank>.jsonl`` and skipped. Under torchrun
+every process takes every WORLD_SIZE-th image; no process group is needed. Shards already on disk are kept, so an
+interrupted preprocess resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ import torch
 from safetensors.torch import save_file
 
 from ..reference.encode import invert_latent, reference_conds
-from ..arch.fit import check_served
 from ..arch.layout import layout_of, model_family
 from .config import Config, require
 from .data import (EMPTY_CONTEXT_FILE, Item, SkipItem, clean_caption, list_items, load_image, shard_name,
                    write_shard)
 from .distributed import DistInfo
+from .model import check_trainable, is_joint
 
 log = logging.getLogger("InvAdapter.train")
 CONTEXT_TOKENS = 77  # one CLIP window; longer captions are cut (their tail would need a second window)
@@ -84,12 +87,26 @@ def prompt_tensors(model, context: torch.Tensor, pooled: Optional[torch.Tensor],
     [B, A] (built by the model's own extra_conds, with the image's own size: ``encode.reference_conds``) and
     "pooled" [B, P]."""
     tensors = {"context": context}
+    if is_joint(layout_of(model)):  # an MM-DiT: its pooled vector (Flux's y), as its own extra_conds builds it
+        conds = joint_conds(model, context, pooled, resolution)
+        if "y" in conds:
+            tensors.update(adm=conds["y"].expand(context.shape[0], -1).clone(), pooled=pooled)  # y is pooled itself
+        return tensors
     if has_adm(model):
         side = layout_of(model).latent_side(resolution)
         x0 = torch.zeros(context.shape[0], layout_of(model).latent_channels, side, side)
         conds = reference_conds(model, context, {"pooled_output": pooled}, x0, (resolution, resolution))
         tensors.update(adm=conds["y"], pooled=pooled)
     return tensors
+
+
+def joint_conds(model, context: torch.Tensor, pooled: Optional[torch.Tensor], resolution: int) -> dict:
+    """An MM-DiT's apply_model conditioning for a batch of prompts (``encode.reference_conds``): the context, the
+    pooled vector where it takes one, and the guidance embedding's input at the model's own default."""
+    side = layout_of(model).latent_side(resolution)
+    x0 = torch.zeros(context.shape[0], layout_of(model).latent_channels, side, side)
+    return reference_conds(model, context, {} if pooled is None else {"pooled_output": pooled}, x0,
+                           (resolution, resolution))
 
 
 def layout(cfg: Config, model) -> dict:
@@ -125,12 +142,15 @@ def process_batch(model, clip, vae, cfg: Config, pixels: list[torch.Tensor], cap
     """(states [B, n+1, C, h, w], prompt tensors {"context" [B, 77, D], SDXL: "adm", "pooled"}, sigmas [n+1],
     truncated captions)."""
     encoded = [encode_caption(clip, c) for c in captions]
-    pooled = torch.stack([e[1] for e in encoded]) if has_adm(model) else None
+    joint = is_joint(layout_of(model))
+    pooled = torch.stack([e[1] for e in encoded]) if has_adm(model) or (joint and encoded[0][1] is not None) else None
     tensors = prompt_tensors(model, torch.stack([e[0] for e in encoded]), pooled, cfg.data.resolution)
     with torch.no_grad():
         latent = vae.encode(torch.stack(pixels))
         # one inversion for the batch: every sample with its own caption (reference_pass takes per-sample conds)
         conds = {"c_crossattn": tensors["context"], **({"y": tensors["adm"]} if "adm" in tensors else {})}
+        if joint and "guidance" in (found := joint_conds(model, tensors["context"], pooled, cfg.data.resolution)):
+            conds["guidance"] = tensors["guidance"] = found["guidance"].expand(len(pixels)).contiguous()
         ref = invert_latent(model, latent, conds, cfg.data.inversion_steps, cfg.data.inversion_scheduler,
                             (cfg.data.resolution, cfg.data.resolution), keep_features=False)
     return ref.states.movedim(1, 0), tensors, ref.sigmas.float(), sum(e[2] for e in encoded)
@@ -141,7 +161,7 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     """Writes this process's shards; returns a summary (images kept/skipped, reasons, seconds)."""
     from tqdm import tqdm
 
-    check_served(model)
+    check_trainable(model)
     out = Path(require(cfg.data.cache_dir, "data.cache_dir"))
     out.mkdir(parents=True, exist_ok=True)
     _refuse_other_world_sizes(out, info.world_size)
