@@ -21,8 +21,8 @@ import torch
 
 import comfy.patcher_extension as ext
 
-from ..arch.fit import check_served
-from ..arch.layout import layout_of, weights_key
+from ..arch.fit import check_served, is_joint
+from ..arch.layout import layout_of, model_family, weights_key
 from ..comfyui.memory import TensorPack, fits_on_device, register
 from ..comfyui.notify import notify
 from ..reference.capture import Features, reference_pass
@@ -31,6 +31,7 @@ from .block_weights import BlockWeights
 from .eaa import InvAdapter
 from .fit import check_adapter_fits, check_levels_fit, check_magnitudes, check_reference_fits
 from .injection import ADD, CALL, SLOTS, STASH, KV, Call, EAAInjection, Step, ordered_patches
+from .joint import apply_joint
 
 log = logging.getLogger("InvAdapter")
 HOOK_SLOT = "invadapter_cache"  # a patch list ComfyUI never calls: it only asks its objects for models() and .to()
@@ -298,15 +299,18 @@ def same_features(a: Features, b: Features, tolerance: float = PROBE_TOLERANCE_D
 def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self: float, weight_cross: float,
                    start_percent: float, end_percent: float, combine: str = "concat",
                    apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
-                   block_weights: Optional[BlockWeights] = None):
+                   block_weights: Optional[BlockWeights] = None, rows: str = "image", positions: str = "own"):
     """InvAdapterApply: every fit checked before anything runs, then a clone of ``model`` with the EAA installed
-    (the same clone without it when both strengths are 0)."""
+    (the same clone without it when both strengths are 0). An MM-DiT (Flux, Chroma) gets the EAA inside its joint
+    attention (``joint``): ``weight_cross`` has nothing to act on there (no cross-attention), ``rows`` and
+    ``positions`` act there only."""
     check_served(model)
     check_reference_fits(model, reference)
     check_adapter_fits(adapter, model, reference)
     check_levels_fit(model, reference)
     check_magnitudes(model, adapter, reference)
-    if weight_self == 0 and weight_cross == 0:
+    joint = is_joint(model)
+    if weight_self == 0 and (joint or weight_cross == 0):
         return model.clone()
     if start_percent > end_percent:
         raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): the adapter would "
@@ -315,6 +319,13 @@ def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self
         notify(f"start_percent equals end_percent ({start_percent}): the adapter acts on at most the one step at "
                f"that point; widen the range to see it")
     ms = model.get_model_object("model_sampling")
+    if block_weights is not None and block_weights.misses(set(layout_of(model).levels.values())):
+        notify(f"the block weights set levels this {model_family(model)} model does not have (its levels: "
+               f"{', '.join(sorted(set(layout_of(model).levels.values())))}), so every block acts at full strength: "
+               f"use a preset or sliders for its levels")
+    if joint:
+        return apply_joint(model, adapter, reference, weight_self, ms.percent_to_sigma(start_percent),
+                           ms.percent_to_sigma(end_percent), block_weights, rows, positions, mask, apply_to, combine)
     app = Application(adapter, reference, model, weight_self, weight_cross,
                       sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
                       combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)

@@ -8,7 +8,9 @@ Two list patches, the same objects for every application on every model:
 - ``attn1_output_patch`` (``joint_add``): adds ``λ·E`` to the joint output before the block's output projection,
   ``E = softmax(RoPE(q) RoPE(K_ref)ᵀ / √d) V_ref`` per head: ``proj(A + λE)``, eq. 3 exactly (in a single block the
   projection is the attention half of ``linear2``).
-By default only the generation's image-token rows get the term (DynaIP's decoupling: the noisy-image branch, not the
+A mask confines the term to a region of the generation's image tokens (two identities: two masks), "cond only"
+leaves the uncond rows untouched, several photos' tokens are concatenated or averaged (``injection``'s options, read
+the same way). By default only the generation's image-token rows get the term (DynaIP's decoupling: the noisy-image branch, not the
 text rows); ``rows="image and text"`` adds it to both. Tokens after the generation's image (Kontext's context
 image) never get it. The reference's K/V are the block's own projections of the reference's image tokens (the
 training-free adapter), RoPE'd once per step at ``positions`` "own" (the generation's frame) or "shifted" (index 1
@@ -31,6 +33,7 @@ from ..arch.flux import FluxLayout, split_kv
 from ..arch.layout import layout_of
 from ..reference.capture import reference_pass
 from ..reference.reference import Reference, same_sigma
+from .injection import APPLY_TO, COMBINE_MODES, token_scale
 
 JOINT = "invadapter_joint"  # transformer_options key of the per-call state
 STASHED = "invadapter_joint_q"  # extra_options key between a block's two patches
@@ -64,6 +67,8 @@ class JointStep:
     the block weight), each [1, heads, N, d]."""
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rows: str = "image"
+    image_scale: Optional[torch.Tensor] = None  # [B, image tokens | 1, 1]: mask and cond-only rows (None: whole)
+    text_scale: Optional[torch.Tensor] = None  # [B, 1, 1] on the text rows: cond-only; 0 with a mask
 
 
 @dataclass
@@ -88,6 +93,10 @@ class JointCall:
                 rows = q[:, :, first:end]
                 rotated[first] = rows if pe is None else rope_rows(rows, pe[:, :, first:end])
             e = joint_attention(rotated[first], kv[0], kv[1])
+            if step.image_scale is not None:  # a mask, cond only
+                text = start - first
+                e = torch.cat((e[:, :text] * step.text_scale.to(e.dtype), e[:, text:] * step.image_scale.to(e.dtype)),
+                              dim=1)
             attn = torch.cat((attn[:, :first], attn[:, first:end] + e.to(attn.dtype), attn[:, end:]), dim=1)
         return attn
 
@@ -109,11 +118,17 @@ def joint_add(attn, extra_options):
 
 class JointApplication:
     """One identity on one MM-DiT model: a reference (its inversion and kept K/V, ``reference.encode.invert_latent``),
-    a strength, a sigma window, block weights per level (``arch.levels.DIT_LEVELS``), rows and positions."""
+    a strength, a sigma window, block weights per level (``arch.levels.DIT_LEVELS``), rows and positions, a mask
+    over the generation's image, cond-only, and how several photos combine."""
 
     def __init__(self, model, reference: Reference, weight: float, sigma_start: float = math.inf,
                  sigma_end: float = 0.0, block_weights: Optional[dict[str, float]] = None, rows: str = "image",
-                 positions: str = "own"):
+                 positions: str = "own", mask: Optional[torch.Tensor] = None, apply_to: str = APPLY_TO[0],
+                 combine: str = COMBINE_MODES[0]):
+        if apply_to not in APPLY_TO:
+            raise ValueError(f"unknown apply_to {apply_to!r}; expected one of {APPLY_TO}")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown combine mode {combine!r}; expected one of {COMBINE_MODES}")
         if rows not in ROWS:
             raise ValueError(f"unknown rows {rows!r}; expected one of {ROWS}")
         if positions not in POSITIONS:
@@ -124,6 +139,8 @@ class JointApplication:
                              f"network is a {type(layout).__name__[:-6]}")
         self.layout, self.reference, self.rows, self.positions = layout, reference, rows, positions
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.mask, self.apply_to, self.combine = mask, apply_to, combine
+        self._scales: dict = {}  # batch layout -> (image scale, text scale)
         weights = block_weights or {}
         self.scales = {name: float(weight) * weights.get(level, 1.0) for name, level in layout.levels.items()}
         self.key = f"invadapter-joint:{next(_ids)}"
@@ -150,7 +167,7 @@ class JointApplication:
                 continue
             k, v = split_kv(f.to(device=device, dtype=dtype), layout.heads)  # [R, heads, N, d], R photos
             k = rope_rows(k, pe)  # every photo in the same frame; several photos: their tokens concatenated
-            kv[name] = tuple(t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3]) for t in (k, v * scale))
+            kv[name] = tuple(combine_photos(t, self.combine) for t in (k, v * scale))
         self._kv[float(sigma)] = kv
         return kv
 
@@ -165,8 +182,35 @@ class JointApplication:
         if call is None:
             h, w = self.layout.token_grid(tuple(x.shape[-2:]))
             call = JointCall(self.layout, h * w)
-        options[JOINT] = JointCall(call.layout, call.image_tokens, call.steps + [JointStep(kv, self.rows)])
+        image_scale, text_scale = self.scales_for(transformer_options.get("cond_or_uncond") or [0], x)
+        step = JointStep(kv, self.rows, image_scale, text_scale)
+        options[JOINT] = JointCall(call.layout, call.image_tokens, call.steps + [step])
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+    def scales_for(self, chunks, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The term's scale on the image-token rows (mask x cond-only) and on the text rows (cond-only), built once
+        per batch layout (they depend on nothing else)."""
+        if self.mask is None and self.apply_to == APPLY_TO[0]:
+            return None, None
+        h, w = self.layout.token_grid(tuple(x.shape[-2:]))
+        key = (tuple(chunks), x.shape[0], h, w, x.device, x.dtype)
+        if key not in self._scales:
+            image = token_scale(self.mask, self.apply_to, chunks, x.shape[0], h, w, x.device, x.dtype)
+            text = token_scale(None, self.apply_to, chunks, x.shape[0], h, w, x.device, x.dtype)
+            if self.mask is not None:  # text tokens are in no region: a masked identity leaves them alone
+                text = torch.zeros(x.shape[0], 1, 1, device=x.device, dtype=x.dtype)
+            self._scales[key] = (image, text) if image is not None else (None, None)
+        return self._scales[key]
+
+
+def combine_photos(t: torch.Tensor, mode: str) -> torch.Tensor:
+    """K or V of R photos of one identity [R, heads, N, d] as one reference [1, heads, N', d]: their tokens
+    concatenated (N' = R x N) or averaged (every photo sits at the same positions, so averaging after RoPE equals
+    RoPE of the average)."""
+    if mode == "average":
+        return t.mean(dim=0, keepdim=True)
+    return t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3])
 
 
 def install_joint(model, app: JointApplication):
@@ -180,3 +224,17 @@ def install_joint(model, app: JointApplication):
         m.set_model_attn1_output_patch(joint_add)
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, app.key, app.apply_model_wrapper)
     return m
+
+
+def apply_joint(model, adapter, reference: Reference, weight: float, sigma_start: float, sigma_end: float,
+                block_weights=None, rows: str = "image", positions: str = "own", mask: Optional[torch.Tensor] = None,
+                apply_to: str = APPLY_TO[0], combine: str = COMBINE_MODES[0]):
+    """InvAdapterApply on an MM-DiT, its fits already checked (``application.apply_identity``): the training-free
+    adapter (the block's own K/V projections) installed on a clone."""
+    if not adapter.self_from_base or adapter.has_cross:
+        raise ValueError(f"Inv-Adapter '{adapter.name}' has trained EAA layers; on an MM-DiT "
+                         f"({FluxLayout.FAMILIES}) only 'init from model' runs: choose it in Inv-Adapter Loader")
+    levels = block_weights.self_attn if block_weights is not None else None
+    app = JointApplication(model, reference, weight, sigma_start, sigma_end, levels, rows, positions, mask, apply_to,
+                           combine)
+    return install_joint(model, app)
