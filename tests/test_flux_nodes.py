@@ -96,7 +96,8 @@ def block_delta(applied, plain, family, name="double.0", batch=1, chunks=None):
     layout = layout_of(plain)
     ctx, opts = flux_text(0)
     x = torch.randn(batch, 16, RES // 8, RES // 8, generator=torch.Generator().manual_seed(3))
-    conds = {"c_crossattn": ctx.expand(batch, -1, -1), "guidance": torch.full((batch,), 3.5 if family == "flux" else 0.0)}
+    conds = {"c_crossattn": ctx.expand(batch, -1, -1),
+             "guidance": torch.full((batch,), 3.5 if family == "flux" else 0.0)}
     if layout.adm_channels:
         conds["y"] = opts["pooled_output"].expand(batch, -1)
     sigma = 0.6
@@ -307,3 +308,15 @@ def test_a_unet_capture_setting_is_refused_at_encode(model, family, vae, node):
     with pytest.raises(ValueError, match="does not have .its levels: double_early"):
         node("InvAdapterEncodeReference", model, vae, photo(1), caption(family), STEPS, "simple", RES, True,
              capture="coarse levels")
+
+
+def test_a_reference_of_other_weights_is_named(model, family, reference, adapter, node):
+    """A LoRA added between Encode and Apply: the joint path uses the kept K/V as they are, and says so."""
+    lora = model.clone()
+    layout = layout_of(model)
+    weight = layout.blocks["double.0"].img_attn.qkv.weight
+    assert lora.add_patches({"diffusion_model.double_blocks.0.img_attn.qkv.weight": (torch.zeros_like(weight),)})
+    out = node("InvAdapterApply", lora, adapter, reference, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")
+    assert "other weights" in " ".join(out.ui["text"])
+    same = node("InvAdapterApply", model, adapter, reference, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")
+    assert same.ui is None

@@ -1,6 +1,6 @@
-"""Flux through a real server: the shipped Flux graph (UNETLoader, DualCLIPLoader, VAELoader, FluxGuidance) on a tiny
-random Flux UNET, a random 16-channel VAE and the CLIP-L test file (support.flux_files says why CLIP-L stands in for
-T5-XXL), with a LoRA on the UNET, two identities with masks, and a saved reference loaded again (and refused on an
+"""Flux through a real server: the shipped Flux graphs (UNETLoader, DualCLIPLoader, VAELoader, FluxGuidance; one with
+a Flux ControlNet, a tiny random one in the XLabs format standing in) on a tiny random Flux UNET, a random 16-channel
+VAE and the CLIP-L test file (support.flux_files says why CLIP-L stands in for T5-XXL), with a LoRA on the UNET, two identities with masks, and a saved reference loaded again (and refused on an
 SD1.5 checkpoint)."""
 import io
 
@@ -43,8 +43,9 @@ def test_the_stand_ins_are_what_the_flux_graph_loads():
     assert prompt[node_of(prompt, "UNETLoader")]["inputs"]["unet_name"] == "invadapter-test-flux-tiny.safetensors"
 
 
-def test_shipped_flux_graph_runs(client):
-    prompt = shipped("flux_basic")
+@pytest.mark.parametrize("name", ["flux_basic", "flux_controlnet"])
+def test_shipped_flux_graph_runs(client, name):
+    prompt = shipped(name)
     with_identity = images(client, prompt)[-1]
     assert with_identity.shape == (128, 128, 3) and with_identity.std() > 0
     set_inputs(prompt, "InvAdapterApply", {"weight_self": 0.0})

@@ -1,6 +1,6 @@
 """The EAA inside an MM-DiT's joint attention (Flux, Chroma; ``arch.flux``): eq. 2-3 of docs/method.md §4 with the
 block's own q, its QK-norm and its RoPE, through ComfyUI's list patches only (no replaced ``forward_orig``, no
-class swap), in-process core (the nodes do not offer it yet).
+class swap); InvAdapterApply routes Flux and Chroma here (``apply_joint``).
 
 Two list patches, the same objects for every application on every model:
 - ``attn1_patch`` (``joint_stash``): keeps the block's q (after QK-norm, before RoPE) and pe in the block's
@@ -8,13 +8,13 @@ Two list patches, the same objects for every application on every model:
 - ``attn1_output_patch`` (``joint_add``): adds ``λ·E`` to the joint output before the block's output projection,
   ``E = softmax(RoPE(q) RoPE(K_ref)ᵀ / √d) V_ref`` per head: ``proj(A + λE)``, eq. 3 exactly (in a single block the
   projection is the attention half of ``linear2``).
-A mask confines the term to a region of the generation's image tokens (two identities: two masks), "cond only"
-leaves the uncond rows untouched, several photos' tokens are concatenated or averaged (``injection``'s options, read
-the same way). By default only the generation's image-token rows get the term (DynaIP's decoupling: the noisy-image branch, not the
-text rows); ``rows="image and text"`` adds it to both. Tokens after the generation's image (Kontext's context
-image) never get it. The reference's K/V are the block's own projections of the reference's image tokens (the
-training-free adapter), RoPE'd once per step at ``positions`` "own" (the generation's frame) or "shifted" (index 1
-on the frame axis, where Kontext puts its context image). The term depends on q only, so another patch that changes
+By default only the generation's image-token rows get the term (DynaIP's decoupling: the noisy-image branch, not the
+text rows); ``rows="image and text"`` adds it to both. A mask confines the term to a region of the generation's image
+tokens (two identities: two masks; the text rows then get none), "cond only" leaves the uncond rows untouched,
+several photos' K/V are concatenated or averaged (InvAdapterApply's options, as ``injection`` reads them). Tokens
+after the generation's image (Kontext's context image) never get it. The reference's K/V are the block's own
+projections of the reference's image tokens (the training-free adapter), RoPE'd once per step at ``positions`` "own"
+(the generation's frame) or "shifted" (index 1 on the frame axis, where Kontext puts its context image). The term depends on q only, so another patch that changes
 the joint K/V (FluxKVCache) composes with it in either order.
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ import comfy.patcher_extension as ext
 from comfy.ldm.flux.math import apply_rope1
 
 from ..arch.flux import FluxLayout, split_kv
-from ..arch.layout import layout_of
+from ..arch.layout import layout_of, weights_key
+from ..comfyui.notify import notify
 from ..reference.capture import reference_pass
 from ..reference.reference import Reference, same_sigma
 from .injection import APPLY_TO, COMBINE_MODES, token_scale
@@ -187,7 +188,6 @@ class JointApplication:
         options[JOINT] = JointCall(call.layout, call.image_tokens, call.steps + [step])
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
-
     def scales_for(self, chunks, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The term's scale on the image-token rows (mask x cond-only) and on the text rows (cond-only), built once
         per batch layout (they depend on nothing else)."""
@@ -234,6 +234,11 @@ def apply_joint(model, adapter, reference: Reference, weight: float, sigma_start
     if not adapter.self_from_base or adapter.has_cross:
         raise ValueError(f"Inv-Adapter '{adapter.name}' has trained EAA layers; on an MM-DiT "
                          f"({FluxLayout.FAMILIES}) only 'init from model' runs: choose it in Inv-Adapter Loader")
+    if reference.weights is not None and reference.weights != weights_key(model):
+        # the UNet path recomputes features for other weights; the joint path uses the kept K/V as they are
+        notify("the reference was encoded with other weights than this model (another checkpoint, or a LoRA added "
+               "after Encode Reference); on Flux and Chroma its kept K/V are used as they are: encode the face with "
+               "the model you sample with")
     levels = block_weights.self_attn if block_weights is not None else None
     app = JointApplication(model, reference, weight, sigma_start, sigma_end, levels, rows, positions, mask, apply_to,
                            combine)

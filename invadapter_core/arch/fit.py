@@ -35,8 +35,8 @@ def not_served_because(model) -> Optional[str]:
     served_types = {comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION,
                     comfy.model_base.ModelType.V_PREDICTION_EDM, comfy.model_base.ModelType.EDM,
                     comfy.model_base.ModelType.V_PREDICTION_CONTINUOUS}
-    # rectified flow (x = (1 - sigma) x0 + sigma noise): the inversion step is its exact Euler step (reference.inversion),
-    # served where the layout is an MM-DiT the joint EAA knows
+    # rectified flow (x = (1 - sigma) x0 + sigma noise): the inversion step is its exact Euler step
+    # (reference.inversion), served where the layout is an MM-DiT the joint EAA knows
     flow_types = {comfy.model_base.ModelType.FLUX, comfy.model_base.ModelType.FLOW}
     if model.model.model_type not in served_types and not (is_joint(model) and model.model.model_type in flow_types):
         return f"its {model.model.model_type.name} parameterisation is not x = x0 + sigma * noise"

@@ -18,6 +18,7 @@ SDXL_LORA = "invadapter-test-lora-sdxl-vega.safetensors"
 FLUX_UNET = "invadapter-test-flux-tiny.safetensors"
 FLUX_LORA = "invadapter-test-lora-flux-tiny.safetensors"
 FLUX_VAE = "invadapter-test-flux-vae.safetensors"
+FLUX_CONTROLNET = "invadapter-test-controlnet-flux-tiny.safetensors"
 CLIP_L = "invadapter-test-clip-l.safetensors"
 # The standard files the shipped graphs name -> the test file that stands in for each (what a user would pick).
 STAND_INS = {"v1-5-pruned-emaonly-fp16.safetensors": CHECKPOINT,
@@ -25,6 +26,7 @@ STAND_INS = {"v1-5-pruned-emaonly-fp16.safetensors": CHECKPOINT,
              "sd_xl_base_1.0.safetensors": SDXL_CHECKPOINT,
              "OpenPoseXL2.safetensors": SDXL_CONTROLNET,
              "flux1-dev.safetensors": FLUX_UNET, "ae.safetensors": FLUX_VAE,
+             "diffusion_pytorch_model.safetensors": FLUX_CONTROLNET,  # the Flux ControlNet Union Pro's file
              "t5xxl_fp16.safetensors": CLIP_L, "clip_l.safetensors": CLIP_L,  # see graphs.STAND_IN_WIDGETS
              "your_lora.safetensors": LORA,  # the LoRA template's placeholder for the user's own
              "invadapter.safetensors": ADAPTER}  # what the trainer writes (docs/training.md)

@@ -8,6 +8,7 @@ shapes from ComfyUI's own modules on the meta device, every tensor seeded by its
 - ``flux_vae_file()``: an ae.safetensors-style VAE (16 latent channels, no quant convs); ComfyUI reads the
   decoder's width from the file (32 here) but builds the encoder at the standard 128.
 - ``flux_lora_file()``: a kohya LoRA on every linear layer of the double and single blocks.
+- ``flux_controlnet_file()``: an XLabs-format Flux ControlNet for the tiny UNET (ControlNetLoader loads it).
 The text side: ComfyUI builds DualCLIPLoader's (and CLIPLoader's) Flux T5 from a fixed T5-XXL config (4.7B
 parameters, ``comfy/text_encoders/t5_config_xxl.json``) whatever the file holds, so no small T5 file can stand in
 for it. The smoke runs keep the shipped graphs' DualCLIPLoader and change only its widgets: the CLIP-L file
@@ -80,4 +81,25 @@ def server_models() -> dict[str, dict[str, Path]]:
         "text_encoders": {"invadapter-test-clip-l.safetensors": models.clip_l_file()},
         "vae": {"invadapter-test-flux-vae.safetensors": flux_vae_file()},
         "loras": {"invadapter-test-lora-flux-tiny.safetensors": flux_lora_file()},
+        "controlnet": {"invadapter-test-controlnet-flux-tiny.safetensors": flux_controlnet_file()},
     }
+
+
+def flux_controlnet_shapes() -> dict[str, torch.Size]:
+    """An XLabs-format Flux ControlNet (Flux's own key names, ``controlnet_blocks``, a pixel-space hint encoder) for
+    the tiny UNET, built the way ``comfy.controlnet.load_controlnet_flux_xlabs_mistoline`` builds it."""
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in FLUX_UNET_CONFIG.items() if k != "image_model"}
+    with torch.device("meta"):
+        control = comfy.ldm.flux.controlnet.ControlNetFlux(operations=comfy.ops.disable_weight_init, device="meta",
+                                                           **config)
+    # the QK-norm scales under the names released files use (ComfyUI's loader looks for them, then renames them)
+    return {k[:-len("weight")] + "scale" if k.endswith(("query_norm.weight", "key_norm.weight")) else k: v
+            for k, v in models._shapes(control, "").items()}
+
+
+def flux_controlnet_file() -> Path:
+    return models._cached(f"invadapter-test-controlnet-flux-tiny-t4096-{RECIPE}.safetensors",
+                          lambda tmp: models._save_random(tmp, flux_controlnet_shapes(), "tiny Flux ControlNet"))

@@ -29,6 +29,8 @@ TEMPLATES = [
     ("trained_adapter", "Trained adapter weights"),
     ("sdxl_basic", "SDXL face photo to image"),
     ("sdxl_controlnet", "SDXL face and pose with ControlNet"),
+    ("flux_basic", "Flux face photo to image"),
+    ("flux_controlnet", "Flux face and pose with ControlNet"),
 ]
 
 
