@@ -126,6 +126,8 @@ def test_encode_and_apply_through_the_nodes(model, family, reference, apply):
 def test_strength_zero_and_a_window_outside_sampling_are_bit_identical(model, family, reference, apply):
     plain = sample(model, family)
     assert torch.equal(sample(apply(model, reference, weight=0.0), family), plain)
+    # weight_cross (the node passes 1.0) has no cross-attention to act on in an MM-DiT: nothing is installed
+    assert not apply(model, reference, weight=0.0).wrappers
     # the last sampled sigma of 4 simple steps is far above the sigma at 99.9 %: no call is in the window
     assert torch.equal(sample(apply(model, reference, start=0.999, end=1.0), family), plain)
     assert not torch.equal(sample(apply(model, reference, start=0.0, end=0.3), family), plain)
