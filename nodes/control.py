@@ -2,7 +2,7 @@
 from comfy_api.latest import io
 
 from invadapter_core.adapter.block_weights import BlockWeights
-from invadapter_core.arch.levels import LEVELS, PRESETS
+from invadapter_core.arch.levels import DIT_LEVELS, DIT_PRESETS, LEVELS, PRESETS
 from invadapter_core.reference.reference import combine_references
 
 from .finite import finite_floats
@@ -45,6 +45,10 @@ class InvAdapterBlockWeights(io.ComfyNode):
                 level_inputs.append(io.Float.Input(f"{kind}_{level}", default=1.0, min=-2.0, max=5.0, step=0.05,
                                                    tooltip=f"{kind}-attention EAA strength at {level} "
                                                            f"(used when preset is 'custom')"))
+        dit_inputs = [io.Float.Input(f"dit_{level}", default=1.0, min=-2.0, max=5.0, step=0.05, optional=True,
+                                     tooltip=f"MM-DiT models only (Flux, Chroma): EAA strength in the "
+                                             f"{level.replace('_', ' stream, ')} blocks (used when preset is 'custom')")
+                      for level in DIT_LEVELS]
         return io.Schema(
             node_id="InvAdapterBlockWeights",
             display_name="Inv-Adapter Block Weights",
@@ -52,10 +56,13 @@ class InvAdapterBlockWeights(io.ComfyNode):
             search_aliases=["block weights", "coarse", "fine", "layer weights", "unet levels", "identity strength",
                             "inv-adapter"],
             description="Per-level strengths. 'coarse' keeps the low-resolution blocks (face shape, layout), "
-                        "'fine' the high-resolution blocks (texture, skin, eyes); 'custom' uses the sliders.",
-            inputs=[io.Combo.Input("preset", options=list(PRESETS) + ["custom"], default="all",
+                        "'fine' the high-resolution blocks (texture, skin, eyes); 'custom' uses the sliders. On "
+                        "Flux and Chroma the levels are the double- and single-stream blocks by depth (dit_ sliders).",
+            inputs=[io.Combo.Input("preset", options=list(dict.fromkeys([*PRESETS, *DIT_PRESETS])) + ["custom"],
+                                   default="all",
                                    tooltip="all: every level at 1. coarse: face shape and layout. fine: texture, "
-                                           "skin, eyes. custom: the sliders below.")] + level_inputs,
+                                           "skin, eyes. double only (Flux, Chroma): the double-stream blocks only. "
+                                           "custom: the sliders below.")] + level_inputs + dit_inputs,
             outputs=[BlockWeightsType.Output(display_name="block_weights",
                                              tooltip="Connect to Inv-Adapter Apply's block_weights."),
                      io.String.Output(display_name="summary", tooltip="The strengths per level, as text.")],
@@ -65,7 +72,8 @@ class InvAdapterBlockWeights(io.ComfyNode):
     @finite_floats
     def execute(cls, preset, **levels) -> io.NodeOutput:
         if preset == "custom":
-            weights = BlockWeights({lv: levels[f"self_{lv}"] for lv in LEVELS},
+            dit = {lv: levels.get(f"dit_{lv}", 1.0) for lv in DIT_LEVELS}
+            weights = BlockWeights({**{lv: levels[f"self_{lv}"] for lv in LEVELS}, **dit},
                                    {lv: levels[f"cross_{lv}"] for lv in LEVELS})
         else:
             weights = BlockWeights.preset(preset)

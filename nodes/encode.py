@@ -17,7 +17,9 @@ class InvAdapterEncodeReference(io.ComfyNode):
             search_aliases=["encode face", "identity", "face id", "faceid", "likeness", "ddim inversion", "invert",
                             "reference", "instantid", "pulid", "ipadapter", "face swap", "inv-adapter"],
             description="DDIM-inverts the face image(s) with the model and the caption (guidance 1) and keeps the "
-                        "diffusion features along the way. Several images = several photos of one identity.",
+                        "diffusion features along the way (Flux, Chroma: a flow inversion on the model's own "
+                        "schedule, with the caption's FluxGuidance, else 3.5). Several images = several photos of "
+                        "one identity.",
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's model: the same one you generate with."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the face photo."),
@@ -29,8 +31,9 @@ class InvAdapterEncodeReference(io.ComfyNode):
                                tooltip="Inversion schedule: the same as the sampler's, so its features are reused."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8,
                              tooltip="The face is centre-cropped square and resized to this. 0: the model family's "
-                                     "own (1024 for SDXL, 768 for SD2.x v-prediction, else 512); a trained adapter "
-                                     "requires its own reference resolution."),
+                                     "own (1024 for SDXL, 768 for SD2.x v-prediction, else 512; Flux and Chroma "
+                                     "512, a quarter of the memory of 1024); a trained adapter requires its own "
+                                     "reference resolution."),
                 io.Boolean.Input("keep_features", default=True,
                                  tooltip="Keep the features captured during inversion (memory for speed)."),
                 InvAdapterType.Input("invadapter", optional=True,

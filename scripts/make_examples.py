@@ -43,9 +43,16 @@ MODELS = {name: {"name": name, "directory": folder, "url": f"{HF}/{repo}/resolve
               ("control_v11p_sd15_openpose_fp16.safetensors", "controlnet",
                "comfyanonymous/ControlNet-v1-1_fp16_safetensors"),
               ("sd_xl_base_1.0.safetensors", "checkpoints", "stabilityai/stable-diffusion-xl-base-1.0"),
-              ("OpenPoseXL2.safetensors", "controlnet", "thibaud/controlnet-openpose-sdxl-1.0"))}
+              ("OpenPoseXL2.safetensors", "controlnet", "thibaud/controlnet-openpose-sdxl-1.0"),
+              ("flux1-dev.safetensors", "diffusion_models", "black-forest-labs/FLUX.1-dev"),
+              ("t5xxl_fp16.safetensors", "text_encoders", "comfyanonymous/flux_text_encoders"),
+              ("clip_l.safetensors", "text_encoders", "comfyanonymous/flux_text_encoders"),
+              ("ae.safetensors", "vae", "black-forest-labs/FLUX.1-schnell"),
+              ("diffusion_pytorch_model.safetensors", "controlnet", "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"))}
 SDXL_FILES = {"sd_xl_base_1.0.safetensors", "OpenPoseXL2.safetensors"}
-LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
+LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name", "UNETLoader": "unet_name",
+           "VAELoader": "vae_name", "DualCLIPLoader": "clip_name1"}
+MODEL_WIDGETS = {"DualCLIPLoader": 2}  # loaders with more than one file (the first N widgets name them)
 # workflows/api/<name>.json -> what its note adds to the common steps (support.graphs.TEMPLATES orders them)
 EXAMPLES = {
     "basic": "The face photo is cropped, inverted with your checkpoint into an identity reference, and that identity "
@@ -84,6 +91,13 @@ EXAMPLES = {
                   "Segmind Vega): the reference is encoded at the family's 1024 px, and its caption's pooled output "
                   "and size condition the reference passes.",
     "sdxl_controlnet": "SDXL with the pose from an OpenPose skeleton (an SDXL OpenPose ControlNet).",
+    "flux_basic": "The first graph for Flux.1 (dev, schnell, fine-tunes): the face is inverted with Flux's own flow "
+                  "schedule at 512 px and the identity acts inside Flux's joint attention on the image's tokens "
+                  "('rows' and 'reference_positions' on **Inv-Adapter Apply** act on Flux only). Flux-dev samples at "
+                  "cfg 1 with **FluxGuidance**; for schnell use 4 steps in both **Encode Reference** and "
+                  "**KSampler**.",
+    "flux_controlnet": "Flux with the pose from an OpenPose skeleton (the shipped `invadapter_example_pose.png`, or "
+                       "your own) through a Flux ControlNet; the identity acts inside Flux's attention beside it.",
 }
 # What each thumbnail shows: the nodes (by title prefix) that make the template what it is, close enough to read.
 FOCUS = {
@@ -101,6 +115,8 @@ FOCUS = {
     "trained_adapter": ("Inv-Adapter Loader", "Inv-Adapter Apply"),
     "sdxl_basic": ("Face Crop", "Face crop preview"),
     "sdxl_controlnet": ("Load ControlNet", "Control image"),
+    "flux_basic": ("Inv-Adapter Apply",),  # its MM-DiT options (rows, reference_positions)
+    "flux_controlnet": ("Load ControlNet", "Control image"),
 }
 NOTE_TYPE = "MarkdownNote"
 # Width and height a node gets at least (the frontend's own minimum, measured, wins when larger).
@@ -122,13 +138,33 @@ def loader_file(api: dict, class_type: str) -> str | None:
     return next((n["inputs"][LOADERS[class_type]] for n in api.values() if n["class_type"] == class_type), None)
 
 
+def link(name: str) -> str:
+    model = MODELS[name]
+    return f"[{name}]({model['url']}) into `models/{model['directory']}`"
+
+
+def flux_steps(api: dict) -> list[str]:
+    """The loaders of a Flux graph: the diffusion model, its two text encoders and its VAE, with their downloads."""
+    clip = next(n["inputs"] for n in api.values() if n["class_type"] == "DualCLIPLoader")
+    return [f"**Load Diffusion Model**: pick your Flux.1 model (dev, schnell or a fine-tune; fp8 and GGUF work). None "
+            f"yet? Download {link(loader_file(api, 'UNETLoader'))} (accept its licence on Hugging Face first).",
+            f"**DualCLIPLoader** (type flux): {link(clip['clip_name1'])} and {link(clip['clip_name2'])}.",
+            f"**Load VAE**: {link(loader_file(api, 'VAELoader'))}."]
+
+
 def note_text(api: dict, extra: str) -> str:
     kinds = [n["class_type"] for n in api.values()]
-    checkpoint = MODELS[loader_file(api, "CheckpointLoaderSimple")]
-    family = "SDXL-family" if checkpoint["name"] in SDXL_FILES else "SD1.5"
-    steps = [f"**Load Checkpoint**: pick your {family} checkpoint (community models work). None yet? Download "
-             f"[{checkpoint['name']}]({checkpoint['url']}) into `models/{checkpoint['directory']}`."]
-    if "ControlNetLoader" in kinds:
+    if "UNETLoader" in kinds:
+        steps, family = flux_steps(api), "Flux"
+    else:
+        checkpoint = MODELS[loader_file(api, "CheckpointLoaderSimple")]
+        family = "SDXL-family" if checkpoint["name"] in SDXL_FILES else "SD1.5"
+        steps = [f"**Load Checkpoint**: pick your {family} checkpoint (community models work). None yet? Download "
+                 f"[{checkpoint['name']}]({checkpoint['url']}) into `models/{checkpoint['directory']}`."]
+    if "ControlNetLoader" in kinds and family == "Flux":
+        steps.append(f"**Load ControlNet**: a Flux.1-dev ControlNet that takes an OpenPose skeleton, e.g. "
+                     f"Shakker-Labs' union ControlNet {link(loader_file(api, 'ControlNetLoader'))}.")
+    elif "ControlNetLoader" in kinds:
         control = MODELS[loader_file(api, "ControlNetLoader")]
         steps.append(f"**Load ControlNet**: an {family.removesuffix('-family')} OpenPose ControlNet, e.g. "
                      f"[{control['name']}]({control['url']}) in `models/{control['directory']}`.")
@@ -157,8 +193,9 @@ def build(api: dict, object_info: dict, note: str, sizes: dict[int, tuple[float,
                         "properties": {}, "widgets_values": [note], "color": "#432", "bgcolor": "#653"})
     ui["last_node_id"] = note_id
     for node in ui["nodes"]:
-        if node["type"] in LOADERS and node["widgets_values"][0] in MODELS:
-            node["properties"]["models"] = [MODELS[node["widgets_values"][0]]]
+        named = node["widgets_values"][:MODEL_WIDGETS.get(node["type"], 1)] if node["type"] in LOADERS else []
+        if named and all(name in MODELS for name in named):
+            node["properties"]["models"] = [MODELS[name] for name in dict.fromkeys(named)]
     stages = {int(i): stage for i, stage in stage_of(api).items()}
     stages[note_id] = "model"
     sizes = sizes or {}

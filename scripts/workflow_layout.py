@@ -18,6 +18,9 @@ STAGES = {  # stage -> (group title, group colour); in flow order
     "reference": ("2. Identity reference", "#a1309b"),
     "generation": ("3. Generation", "#b58b2a"),
 }
+# the loaders of the model every later stage uses (a checkpoint, or a diffusion model with its text encoders and VAE)
+MODEL_NODES = {"CheckpointLoaderSimple", "LoraLoader", "UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader",
+               "LoraLoaderModelOnly"}
 REFERENCE_NODES = {"InvAdapterLoader", "InvAdapterEncodeReference", "InvAdapterCombineReferences",
                    "InvAdapterSaveReference", "InvAdapterLoadReference"}
 
@@ -37,7 +40,7 @@ def stage_of(api: dict) -> dict[str, str]:
         kind = node["class_type"]
         used_by = [(api[c]["class_type"], name) for c, name in consumers(api, i)]
         sources = [api[v[0]]["class_type"] for v in node["inputs"].values() if isinstance(v, list)]
-        if kind in ("CheckpointLoaderSimple", "LoraLoader"):  # the model every later stage uses
+        if kind in MODEL_NODES:  # the model every later stage uses
             stages[i] = "model"
         elif kind == "InvAdapterFaceCrop" or (kind == "LoadImage" and ("InvAdapterFaceCrop", "image") in used_by) \
                 or (kind == "PreviewImage" and sources == ["InvAdapterFaceCrop"]):

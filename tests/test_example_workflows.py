@@ -17,7 +17,7 @@ from support.graphs import (API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT
 from support.host import comfyui_path
 
 sys.path.append(str(ROOT / "scripts"))
-from make_examples import EXAMPLES, LOADERS, MODELS, NOTE_TYPE, build, note_text  # noqa: E402
+from make_examples import EXAMPLES, LOADERS, MODEL_WIDGETS, MODELS, NOTE_TYPE, build, note_text  # noqa: E402
 from workflow_layout import STAGES, layout_problems, stage_of  # noqa: E402
 from workflow_ui import ui_to_api  # noqa: E402
 
@@ -120,15 +120,17 @@ def test_graph_runs_once_a_checkpoint_is_picked(ui_file):
 
     ui = load(ui_file)
     notes = [n for n in ui["nodes"] if n["type"] == NOTE_TYPE]
-    assert len(notes) == 1 and "Load Checkpoint" in notes[0]["widgets_values"][0]
+    note = notes[0]["widgets_values"][0] if len(notes) == 1 else ""
+    assert "Load Checkpoint" in note or "Load Diffusion Model" in note
     for node in ui["nodes"]:
         if node["type"] in LOADERS:
-            (model,) = node["properties"]["models"]
-            assert model == MODELS[node["widgets_values"][0]]
-            assert node["widgets_values"][0] == model["name"]
-            assert model["url"].startswith(DOWNLOAD_PREFIXES), model["url"]
-            assert model["url"].split("?")[0].endswith(MODEL_SUFFIXES), model["url"]
-            assert model["url"].split("?")[0].endswith("/" + model["name"]), model["url"]
+            named = node["widgets_values"][:MODEL_WIDGETS.get(node["type"], 1)]
+            assert node["properties"]["models"] == [MODELS[name] for name in dict.fromkeys(named)]
+            for model in node["properties"]["models"]:
+                assert f"[{model['name']}]({model['url']})" in note or node["type"] == "ControlNetLoader"
+                assert model["url"].startswith(DOWNLOAD_PREFIXES), model["url"]
+                assert model["url"].split("?")[0].endswith(MODEL_SUFFIXES), model["url"]
+                assert model["url"].split("?")[0].endswith("/" + model["name"]), model["url"]
         if node["type"] == "LoadImage":
             assert node["widgets_values"][0] in example_inputs.EXAMPLE_INPUTS, node["widgets_values"]
         if node["type"] == "InvAdapterFaceCrop":
@@ -136,7 +138,7 @@ def test_graph_runs_once_a_checkpoint_is_picked(ui_file):
             targets = [next(n for n in ui["nodes"] if any(i.get("link") == link for i in n.get("inputs", [])))
                        for link in crops["links"]]
             assert "PreviewImage" in [t["type"] for t in targets], f"{node['title']}: its crops are not previewed"
-    assert "CheckpointLoaderSimple" in [n["type"] for n in ui["nodes"]]
+    assert {"CheckpointLoaderSimple", "UNETLoader"} & {n["type"] for n in ui["nodes"]}
 
 
 def test_shipped_images_are_in_assets():

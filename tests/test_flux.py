@@ -1,4 +1,4 @@
-"""Flux in the core (issue 20's foundation, not served by the nodes): the layout as ComfyUI's patches see it, flow
+"""Flux in the core: the layout as ComfyUI's patches see it, flow
 inversion (exact on a known velocity field, and on a tiny random Flux with its guidance embedding), the reference's
 K/V capture, and the EAA inside the joint attention, checked against an independent recomputation through the
 block's own q/k/v, QK-norm and a RoPE written out here."""
@@ -68,12 +68,18 @@ def test_the_layout_names_every_block_as_the_patches_see_it(flux, text):
     assert seen == [(name, [7, tokens], (1, 2, tokens, 16)) for name in layout.blocks]
 
 
-def test_flux_is_known_to_the_core_but_refused_by_the_nodes_in_one_line(flux):
+def test_flux_is_served_and_a_flux_subclass_is_refused_in_one_line(flux):
+    """Flux and Chroma are served; Chroma Radiance (a Flux subclass on pixels, with its own head) is refused in one
+    line naming what is served."""
+    from support.flux_models import tiny_chroma_radiance_model
+
+    check_served(flux)
     with pytest.raises(ModelFamilyError) as refused:
-        check_served(flux)
+        check_served(tiny_chroma_radiance_model())
     message = str(refused.value)
-    assert "cannot use this Flux model" in message and "not served" in message and "SD1.x" in message
-    assert "Flux" not in message.split("it serves")[1] and "\n" not in message
+    assert "cannot use this ChromaRadiance model" in message and "ChromaRadiance" in message.split("(")[1]
+    served = message.split("it serves")[1]
+    assert "SD1.x" in served and "Flux.1" in served and "Chroma" in served and "\n" not in message
 
 
 def test_a_reference_pass_keeps_every_blocks_image_k_and_v(flux, text):

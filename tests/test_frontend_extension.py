@@ -110,7 +110,7 @@ def test_extension_hides_unused_block_weight_sliders(frontend, comfy_server):
         const names = app.extensions.map(e => e.name);
         const node = window.LiteGraph.createNode("InvAdapterBlockWeights");
         app.graph.add(node);
-        const sliders = () => node.widgets.filter(w => /^(self|cross)_/.test(w.name));
+        const sliders = () => node.widgets.filter(w => /^(self|cross|dit)_/.test(w.name));
         const hidden = () => sliders().map(w => !!w.hidden);
         const heightAll = node.size[1];
         const atStart = hidden();
@@ -127,10 +127,10 @@ def test_extension_hides_unused_block_weight_sliders(frontend, comfy_server):
     }""")
     assert "InvAdapter.Frontend" in result["names"], frontend.errors
     assert not [e for e in frontend.errors if "invadapter" in e.lower()]
-    assert result["count"] == 14
+    assert result["count"] == 14 + 5  # UNet levels for self and cross, five MM-DiT levels
     assert all(result["atStart"]) and not any(result["custom"]) and all(result["back"])
     assert result["heightCustom"] > result["heightAll"]
-    assert len(result["inputs"]) == 15, "hidden sliders must still reach the prompt"
+    assert len(result["inputs"]) == 20, "hidden sliders must still reach the prompt"
 
 
 def test_a_notice_during_a_run_shows_as_a_toast(frontend):

@@ -52,7 +52,7 @@ def test_a_level_subset_keeps_only_its_blocks(model, caption):
 
 
 def test_a_network_without_a_layout_is_refused_naming_what_is_served():
-    """SD3's MMDiT has no layout (its blocks take no attention patches); Flux has one now, the core's only."""
+    """SD3's MMDiT has no layout (its blocks take no attention patches); Flux and Chroma have one."""
     import comfy.model_patcher
     import comfy.supported_models
 

@@ -21,16 +21,18 @@ import torch
 
 import comfy.patcher_extension as ext
 
-from ..arch.fit import check_served
-from ..arch.layout import layout_of, weights_key
+from ..arch.fit import check_served, is_joint
+from ..arch.layout import layout_of, model_family, weights_key
 from ..comfyui.memory import TensorPack, fits_on_device, register
 from ..comfyui.notify import notify
 from ..reference.capture import Features, reference_pass
-from ..reference.reference import FeatureCache, Reference, same_sigma
+from ..reference.reference import FeatureCache, Reference
 from .block_weights import BlockWeights
 from .eaa import InvAdapter
 from .fit import check_adapter_fits, check_levels_fit, check_magnitudes, check_reference_fits
 from .injection import ADD, CALL, SLOTS, STASH, KV, Call, EAAInjection, Step, ordered_patches
+from .kv_store import KVStore
+from .joint import apply_joint
 
 log = logging.getLogger("InvAdapter")
 HOOK_SLOT = "invadapter_cache"  # a patch list ComfyUI never calls: it only asks its objects for models() and .to()
@@ -38,44 +40,6 @@ HOOK_SLOT = "invadapter_cache"  # a patch list ComfyUI never calls: it only asks
 # computation stays far below 1e-3; an 8-bit store rounds each value by up to 6 % (3.3 % RMS measured).
 PROBE_TOLERANCE = {torch.float8_e4m3fn: 0.06}
 PROBE_TOLERANCE_DEFAULT = 1e-3
-
-
-class KVStore:
-    """The reference's K and V (V scaled) for every step of one schedule, computed with one set of weights, in one
-    TensorPack (the step's blocks contiguous, so a step that must come from host memory is one copy)."""
-
-    def __init__(self, weights, sigmas: list[float], like: KV, dtype: torch.dtype, device: torch.device):
-        self.weights, self.sigmas = weights, sigmas
-        self.keys = list(like)
-        shapes = {(i, key, part): t.shape for i in range(len(sigmas)) for key, (k, v) in like.items()
-                  for part, t in (("k", k), ("v", v))}
-        self.pack = TensorPack(shapes, dtype, device)
-        self.filled: set[int] = set()
-        self._views: dict = {}
-
-    @staticmethod
-    def nbytes(steps: int, like: KV, dtype: torch.dtype) -> int:
-        return steps * sum(k.numel() + v.numel() for k, v in like.values()) * dtype.itemsize
-
-    def index(self, sigma: float) -> Optional[int]:
-        return next((i for i, s in enumerate(self.sigmas) if same_sigma(s, sigma)), None)
-
-    def put(self, i: int, kv: KV) -> None:
-        for key, (k, v) in kv.items():
-            self.pack.write((i, key, "k"), k)
-            self.pack.write((i, key, "v"), v)
-        self.filled.add(i)
-
-    def get(self, i: int, device: torch.device) -> KV:
-        memo_key = (i, self.pack.flat.data_ptr(), device)
-        if memo_key in self._views:
-            return self._views[memo_key]
-        views = self.pack.views_on([(i, key, part) for key in self.keys for part in ("k", "v")], device)
-        kv = {key: (views[(i, key, "k")], views[(i, key, "v")]) for key in self.keys}
-        if self.pack.flat.device == device:  # views of a resident pack stay valid until it moves
-            self._views = {k: v for k, v in self._views.items() if k[1] == memo_key[1]}
-            self._views[memo_key] = kv
-        return kv
 
 
 @dataclass
@@ -298,15 +262,18 @@ def same_features(a: Features, b: Features, tolerance: float = PROBE_TOLERANCE_D
 def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self: float, weight_cross: float,
                    start_percent: float, end_percent: float, combine: str = "concat",
                    apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
-                   block_weights: Optional[BlockWeights] = None):
+                   block_weights: Optional[BlockWeights] = None, rows: str = "image", positions: str = "own"):
     """InvAdapterApply: every fit checked before anything runs, then a clone of ``model`` with the EAA installed
-    (the same clone without it when both strengths are 0)."""
+    (the same clone without it when both strengths are 0). An MM-DiT (Flux, Chroma) gets the EAA inside its joint
+    attention (``joint``): ``weight_cross`` has nothing to act on there (no cross-attention), ``rows`` and
+    ``positions`` act there only."""
     check_served(model)
     check_reference_fits(model, reference)
     check_adapter_fits(adapter, model, reference)
     check_levels_fit(model, reference)
     check_magnitudes(model, adapter, reference)
-    if weight_self == 0 and weight_cross == 0:
+    joint = is_joint(model)
+    if weight_self == 0 and (joint or weight_cross == 0):
         return model.clone()
     if start_percent > end_percent:
         raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}): the adapter would "
@@ -315,6 +282,13 @@ def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self
         notify(f"start_percent equals end_percent ({start_percent}): the adapter acts on at most the one step at "
                f"that point; widen the range to see it")
     ms = model.get_model_object("model_sampling")
+    if block_weights is not None and block_weights.misses(set(layout_of(model).levels.values())):
+        notify(f"the block weights set levels this {model_family(model)} model does not have (its levels: "
+               f"{', '.join(sorted(set(layout_of(model).levels.values())))}), so every block acts at full strength: "
+               f"use a preset or sliders for its levels")
+    if joint:
+        return apply_joint(model, adapter, reference, weight_self, ms.percent_to_sigma(start_percent),
+                           ms.percent_to_sigma(end_percent), block_weights, rows, positions, mask, apply_to, combine)
     app = Application(adapter, reference, model, weight_self, weight_cross,
                       sigma_start=ms.percent_to_sigma(start_percent), sigma_end=ms.percent_to_sigma(end_percent),
                       combine=combine, apply_to=apply_to, mask=mask, block_weights=block_weights)

@@ -38,9 +38,9 @@ def check_reference_fits(model, reference) -> None:
         if name not in dims:
             raise ModelFamilyError(f"the reference holds features of block {name}, which this {family} model does "
                                    f"not have (another block layout): {fix}")
-        if shape[-1] != dims[name][0]:
+        if shape[-1] != layout.feature_width(name):
             raise ModelFamilyError(f"the reference's {kind}-attention features of block {name} are {shape[-1]}-d, "
-                                   f"this model's block is {dims[name][0]}-d: {fix}")
+                                   f"this model's block is {layout.feature_width(name)}-d: {fix}")
 
 
 def check_adapter_fits(adapter: InvAdapter, model, reference=None) -> None:

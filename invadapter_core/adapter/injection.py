@@ -141,19 +141,27 @@ class EAAInjection:
         return self._scales[layout]
 
     def _build_scale(self, chunks, batch, h, w, device, dtype) -> Optional[torch.Tensor]:
-        per_chunk = max(batch // len(chunks), 1)
-        scale = None
-        if self.mask is not None:
-            m = torch.nn.functional.interpolate(self.mask[:, None].to(device, torch.float32), size=(h, w),
-                                                mode="bilinear", align_corners=False)
-            m = m.reshape(m.shape[0], h * w, 1)
-            m = m.repeat((per_chunk + m.shape[0] - 1) // m.shape[0], 1, 1)[:per_chunk]
-            scale = m.repeat(len(chunks), 1, 1).to(dtype)
-        if self.apply_to == "cond only" and any(c == 1 for c in chunks):
-            rows = torch.tensor([0.0 if c == 1 else 1.0 for c in chunks], device=device, dtype=dtype)
-            rows = rows.repeat_interleave(per_chunk)[:, None, None]
-            scale = rows if scale is None else scale * rows
-        return scale
+        return token_scale(self.mask, self.apply_to, chunks, batch, h, w, device, dtype)
+
+
+def token_scale(mask: Optional[torch.Tensor], apply_to: str, chunks, batch: int, h: int, w: int, device, dtype
+                ) -> Optional[torch.Tensor]:
+    """The EAA term's scale per row and token of a batch of ``chunks`` (ComfyUI's cond_or_uncond) on an h x w token
+    grid: the mask resized to the grid ([B, h x w, 1]), times 0 for the uncond rows in "cond only" mode ([B, 1, 1]
+    without a mask); None when every term is added whole."""
+    per_chunk = max(batch // len(chunks), 1)
+    scale = None
+    if mask is not None:
+        m = torch.nn.functional.interpolate(mask[:, None].to(device, torch.float32), size=(h, w),
+                                            mode="bilinear", align_corners=False)
+        m = m.reshape(m.shape[0], h * w, 1)
+        m = m.repeat((per_chunk + m.shape[0] - 1) // m.shape[0], 1, 1)[:per_chunk]
+        scale = m.repeat(len(chunks), 1, 1).to(dtype)
+    if apply_to == "cond only" and any(c == 1 for c in chunks):
+        rows = torch.tensor([0.0 if c == 1 else 1.0 for c in chunks], device=device, dtype=dtype)
+        rows = rows.repeat_interleave(per_chunk)[:, None, None]
+        scale = rows if scale is None else scale * rows
+    return scale
 
 
 @dataclass

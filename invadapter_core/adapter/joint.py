@@ -1,6 +1,6 @@
 """The EAA inside an MM-DiT's joint attention (Flux, Chroma; ``arch.flux``): eq. 2-3 of docs/method.md §4 with the
 block's own q, its QK-norm and its RoPE, through ComfyUI's list patches only (no replaced ``forward_orig``, no
-class swap), in-process core (the nodes do not offer it yet).
+class swap); InvAdapterApply routes Flux and Chroma here (``apply_joint``).
 
 Two list patches, the same objects for every application on every model:
 - ``attn1_patch`` (``joint_stash``): keeps the block's q (after QK-norm, before RoPE) and pe in the block's
@@ -9,10 +9,12 @@ Two list patches, the same objects for every application on every model:
   ``E = softmax(RoPE(q) RoPE(K_ref)ᵀ / √d) V_ref`` per head: ``proj(A + λE)``, eq. 3 exactly (in a single block the
   projection is the attention half of ``linear2``).
 By default only the generation's image-token rows get the term (DynaIP's decoupling: the noisy-image branch, not the
-text rows); ``rows="image and text"`` adds it to both. Tokens after the generation's image (Kontext's context
-image) never get it. The reference's K/V are the block's own projections of the reference's image tokens (the
-training-free adapter), RoPE'd once per step at ``positions`` "own" (the generation's frame) or "shifted" (index 1
-on the frame axis, where Kontext puts its context image). The term depends on q only, so another patch that changes
+text rows); ``rows="image and text"`` adds it to both. A mask confines the term to a region of the generation's image
+tokens (two identities: two masks; the text rows then get none), "cond only" leaves the uncond rows untouched,
+several photos' K/V are concatenated or averaged (InvAdapterApply's options, as ``injection`` reads them). Tokens
+after the generation's image (Kontext's context image) never get it. The reference's K/V are the block's own
+projections of the reference's image tokens (the training-free adapter), RoPE'd once per step at ``positions`` "own"
+(the generation's frame) or "shifted" (index 1 on the frame axis, where Kontext puts its context image). The term depends on q only, so another patch that changes
 the joint K/V (FluxKVCache) composes with it in either order.
 
 Qwen-Image (``arch.qwen_image``) has no ``attn1_output_patch``: there the term is added in ComfyUI's
@@ -34,9 +36,11 @@ from comfy.ldm.flux.math import apply_rope1
 from ..arch.flux import FluxLayout
 from ..arch.layout import layout_of, weights_key
 from ..arch.qwen_image import QwenImageLayout
+from ..comfyui.notify import notify
 from ..reference.capture import Features, reference_pass
 from ..reference.reference import Reference
-from .joint_store import JOINT_CACHE_SLOT, JointCacheHook, JointKVCache, reference_kv
+from .injection import APPLY_TO, COMBINE_MODES, token_scale
+from .joint_store import JOINT_CACHE_SLOT, JointCacheHook, JointKVCache, combine_photos, reference_kv
 
 JOINT = "invadapter_joint"  # transformer_options key of the per-call state
 STASHED = "invadapter_joint_q"  # extra_options key between a block's two patches
@@ -80,6 +84,8 @@ class JointStep:
     the block weight), each [1, heads, N, d]."""
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
     rows: str = "image"
+    image_scale: Optional[torch.Tensor] = None  # [B, image tokens | 1, 1]: mask and cond-only rows (None: whole)
+    text_scale: Optional[torch.Tensor] = None  # [B, 1, 1] on the text rows: cond-only; 0 with a mask
 
 
 @dataclass
@@ -106,6 +112,10 @@ class JointCall:
                 rows = q[:, :, first:end]
                 rotated[first] = rows if pe is None else rope_rows(rows, pe[:, :, first:end])
             e = joint_attention(rotated[first], kv[0], kv[1])
+            if step.image_scale is not None:  # a mask, cond only
+                text = start - first
+                e = torch.cat((e[:, :text] * step.text_scale.to(e.dtype), e[:, text:] * step.image_scale.to(e.dtype)),
+                              dim=1)
             attn = torch.cat((attn[:, :first], attn[:, first:end] + e.to(attn.dtype), attn[:, end:]), dim=1)
         return attn
 
@@ -144,12 +154,17 @@ def joint_override(previous=None):
 
 class JointApplication:
     """One identity on one MM-DiT model: a reference (its inversion and kept K/V, ``reference.encode.invert_latent``),
-    a strength, a sigma window, block weights per level (``arch.levels.DIT_LEVELS``), rows and positions."""
+    a strength, a sigma window, block weights per level (``arch.levels.DIT_LEVELS``), rows and positions, a mask
+    over the generation's image, cond-only, and how several photos combine."""
 
     def __init__(self, model, reference: Reference, weight: float, sigma_start: float = math.inf,
                  sigma_end: float = 0.0, block_weights: Optional[dict[str, float]] = None, rows: str = "image",
-                 positions: str = "own", reuse_features: bool = True, keep_kv: bool = True,
-                 adapter=None):
+                 positions: str = "own", mask: Optional[torch.Tensor] = None, apply_to: str = APPLY_TO[0],
+                 combine: str = COMBINE_MODES[0], reuse_features: bool = True, keep_kv: bool = True, adapter=None):
+        if apply_to not in APPLY_TO:
+            raise ValueError(f"unknown apply_to {apply_to!r}; expected one of {APPLY_TO}")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown combine mode {combine!r}; expected one of {COMBINE_MODES}")
         if rows not in ROWS:
             raise ValueError(f"unknown rows {rows!r}; expected one of {ROWS}")
         if positions not in POSITIONS:
@@ -161,6 +176,8 @@ class JointApplication:
         self.layout, self.reference, self.rows, self.positions = layout, reference, rows, positions
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.adapter = adapter  # a trained joint EAA (adapter.eaa.InvAdapter) or None: the block's own K/V
+        self.mask, self.apply_to, self.combine = mask, apply_to, combine
+        self._scales: dict = {}  # batch layout -> (image scale, text scale)
         weights = block_weights or {}
         self.scales = {name: float(weight) * weights.get(level, 1.0) for name, level in layout.levels.items()}
         self.key = f"invadapter-joint:{next(_ids)}"
@@ -181,7 +198,7 @@ class JointApplication:
         if kv is not None:
             return kv
         kv = reference_kv(self.layout, self.features_at(base_model, sigma, device), self._positions(device),
-                          self.scales, device, dtype, self._projection(device))
+                          self.scales, device, dtype, self._projection(device), self.combine)
         self.cache.put(sigma, kv, dtype, device)
         return kv
 
@@ -250,8 +267,26 @@ class JointApplication:
             call = JointCall(self.layout, h * w * (x.shape[2] if x.ndim == 5 else 1))
             if self.layout.ADDS_TERM == "attention override":  # once per call, chained to what was in the slot
                 options["optimized_attention_override"] = joint_override(options.get("optimized_attention_override"))
-        options[JOINT] = JointCall(call.layout, call.image_tokens, call.steps + [JointStep(kv, self.rows)])
+        image_scale, text_scale = self.scales_for(transformer_options.get("cond_or_uncond") or [0], x)
+        step = JointStep(kv, self.rows, image_scale, text_scale)
+        options[JOINT] = JointCall(call.layout, call.image_tokens, call.steps + [step])
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    def scales_for(self, chunks, x: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The term's scale on the image-token rows (mask x cond-only) and on the text rows (cond-only), built once
+        per batch layout (they depend on nothing else)."""
+        if self.mask is None and self.apply_to == APPLY_TO[0]:
+            return None, None
+        h, w = self.layout.token_grid(tuple(x.shape[-2:]))
+        key = (tuple(chunks), x.shape[0], h, w, x.device, x.dtype)
+        if key not in self._scales:
+            image = token_scale(self.mask, self.apply_to, chunks, x.shape[0], h, w, x.device, x.dtype)
+            text = token_scale(None, self.apply_to, chunks, x.shape[0], h, w, x.device, x.dtype)
+            if self.mask is not None:  # text tokens are in no region: a masked identity leaves them alone
+                text = torch.zeros(x.shape[0], 1, 1, device=x.device, dtype=x.dtype)
+            self._scales[key] = (image, text) if image is not None else (None, None)
+        return self._scales[key]
+
 
 
 def install_joint(model, app: JointApplication):
@@ -268,3 +303,24 @@ def install_joint(model, app: JointApplication):
     m.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, app.key, app.apply_model_wrapper)
     m.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, app.key, app.outer_sample_wrapper)
     return m
+
+
+def apply_joint(model, adapter, reference: Reference, weight: float, sigma_start: float, sigma_end: float,
+                block_weights=None, rows: str = "image", positions: str = "own", mask: Optional[torch.Tensor] = None,
+                apply_to: str = APPLY_TO[0], combine: str = COMBINE_MODES[0]):
+    """InvAdapterApply on an MM-DiT, its fits already checked (``application.apply_identity``, ``adapter.fit``: a
+    trained file names its architecture): the training-free adapter (the block's own K/V projections) or a trained
+    joint EAA (its K/V maps, ``project_joint``) installed on a clone."""
+    if adapter.has_cross:  # an MM-DiT has no cross-attention; a joint EAA file has none (the trainer refuses it)
+        raise ValueError(f"Inv-Adapter '{adapter.name}' has cross-attention EAA layers, which an MM-DiT "
+                         f"({FluxLayout.FAMILIES}) does not have: load a file trained for this model, or choose "
+                         f"'init from model' in Inv-Adapter Loader")
+    if reference.weights is not None and reference.weights != weights_key(model):
+        # the UNet path recomputes features for other weights; the joint path uses the kept K/V as they are
+        notify("the reference was encoded with other weights than this model (another checkpoint, or a LoRA added "
+               "after Encode Reference); on Flux and Chroma its kept K/V are used as they are: encode the face with "
+               "the model you sample with")
+    levels = block_weights.self_attn if block_weights is not None else None
+    app = JointApplication(model, reference, weight, sigma_start, sigma_end, levels, rows, positions, mask, apply_to,
+                           combine, adapter=None if adapter.self_from_base else adapter)
+    return install_joint(model, app)

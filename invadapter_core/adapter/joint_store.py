@@ -24,14 +24,15 @@ from ..arch.flux import FluxLayout, split_kv
 from ..comfyui.memory import TensorPack, fits_on_device, register
 from ..reference.capture import Features
 from ..reference.reference import same_sigma
-from .application import KVStore
+from .kv_store import KVStore
 
 JOINT_CACHE_SLOT = "invadapter_joint_cache"  # a patch list ComfyUI never calls: it asks its objects for models()
 KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def reference_kv(layout: FluxLayout, features: Features, pe: torch.Tensor, scales: dict[str, float], device,
-                 dtype, project: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> KV:
+                 dtype, project: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None, combine: str = "concat"
+                 ) -> KV:
     """Per block with a non-zero scale: the reference's K with RoPE at ``pe`` and V times the scale, each
     [1, heads, R x N, d] (R photos of the identity: their tokens side by side, every photo in the same frame).
     ``project(name, kept)``: a trained adapter's maps of the kept K/V (None: the block's own, training-free)."""
@@ -44,8 +45,17 @@ def reference_kv(layout: FluxLayout, features: Features, pe: torch.Tensor, scale
             f = project(name, f)
         k, v = split_kv(f.to(device=device, dtype=dtype), layout.heads)  # [R, heads, N, d]
         k = apply_rope1(k, pe)  # as the network applies it (joint.rope_rows)
-        kv[name] = tuple(t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3]) for t in (k, v * scale))
+        kv[name] = tuple(combine_photos(t, combine) for t in (k, v * scale))
     return kv
+
+
+def combine_photos(t: torch.Tensor, mode: str) -> torch.Tensor:
+    """K or V of R photos of one identity [R, heads, N, d] as one reference [1, heads, N', d]: their tokens
+    concatenated (N' = R x N) or averaged (every photo sits at the same positions, so averaging after RoPE equals
+    RoPE of the average)."""
+    if mode == "average":
+        return t.mean(dim=0, keepdim=True)
+    return t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3])
 
 
 class JointKVCache:

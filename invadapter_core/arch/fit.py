@@ -35,7 +35,10 @@ def not_served_because(model) -> Optional[str]:
     served_types = {comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION,
                     comfy.model_base.ModelType.V_PREDICTION_EDM, comfy.model_base.ModelType.EDM,
                     comfy.model_base.ModelType.V_PREDICTION_CONTINUOUS}
-    if model.model.model_type not in served_types:
+    # rectified flow (x = (1 - sigma) x0 + sigma noise): the inversion step is its exact Euler step
+    # (reference.inversion), served where the layout is an MM-DiT the joint EAA knows
+    flow_types = {comfy.model_base.ModelType.FLUX, comfy.model_base.ModelType.FLOW}
+    if model.model.model_type not in served_types and not (is_joint(model) and model.model.model_type in flow_types):
         return f"its {model.model.model_type.name} parameterisation is not x = x0 + sigma * noise"
     try:
         layout_of(model)
@@ -52,6 +55,13 @@ def check_served(model) -> None:
                                f"{served_families()}")
 
 
+def is_joint(model) -> bool:
+    """An MM-DiT (Flux, Chroma): the EAA sits inside its joint attention (``adapter.joint``), not in a UNet's."""
+    from .flux import FluxLayout
+
+    return FluxLayout.describes(model.get_model_object("diffusion_model"))
+
+
 def is_sdxl_family(model) -> bool:
     import comfy.supported_models as sm
 
@@ -59,10 +69,15 @@ def is_sdxl_family(model) -> bool:
 
 
 def default_resolution(model) -> int:
-    """The reference resolution a family was trained at: 1024 for SDXL, 768 for SD2.x v-prediction, else 512."""
+    """The reference resolution a family was trained at: 1024 for SDXL, 768 for SD2.x v-prediction, else 512.
+    Flux and Chroma (trained up to 1024 px) take 512: a face crop needs no more, and the reference's image tokens,
+    their kept K/V (Flux-dev: 717 MB per step in bf16 at 512, 2.9 GB at 1024) and the EAA's attention over them all
+    grow with its area (a quarter at 512)."""
     import comfy.model_base
     import comfy.supported_models as sm
 
+    if is_joint(model):
+        return 512
     if is_sdxl_family(model):
         return 1024
     v_prediction = model.model.model_type == comfy.model_base.ModelType.V_PREDICTION

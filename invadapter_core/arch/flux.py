@@ -17,7 +17,7 @@ EAA then adds them with no per-call projection. That is twice the memory of the 
 (``feature_bytes_per_step``); positions are not kept, RoPE is applied at use (``positions``) so where the reference
 sits is an option of the application.
 
-Not yet served by the nodes (``SERVES`` is empty, ``arch.fit`` refuses it): the core can invert and apply on it.
+Served by the nodes: InvAdapterApply routes it to ``adapter.joint``.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def parse_block_name(name: str) -> tuple[str, int]:
 
 
 class FluxLayout(Layout):
-    SERVES = ""  # the core knows it; the nodes do not offer it yet (arch.fit.check_served refuses it)
+    SERVES = "Flux.1 (dev, schnell, their fine-tunes, Kontext) and Chroma"
     FAMILIES = "Flux.1 (dev, schnell, their fine-tunes, Kontext) and Chroma"
     PATCH_SLOTS = {"self": ("attn1_patch", "attn1_output_patch")}  # one joint attention per block, no cross
     ADDS_TERM = "output patch"  # where adapter.joint adds the EAA term: attn1_output_patch (or "attention override")
@@ -87,6 +87,10 @@ class FluxLayout(Layout):
         self.patch_size = int(net.patch_size)
         self.axes = len(net.params.axes_dim)
         self.guidance_embed = bool(getattr(net.params, "guidance_embed", False))  # Flux-dev style: needs guidance
+
+    def feature_width(self, name: str) -> int:
+        """What a reference keeps per token of a block: its K and V (``join_kv``)."""
+        return 2 * self.dims[name][1]
 
     @classmethod
     def describes(cls, net: torch.nn.Module) -> bool:

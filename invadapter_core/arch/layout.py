@@ -111,6 +111,10 @@ class Layout:
             patches[self.PATCH_SLOTS["cross"][0]] = [capture.capture_cross]
         return patches
 
+    def feature_width(self, name: str) -> int:
+        """The width of what a reference keeps per token of a block (a UNet: the self-attention's input)."""
+        return self.dims[name][0]
+
     def at_levels(self, levels: Optional[set[str]]) -> Optional[set[str]]:
         """The blocks at these levels (None: every block)."""
         return None if levels is None else {name for name, lv in self.levels.items() if lv in levels}

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from ..arch.layout import is_block_name
-from ..arch.levels import LEVELS
+from ..arch.levels import DIT_LEVELS, LEVELS
 from .format import FORMAT_VERSION, INVERSION_CONVENTIONS, META
 
 
@@ -184,8 +184,8 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
     levels = None
     if META + "levels" in meta:
         levels = _json_meta(meta, "levels", E, path, REFERENCE_FIX,
-                            lambda v: isinstance(v, list) and v and all(x in LEVELS for x in v),
-                            f"a non-empty list of levels among {', '.join(LEVELS)}")
+                            lambda v: isinstance(v, list) and v and all(x in LEVELS + DIT_LEVELS for x in v),
+                            f"a non-empty list of levels among {', '.join(LEVELS + DIT_LEVELS)}")
     convention = meta.get(META + "convention", "lowest sigma")
     if convention not in INVERSION_CONVENTIONS:
         _fail(E, path, f"metadata '{META}convention' is {convention!r}, expected one of "
@@ -220,11 +220,11 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
         if not name.startswith("features."):
             continue
         parts = name.split(".")
-        if len(parts) != 6 or not parts[1].isdigit() or parts[2] not in ("self", "cross"):
+        if len(parts) < 5 or not parts[1].isdigit() or parts[2] not in ("self", "cross"):  # UNet and DiT names
             _fail(E, path, f"unexpected tensor '{name}' (expected features.<i>.self.<block>)", REFERENCE_FIX)
         i, block = int(parts[1]), ".".join(parts[3:])
         if not is_block_name(block):
-            _fail(E, path, f"tensor '{name}' names no UNet block ('{block}')", REFERENCE_FIX)
+            _fail(E, path, f"tensor '{name}' names no block of a network the pack knows ('{block}')", REFERENCE_FIX)
         if i >= len(feature_sigmas):
             _fail(E, path, f"tensor '{name}' is for step {i}, but feature_sigmas lists {len(feature_sigmas)}",
                   REFERENCE_FIX)

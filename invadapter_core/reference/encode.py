@@ -128,6 +128,11 @@ def encode_reference(model, vae, image: torch.Tensor, conditioning, steps: int, 
     """Face image(s) + caption -> Reference (the images are one identity: a batch = several photos of it).
     ``resolution`` 0 takes the family's own (1024 for SDXL, 768 for SD2.x v-prediction, else 512)."""
     check_served(model)
+    present = set(layout_of(model).levels.values())
+    if levels is not None and not levels & present:
+        raise ValueError(f"the capture setting keeps the levels {', '.join(sorted(levels))}, which this "
+                         f"{model_family(model)} model does not have (its levels: {', '.join(sorted(present))}): "
+                         f"choose capture 'all levels'")
     resolution = resolution or default_resolution(model)
     pixels = prepare_images(image, resolution)
     context, options = caption_entry(conditioning)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from . import browser, models
+from . import browser, flux_files, models
 from .server import ComfyServer
 
 CHECKPOINT = "invadapter-test-sd15-shallow.safetensors"
@@ -14,11 +14,20 @@ ADAPTER = "invadapter-test-adapter-sd15-shallow.safetensors"  # random weights i
 SDXL_CHECKPOINT = "invadapter-test-sdxl-vega.safetensors"
 SDXL_CONTROLNET = "invadapter-test-controlnet-sdxl-vega.safetensors"
 SDXL_LORA = "invadapter-test-lora-sdxl-vega.safetensors"
+# The tiny random Flux UNET, its LoRA, the Flux-style VAE and the CLIP-L file (support.flux_files.server_models()).
+FLUX_UNET = "invadapter-test-flux-tiny.safetensors"
+FLUX_LORA = "invadapter-test-lora-flux-tiny.safetensors"
+FLUX_VAE = "invadapter-test-flux-vae.safetensors"
+FLUX_CONTROLNET = "invadapter-test-controlnet-flux-tiny.safetensors"
+CLIP_L = "invadapter-test-clip-l.safetensors"
 # The standard files the shipped graphs name -> the test file that stands in for each (what a user would pick).
 STAND_INS = {"v1-5-pruned-emaonly-fp16.safetensors": CHECKPOINT,
              "control_v11p_sd15_openpose_fp16.safetensors": CONTROLNET,
              "sd_xl_base_1.0.safetensors": SDXL_CHECKPOINT,
              "OpenPoseXL2.safetensors": SDXL_CONTROLNET,
+             "flux1-dev.safetensors": FLUX_UNET, "ae.safetensors": FLUX_VAE,
+             "diffusion_pytorch_model.safetensors": FLUX_CONTROLNET,  # the Flux ControlNet Union Pro's file
+             "t5xxl_fp16.safetensors": CLIP_L, "clip_l.safetensors": CLIP_L,  # see graphs.STAND_IN_WIDGETS
              "your_lora.safetensors": LORA,  # the LoRA template's placeholder for the user's own
              "invadapter.safetensors": ADAPTER}  # what the trainer writes (docs/training.md)
 
@@ -39,11 +48,13 @@ def _running_server(test_files: dict, base_dir):
 
 def test_files() -> dict:
     """Every test model a server gets, by model folder: the shallow SD1.5 checkpoint and the Segmind Vega-layout
-    SDXL checkpoint, each with its ControlNet and LoRA (generated once, then cached). One server holds both: it only
-    loads a checkpoint when a graph uses it, and the SDXL graphs (templates included) run beside the SD1.5 ones."""
+    SDXL checkpoint, each with its ControlNet and LoRA, and the tiny Flux files (generated once, then cached). One
+    server holds them all: it only loads a model when a graph uses it, and the SDXL and Flux graphs (templates
+    included) run beside the SD1.5 ones."""
     files: dict[str, dict] = {}
-    for kind in ("shallow", "vega"):
-        for folder, named in models.server_models(kind).items():
+    for kind in ("shallow", "vega", "flux"):
+        found = flux_files.server_models() if kind == "flux" else models.server_models(kind)
+        for folder, named in found.items():
             files.setdefault(folder, {}).update(named)
     return files
 

@@ -41,3 +41,15 @@ def tiny_chroma_model(seed: int = SEED):
     import comfy.supported_models
 
     return random_patcher(model_config(comfy.supported_models.Chroma, dict(CHROMA_CONFIG), torch.float32), seed)
+
+
+def tiny_chroma_radiance_model(seed: int = SEED):
+    """A tiny random Chroma Radiance (Chroma's blocks on pixels, a NeRF-style head): a Flux subclass the pack
+    does not serve (its refusal is tested)."""
+    import comfy.supported_models
+
+    config = {**CHROMA_CONFIG, "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3,
+              "patch_size": 16, "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 1, "nerf_max_freqs": 4,
+              "nerf_tile_size": 0, "nerf_final_head_type": "linear", "nerf_embedder_dtype": torch.float32,
+              "use_x0": False, "use_sequential_txt_ids": False}
+    return random_patcher(model_config(comfy.supported_models.ChromaRadiance, config, torch.float32), seed)

@@ -29,6 +29,8 @@ TEMPLATES = [
     ("trained_adapter", "Trained adapter weights"),
     ("sdxl_basic", "SDXL face photo to image"),
     ("sdxl_controlnet", "SDXL face and pose with ControlNet"),
+    ("flux_basic", "Flux face photo to image"),
+    ("flux_controlnet", "Flux face and pose with ControlNet"),
 ]
 
 
@@ -97,7 +99,8 @@ SMOKE_INPUTS = {
 }
 # Pixel sizes and positions divided by SMOKE_SHRINK (512 px graphs become 64 px, masks keep their layout).
 SMOKE_SHRINK = 8
-SMOKE_SCALED = {"EmptyLatentImage": ("width", "height"), "SolidMask": ("width", "height"), "MaskComposite": ("x", "y")}
+SMOKE_SCALED = {"EmptyLatentImage": ("width", "height"), "EmptySD3LatentImage": ("width", "height"),
+                "SolidMask": ("width", "height"), "MaskComposite": ("x", "y")}
 
 
 def strip_meta(prompt: dict) -> dict:
@@ -129,7 +132,11 @@ def load_workflow(name: str, smoke: bool = True) -> dict:
 
 
 LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name",
-                 "LoraLoader": "lora_name", "InvAdapterLoader": "adapter_name"}
+                 "LoraLoader": "lora_name", "InvAdapterLoader": "adapter_name", "UNETLoader": "unet_name",
+                 "VAELoader": "vae_name", "DualCLIPLoader": ("clip_name1", "clip_name2")}
+# Other widgets a stand-in needs: no small file stands in for Flux's T5-XXL, so the Flux graphs' DualCLIPLoader loads
+# the CLIP-L test file twice as SD3's text encoder (CLIP-L padded to T5's width; see support.flux_files)
+STAND_IN_WIDGETS = {"DualCLIPLoader": {"type": "sd3"}}
 
 
 def user_edits(prompt: dict) -> dict[str, dict]:
@@ -139,9 +146,11 @@ def user_edits(prompt: dict) -> dict[str, dict]:
 
     edits = {}
     for node in prompt.values():
-        field = LOADER_INPUTS.get(node["class_type"])
-        if field is not None and node["inputs"][field] in STAND_INS:  # not e.g. "init from model"
-            edits[node["class_type"]] = {field: STAND_INS[node["inputs"][field]]}
+        fields = LOADER_INPUTS.get(node["class_type"], ())
+        for field in (fields,) if isinstance(fields, str) else fields:
+            if node["inputs"][field] in STAND_INS:  # not e.g. "init from model"
+                edits.setdefault(node["class_type"], {})[field] = STAND_INS[node["inputs"][field]]
+                edits[node["class_type"]].update(STAND_IN_WIDGETS.get(node["class_type"], {}))
     return edits
 
 

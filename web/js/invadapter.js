@@ -15,7 +15,7 @@ export const LINK_COLORS = {
 };
 
 const BLOCK_WEIGHTS_NODE = "InvAdapterBlockWeights";
-const isLevelSlider = (widget) => /^(self|cross)_/.test(widget.name);
+const isLevelSlider = (widget) => /^(self|cross|dit)_/.test(widget.name);
 
 function applyLinkColors() {
   // Loading a colour palette resets every type's colour, ours included: this runs again after each palette change
@@ -31,7 +31,7 @@ function applyLinkColors() {
   app.canvas?.setDirty?.(true, true);
 }
 
-// The 14 per-level sliders only matter with preset "custom": hide them otherwise. Hidden widgets keep their values,
+// The 19 per-level sliders (UNet and MM-DiT levels) only matter with preset "custom": hide them otherwise. Hidden widgets keep their values,
 // so the workflow JSON and the API prompt are the same either way.
 function syncLevelSliders(node) {
   const preset = node.widgets?.find((w) => w.name === "preset");
