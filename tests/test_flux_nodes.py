@@ -255,6 +255,38 @@ def test_another_packs_attn1_patch_composes_in_either_order(model, family, refer
     assert torch.equal(result, sample(ours_first, family)) and not torch.equal(result, sample(other_only, family))
 
 
+def test_easycache_skipping_blocks_composes_in_either_order(model, family, reference, apply):
+    """ComfyUI's EasyCache (a block-skipping cache around the diffusion model) with the identity: either order gives
+    the same image, the identity still acts on the steps the cache computes, and at strength 0 the result is
+    EasyCache's alone."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    def cached(m):  # a threshold at which it skips some of this short run's steps (checked below)
+        return EasyCacheNode.execute(m, 0.5, 0.0, 1.0, False)[0]
+
+    steps = 8
+    noise = torch.randn(1, 16, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        return comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", caption(family), caption(family, 7),
+                                   torch.zeros_like(noise), disable_pbar=True, seed=0)
+
+    cache_then_eaa = run(apply(cached(model), reference))
+    eaa_then_cache = run(cached(apply(model, reference)))
+    calls = []
+    hook = model.model.diffusion_model.double_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        cache_only = run(cached(model))
+        skipping = len(calls)
+        calls.clear()
+        run(model)
+    finally:
+        hook.remove()
+    assert skipping < len(calls)  # the cache did skip network calls in this run
+    assert torch.equal(cache_then_eaa, eaa_then_cache) and not torch.equal(cache_then_eaa, cache_only)
+    assert torch.equal(run(cached(apply(model, reference, weight=0.0))), cache_only)
+
+
 def test_flux_kv_cache_composes_with_the_node(node, adapter, vae):
     """ComfyUI's FluxKVCache runs only on global-modulation Flux models in this ComfyUI (on Flux.1 it fails by
     itself, tests/test_flux.py): on one, the node's EAA and the cache give the same result in either order."""
