@@ -1,4 +1,4 @@
-"""Qwen-Image in the core (issue 20's second MM-DiT family, not served by the nodes): the layout as ComfyUI's patches
+"""Qwen-Image in the core (issue 20's second MM-DiT family; the nodes on it: tests/test_qwen_nodes.py): the layout as ComfyUI's patches
 see it, flow inversion on a tiny random Qwen-Image, the reference's K/V capture, and the EAA added in the attention
 override slot, checked against an independent recomputation through the block's own projections, QK-norm and a RoPE
 written out (``test_flux.rope``)."""
@@ -10,7 +10,7 @@ import torch
 import comfy.k_diffusion.sampling as kds
 import comfy.sample
 from invadapter_core.adapter.joint import JointApplication, install_joint
-from invadapter_core.arch.fit import check_served
+from invadapter_core.arch.fit import check_served, default_resolution, is_joint
 from invadapter_core.arch.flux import split_kv
 from invadapter_core.arch.layout import ModelFamilyError, layout_of
 from invadapter_core.arch.levels import DIT_LEVELS
@@ -74,12 +74,14 @@ def test_the_layout_names_every_block_as_the_patches_see_it(qwen, text):
     assert seen == [(name, [TXT, tokens], (1, 2, tokens, 16)) for name in layout.blocks]
 
 
-def test_qwen_image_is_known_to_the_core_but_refused_by_the_nodes_in_one_line(qwen):
+def test_qwen_image_is_served_and_named_in_the_refusals_of_other_models(qwen):
+    check_served(qwen)  # the nodes serve it (tests/test_qwen_nodes.py)
+    assert is_joint(qwen) and default_resolution(qwen) == 512
+    from support.flux_models import tiny_chroma_radiance_model  # a network no layout serves
     with pytest.raises(ModelFamilyError) as refused:
-        check_served(qwen)
+        check_served(tiny_chroma_radiance_model())
     message = str(refused.value)
-    assert "cannot use this QwenImage model" in message and "not served" in message and "SD1.x" in message
-    assert "Qwen" not in message.split("it serves")[1] and "\n" not in message
+    assert "Qwen-Image" in message.split("it serves")[1] and "\n" not in message
 
 
 def test_a_reference_pass_keeps_every_blocks_image_k_and_v(qwen, text):

@@ -2,4 +2,4 @@
 grids, where the patches attach), the block levels, and which models are served (``fit``)."""
 from . import unet  # noqa: F401 - registers the UNet layout with layout.ARCHITECTURES
 from . import flux  # noqa: F401 - registers the Flux layout (core only: not served by the nodes yet)
-from . import qwen_image  # noqa: F401 - registers the Qwen-Image layout (core only: not served by the nodes yet)
+from . import qwen_image  # noqa: F401 - registers the Qwen-Image layout (served like Flux)

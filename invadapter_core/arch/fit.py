@@ -56,10 +56,13 @@ def check_served(model) -> None:
 
 
 def is_joint(model) -> bool:
-    """An MM-DiT (Flux, Chroma): the EAA sits inside its joint attention (``adapter.joint``), not in a UNet's."""
+    """An MM-DiT (Flux, Chroma, Qwen-Image): the EAA sits inside its joint attention (``adapter.joint``), not in a
+    UNet's."""
     from .flux import FluxLayout
+    from .qwen_image import QwenImageLayout
 
-    return FluxLayout.describes(model.get_model_object("diffusion_model"))
+    net = model.get_model_object("diffusion_model")
+    return FluxLayout.describes(net) or QwenImageLayout.describes(net)
 
 
 def is_sdxl_family(model) -> bool:
@@ -70,7 +73,7 @@ def is_sdxl_family(model) -> bool:
 
 def default_resolution(model) -> int:
     """The reference resolution a family was trained at: 1024 for SDXL, 768 for SD2.x v-prediction, else 512.
-    Flux and Chroma (trained up to 1024 px) take 512: a face crop needs no more, and the reference's image tokens,
+    Flux, Chroma and Qwen-Image (trained at 1024 px and above) take 512: a face crop needs no more, and the reference's image tokens,
     their kept K/V (Flux-dev: 717 MB per step in bf16 at 512, 2.9 GB at 1024) and the EAA's attention over them all
     grow with its area (a quarter at 512)."""
     import comfy.model_base

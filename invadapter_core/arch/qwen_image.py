@@ -17,7 +17,8 @@ the attention receives after RoPE: the term is the same softmax(RoPE(q) RoPE(K_r
 rows of the joint output before ``to_out``. Latents are 5-D ([B, 16, 1, h, w], ``Wan21`` format); the image ids are
 centred on the grid (``process_img``); an edit model's reference images sit at frame index 1, 2 ... after the image.
 
-Not yet served by the nodes (``SERVES`` is empty, ``arch.fit`` refuses it): the core can invert and apply on it.
+Served by the nodes as Flux is (InvAdapterApply routes it to ``adapter.joint``). Its levels are "double_early" and
+"double_late" only (every block is a double block), so the block weights' "double only" preset is every block there.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .levels import dit_level_of
 
 
 class QwenImageLayout(FluxLayout):
-    SERVES = ""  # the core knows it; the nodes do not offer it yet (arch.fit.check_served refuses it)
+    SERVES = "Qwen-Image (and Qwen-Image-Edit)"
     FAMILIES = "Qwen-Image (and Qwen-Image-Edit)"
     ADDS_TERM = "attention override"  # no attn1_output_patch in its attention: the override slot (adapter.joint)
 
