@@ -196,10 +196,15 @@ def check_reference_file(path: str, tensors: dict[str, torch.Tensor], meta: dict
             _fail(E, path, f"tensor '{name}' is missing (the file is incomplete)", REFERENCE_FIX)
     sigmas, states = tensors["trajectory.sigmas"], tensors["trajectory.states"]
     check_tensor(E, path, "trajectory.sigmas", sigmas, 1, REFERENCE_FIX)
+    # [n+1, R, C, h, w]; 6-D [n+1, R, C, 1, h, w] for models with video-format latents (Qwen-Image's Wan 2.1)
+    if states.ndim not in (5, 6):
+        _fail(E, path, f"tensor 'trajectory.states' has shape {tuple(states.shape)} ({states.ndim}-D), expected 5-D "
+                       f"(or 6-D for a video-format latent)", REFERENCE_FIX)
     # the UNet sees a state at sigma s scaled by 1 / sqrt(1 + s^2) (ComfyUI's calculate_input)
-    c_in = (1 + sigmas.double() ** 2).rsqrt().reshape(-1, 1, 1, 1, 1) if sigmas.ndim == 1 else None
-    scaled = c_in is not None and states.ndim == 5 and states.shape[0] == sigmas.shape[0]
-    top = check_tensor(E, path, "trajectory.states", states, 5, REFERENCE_FIX, scale=c_in.float() if scaled else None)
+    c_in = (1 + sigmas.double() ** 2).rsqrt().reshape(-1, *[1] * (states.ndim - 1)) if sigmas.ndim == 1 else None
+    scaled = c_in is not None and states.shape[0] == sigmas.shape[0]
+    top = check_tensor(E, path, "trajectory.states", states, None, REFERENCE_FIX,
+                       scale=c_in.float() if scaled else None)
     if sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()) or float(sigmas[0]) < 0:
         _fail(E, path, "trajectory.sigmas is not an ascending list of at least 2 sigmas", REFERENCE_FIX)
     if states.shape[0] != sigmas.shape[0]:
