@@ -109,6 +109,8 @@ REFERENCE_CASES = {
     "caption of the wrong rank": (tensor_set("cond.c_crossattn", lambda x: x[0]), ["cond.c_crossattn", "3-D"]),
     "sigmas not ascending": (tensor_set("trajectory.sigmas", lambda x: x.flip(0)), ["not an ascending"]),
     "states for other sigmas": (tensor_set("trajectory.states", lambda x: x[:2]), ["2 states for 3 sigmas"]),
+    "states of the wrong rank": (tensor_set("trajectory.states", lambda x: x[:, 0]),
+                                 ["trajectory.states", "4-D", "expected 5-D (or 6-D"]),
     "a feature without a block": (rename("features.0.self.input.1.0", "features.0.self.inputs"),
                                   ["unexpected tensor"]),
     "features of a step not listed": (rename("features.1.self.input.1.0", "features.7.self.input.1.0"),
