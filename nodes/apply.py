@@ -19,7 +19,8 @@ class InvAdapterApply(io.ComfyNode):
             search_aliases=["identity", "face id", "faceid", "likeness", "instantid", "pulid", "ipadapter",
                             "face swap", "reference", "character consistency", "same face", "inv-adapter"],
             description="Injects the reference's diffusion features into the model's self- and cross-attention "
-                        "through the Embedded Attention Adapter (on Flux and Chroma: inside their joint attention). "
+                        "through the Embedded Attention Adapter (on Flux, Chroma and Qwen-Image: inside their joint "
+                        "attention). "
                         "Chain several for several identities (with masks).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (LoRA and other patches may be on it)."),
@@ -33,7 +34,8 @@ class InvAdapterApply(io.ComfyNode):
                 io.Float.Input("weight_cross", default=1.0, min=-2.0, max=5.0, step=0.05,
                                tooltip="lambda_c: strength of the cross-attention EAA. Only adapter files trained with "
                                        "cross-attention layers have one: with 'init from model' this does nothing. "
-                                       "Flux and Chroma have no cross-attention: there it does nothing."),
+                                       "MM-DiTs (Flux, Chroma, Qwen-Image) have no cross-attention: there it does "
+                                       "nothing."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Where in sampling the adapter starts acting (0 = the first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
@@ -46,16 +48,16 @@ class InvAdapterApply(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Confine this identity to a region of the generated image (soft masks ok)."),
                 BlockWeightsType.Input("block_weights", optional=True,
-                                       tooltip="Per-level strengths from InvAdapterBlockWeights (coarse/fine; on Flux "
-                                               "and Chroma: 'double only' or the dit_ sliders)."),
+                                       tooltip="Per-level strengths from InvAdapterBlockWeights (coarse/fine; on Flux, "
+                                               "Chroma and Qwen-Image: 'double only' or the dit_ sliders)."),
                 io.Combo.Input("rows", options=list(ROWS), default=ROWS[0], optional=True,
-                               tooltip="MM-DiT models only (Flux, Chroma; ignored elsewhere): add the identity to the "
-                                       "generated image's tokens only ('image', DynaIP's decoupling), or to the "
-                                       "prompt's tokens too ('image and text')."),
+                               tooltip="MM-DiT models only (Flux, Chroma, Qwen-Image; ignored elsewhere): add the "
+                                       "identity to the generated image's tokens only ('image', DynaIP's "
+                                       "decoupling), or to the prompt's tokens too ('image and text')."),
                 io.Combo.Input("reference_positions", options=list(POSITIONS), default="own", optional=True,
-                               tooltip="MM-DiT models only (Flux, Chroma; ignored elsewhere): where the reference's "
-                                       "tokens sit for the rotary positions: on the generated image's own grid "
-                                       "('own'), or shifted off it like a Kontext context image ('shifted')."),
+                               tooltip="MM-DiT models only (Flux, Chroma, Qwen-Image; ignored elsewhere): where the "
+                                       "reference's tokens sit for the rotary positions: on the generated image's "
+                                       "own grid ('own'), or shifted off it like a Kontext context image ('shifted')."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the identity applied: connect it to KSampler.")],
         )

@@ -46,7 +46,7 @@ class InvAdapterBlockWeights(io.ComfyNode):
                                                    tooltip=f"{kind}-attention EAA strength at {level} "
                                                            f"(used when preset is 'custom')"))
         dit_inputs = [io.Float.Input(f"dit_{level}", default=1.0, min=-2.0, max=5.0, step=0.05, optional=True,
-                                     tooltip=f"MM-DiT models only (Flux, Chroma): EAA strength in the "
+                                     tooltip=f"MM-DiT models only (Flux, Chroma, Qwen-Image): EAA strength in the "
                                              f"{level.replace('_', ' stream, ')} blocks (used when preset is 'custom')")
                       for level in DIT_LEVELS]
         return io.Schema(
@@ -57,11 +57,13 @@ class InvAdapterBlockWeights(io.ComfyNode):
                             "inv-adapter"],
             description="Per-level strengths. 'coarse' keeps the low-resolution blocks (face shape, layout), "
                         "'fine' the high-resolution blocks (texture, skin, eyes); 'custom' uses the sliders. On "
-                        "Flux and Chroma the levels are the double- and single-stream blocks by depth (dit_ sliders).",
+                        "Flux and Chroma the levels are the double- and single-stream blocks by depth (dit_ sliders); "
+                        "Qwen-Image has double-stream blocks only.",
             inputs=[io.Combo.Input("preset", options=list(dict.fromkeys([*PRESETS, *DIT_PRESETS])) + ["custom"],
                                    default="all",
                                    tooltip="all: every level at 1. coarse: face shape and layout. fine: texture, "
-                                           "skin, eyes. double only (Flux, Chroma): the double-stream blocks only. "
+                                           "skin, eyes. double only (Flux, Chroma): the double-stream blocks only "
+                                           "(on Qwen-Image, all of them: it has no others). "
                                            "custom: the sliders below.")] + level_inputs + dit_inputs,
             outputs=[BlockWeightsType.Output(display_name="block_weights",
                                              tooltip="Connect to Inv-Adapter Apply's block_weights."),

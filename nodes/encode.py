@@ -17,9 +17,9 @@ class InvAdapterEncodeReference(io.ComfyNode):
             search_aliases=["encode face", "identity", "face id", "faceid", "likeness", "ddim inversion", "invert",
                             "reference", "instantid", "pulid", "ipadapter", "face swap", "inv-adapter"],
             description="DDIM-inverts the face image(s) with the model and the caption (guidance 1) and keeps the "
-                        "diffusion features along the way (Flux, Chroma: a flow inversion on the model's own "
-                        "schedule, with the caption's FluxGuidance, else 3.5). Several images = several photos of "
-                        "one identity.",
+                        "diffusion features along the way (Flux, Chroma, Qwen-Image: a flow inversion on the model's "
+                        "own schedule, with the caption's FluxGuidance on Flux-dev, else 3.5). Several images = "
+                        "several photos of one identity.",
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's model: the same one you generate with."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, to encode the face photo."),

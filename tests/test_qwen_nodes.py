@@ -109,7 +109,8 @@ def block_delta(applied, plain, name="double.0", batch=1, chunks=None):
 
 
 def custom(node, **dit):
-    return node("InvAdapterBlockWeights", "custom", **{f"{k}_{lv}": 1.0 for k in ("self", "cross") for lv in UNET_LEVELS},
+    unet = {f"{k}_{lv}": 1.0 for k in ("self", "cross") for lv in UNET_LEVELS}
+    return node("InvAdapterBlockWeights", "custom", **unet,
                 **{f"dit_{lv}": dit.get(lv, 0.0) for lv in DIT_LEVELS})[0]
 
 

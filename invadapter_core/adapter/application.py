@@ -264,8 +264,8 @@ def apply_identity(model, adapter: InvAdapter, reference: Reference, weight_self
                    apply_to: str = "cond and uncond", mask: Optional[torch.Tensor] = None,
                    block_weights: Optional[BlockWeights] = None, rows: str = "image", positions: str = "own"):
     """InvAdapterApply: every fit checked before anything runs, then a clone of ``model`` with the EAA installed
-    (the same clone without it when both strengths are 0). An MM-DiT (Flux, Chroma) gets the EAA inside its joint
-    attention (``joint``): ``weight_cross`` has nothing to act on there (no cross-attention), ``rows`` and
+    (the same clone without it when both strengths are 0). An MM-DiT (Flux, Chroma, Qwen-Image) gets the EAA inside its
+    joint attention (``joint``): ``weight_cross`` has nothing to act on there (no cross-attention), ``rows`` and
     ``positions`` act there only."""
     check_served(model)
     check_reference_fits(model, reference)

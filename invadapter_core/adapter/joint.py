@@ -1,6 +1,6 @@
-"""The EAA inside an MM-DiT's joint attention (Flux, Chroma; ``arch.flux``): eq. 2-3 of docs/method.md §4 with the
-block's own q, its QK-norm and its RoPE, through ComfyUI's list patches only (no replaced ``forward_orig``, no
-class swap); InvAdapterApply routes Flux and Chroma here (``apply_joint``).
+"""The EAA inside an MM-DiT's joint attention (Flux, Chroma, Qwen-Image; ``arch.flux``, ``arch.qwen_image``): eq. 2-3
+of docs/method.md §4 with the block's own q, its QK-norm and its RoPE, through ComfyUI's list patches only (no
+replaced ``forward_orig``, no class swap); InvAdapterApply routes Flux, Chroma and Qwen-Image here (``apply_joint``).
 
 Two list patches, the same objects for every application on every model:
 - ``attn1_patch`` (``joint_stash``): keeps the block's q (after QK-norm, before RoPE) and pe in the block's
@@ -318,7 +318,7 @@ def apply_joint(model, adapter, reference: Reference, weight: float, sigma_start
     if reference.weights is not None and reference.weights != weights_key(model):
         # the UNet path recomputes features for other weights; the joint path uses the kept K/V as they are
         notify("the reference was encoded with other weights than this model (another checkpoint, or a LoRA added "
-               "after Encode Reference); on Flux and Chroma its kept K/V are used as they are: encode the face with "
+               "after Encode Reference); on an MM-DiT its kept K/V are used as they are: encode the face with "
                "the model you sample with")
     levels = block_weights.self_attn if block_weights is not None else None
     app = JointApplication(model, reference, weight, sigma_start, sigma_end, levels, rows, positions, mask, apply_to,

@@ -73,9 +73,9 @@ def is_sdxl_family(model) -> bool:
 
 def default_resolution(model) -> int:
     """The reference resolution a family was trained at: 1024 for SDXL, 768 for SD2.x v-prediction, else 512.
-    Flux, Chroma and Qwen-Image (trained at 1024 px and above) take 512: a face crop needs no more, and the reference's image tokens,
-    their kept K/V (Flux-dev: 717 MB per step in bf16 at 512, 2.9 GB at 1024) and the EAA's attention over them all
-    grow with its area (a quarter at 512)."""
+    Flux, Chroma and Qwen-Image (trained at 1024 px and above) take 512: a face crop needs no more, and the
+    reference's image tokens, their kept K/V (Flux-dev: 717 MB per step in bf16 at 512, 2.9 GB at 1024) and the
+    EAA's attention over them all grow with its area (a quarter at 512)."""
     import comfy.model_base
     import comfy.supported_models as sm
 
