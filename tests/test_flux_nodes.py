@@ -372,3 +372,41 @@ def test_a_trained_joint_adapter_file_runs_through_apply(model, family, referenc
     plain = model
     assert torch.allclose(block_delta(applied, plain, family), block_delta(direct, plain, family), atol=1e-5)
     assert not torch.allclose(block_delta(applied, plain, family), block_delta(free, plain, family), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- weight dtypes
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16], ids=["fp8", "bf16"])
+def test_a_flux_file_loaded_in_fp8_or_bf16_encodes_and_applies(node, adapter, vae, dtype):
+    """The tiny Flux UNET file loaded as UNETLoader loads it with a weight dtype (fp8 weights computed in the
+    manual-cast dtype; bf16): encode and apply run, the sampled latent is finite and differs from plain."""
+    flux = comfy.sd.load_diffusion_model(str(flux_files.flux_unet_file()), model_options={"dtype": dtype})
+    assert flux.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == dtype
+    ctx = torch.randn(1, 5, 4096, generator=torch.Generator().manual_seed(0))
+    cond = [[ctx, {"pooled_output": torch.randn(1, 2048, generator=torch.Generator().manual_seed(1)),
+                   "guidance": 3.5}]]
+    ref = node("InvAdapterEncodeReference", flux, vae, photo(1), cond, STEPS, "simple", RES, True)[0]
+    assert len(ref.features) == STEPS - 1
+    applied = node("InvAdapterApply", flux, adapter, ref, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")[0]
+    noise = torch.randn(1, 16, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        return comfy.sample.sample(m, noise, STEPS, 1.0, "euler", "simple", cond, cond, torch.zeros_like(noise),
+                                   disable_pbar=True, seed=0)
+
+    out, plain = run(applied), run(flux)
+    assert torch.isfinite(out).all() and torch.isfinite(plain).all() and not torch.equal(out, plain)
+
+
+def test_a_flux_computing_in_bf16_encodes_and_applies(node, adapter, vae):
+    """A tiny Flux built in bfloat16 with no manual cast, so its blocks compute in bf16 (on CPU a loaded file computes
+    in fp32, test above): the kept K/V and the term meet bf16 activations; the result is finite and differs."""
+    import comfy.supported_models
+    from support.flux_models import UNET_CONFIG
+    from support.models import model_config, random_patcher
+
+    flux = random_patcher(model_config(comfy.supported_models.Flux, dict(UNET_CONFIG), torch.bfloat16))
+    assert flux.model.get_dtype_inference() == torch.bfloat16 and flux.model.manual_cast_dtype is None
+    ref = node("InvAdapterEncodeReference", flux, vae, photo(1), caption("flux"), STEPS, "simple", RES, True)[0]
+    applied = node("InvAdapterApply", flux, adapter, ref, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")[0]
+    out, plain = sample(applied, "flux"), sample(flux, "flux")
+    assert torch.isfinite(out).all() and torch.isfinite(plain).all() and not torch.equal(out, plain)

@@ -116,3 +116,17 @@ def test_a_saved_flux_reference_loads_again_and_is_refused_on_sd(client):
         client.run(sd, timeout=600)
     message = str(refused.value)
     assert "encoded with a Flux model" in message and "SD15 model" in message
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn"])
+def test_flux_loaded_in_fp8_encodes_and_applies(client, weight_dtype):
+    """UNETLoader with fp8 weights (what most Flux users load): the reference is inverted and its K/V applied on the
+    fp8 model (computed in the manual-cast dtype); the image is not black (NaN decodes to a flat image) and differs
+    from the same fp8 model without the identity."""
+    prompt = shipped("flux_basic")
+    prompt[node_of(prompt, "UNETLoader")]["inputs"]["weight_dtype"] = weight_dtype
+    with_identity = images(client, prompt)[-1]
+    assert with_identity.shape == (128, 128, 3) and with_identity.std() > 1.0
+    set_inputs(prompt, "InvAdapterApply", {"weight_self": 0.0})
+    plain = images(client, prompt)[-1]
+    assert plain.std() > 1.0 and not np.array_equal(with_identity, plain)
