@@ -273,3 +273,18 @@ def test_a_trained_joint_adapter_file_runs_through_apply(model, reference, node,
     free = install_joint(model, JointApplication(model, reference, 1.0))
     assert torch.allclose(block_delta(applied, model), block_delta(direct, model), atol=1e-5)
     assert not torch.allclose(block_delta(applied, model), block_delta(free, model), atol=1e-4)
+
+
+def test_a_qwen_image_computing_in_bf16_encodes_and_applies(node, adapter, vae):
+    """A tiny Qwen-Image built in bfloat16 (no manual cast: its blocks and the override's term run in bf16): encode
+    and apply run, the sampled latent is finite and differs from plain."""
+    import comfy.supported_models
+    from support.models import model_config, random_patcher
+    from support.qwen_models import UNET_CONFIG
+
+    qwen = random_patcher(model_config(comfy.supported_models.QwenImage, dict(UNET_CONFIG), torch.bfloat16))
+    assert qwen.model.get_dtype_inference() == torch.bfloat16 and qwen.model.manual_cast_dtype is None
+    ref = node("InvAdapterEncodeReference", qwen, vae, photo(1), caption(), STEPS, "simple", RES, True)[0]
+    applied = node("InvAdapterApply", qwen, adapter, ref, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")[0]
+    out, plain = sample(applied), sample(qwen)
+    assert torch.isfinite(out).all() and torch.isfinite(plain).all() and not torch.equal(out, plain)
