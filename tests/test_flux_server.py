@@ -2,14 +2,12 @@
 a Flux ControlNet, a tiny random one in the XLabs format standing in) on a tiny random Flux UNET, a random 16-channel
 VAE and the CLIP-L test file (support.flux_files says why CLIP-L stands in for T5-XXL), with a LoRA on the UNET, two identities with masks, and a saved reference loaded again (and refused on an
 SD1.5 checkpoint)."""
-import io
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from support.fixtures import CHECKPOINT, FLUX_LORA
-from support.graphs import load_workflow, set_inputs, user_edits
+from support.graphs import node_of, output_images, set_inputs, shipped
 from support.server import ExecutionFailed
 
 SAVED = "invadapter-test-flux-identity"
@@ -20,20 +18,7 @@ def client(comfy_client):
     return comfy_client
 
 
-def shipped(name: str) -> dict:
-    prompt = load_workflow(name)
-    for class_type, values in user_edits(prompt).items():
-        set_inputs(prompt, class_type, values)
-    return prompt
 
-
-def node_of(prompt, class_type):
-    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
-
-
-def images(client, prompt) -> list[np.ndarray]:
-    entry = client.run(prompt, timeout=900)
-    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in client.images(entry["prompt_id"])]
 
 
 def test_the_stand_ins_are_what_the_flux_graph_loads():
@@ -46,10 +31,10 @@ def test_the_stand_ins_are_what_the_flux_graph_loads():
 @pytest.mark.parametrize("name", ["flux_basic", "flux_controlnet"])
 def test_shipped_flux_graph_runs(client, name):
     prompt = shipped(name)
-    with_identity = images(client, prompt)[-1]
+    with_identity = output_images(client, prompt)[-1]
     assert with_identity.shape == (128, 128, 3) and with_identity.std() > 0
     set_inputs(prompt, "InvAdapterApply", {"weight_self": 0.0})
-    plain = images(client, prompt)[-1]
+    plain = output_images(client, prompt)[-1]
     assert not np.array_equal(with_identity, plain)
 
 
@@ -62,9 +47,9 @@ def test_flux_with_a_lora(client):
         for name, value in node["inputs"].items():
             if key != "lora" and value == [unet, 0]:
                 node["inputs"][name] = ["lora", 0]
-    with_lora = images(client, prompt)[-1]
+    with_lora = output_images(client, prompt)[-1]
     assert with_lora.shape == (128, 128, 3)
-    assert not np.array_equal(with_lora, images(client, shipped("flux_basic"))[-1])
+    assert not np.array_equal(with_lora, output_images(client, shipped("flux_basic"))[-1])
 
 
 def test_two_identities_with_masks(client):
@@ -80,13 +65,13 @@ def test_two_identities_with_masks(client):
     for name, x in (("left", 0), ("right", 64)):
         prompt[name] = {"class_type": "MaskComposite", "inputs": {"destination": ["empty", 0], "source": ["half", 0],
                                                                   "x": x, "y": 0, "operation": "add"}}
-    one = images(client, prompt)[-1]
+    one = output_images(client, prompt)[-1]
     prompt[apply]["inputs"]["mask"] = ["left", 0]
     prompt["apply2"] = {"class_type": "InvAdapterApply",
                         "inputs": dict(prompt[apply]["inputs"], model=[apply, 0], reference=["encode2", 0],
                                        mask=["right", 0])}
     prompt[sampler]["inputs"]["model"] = ["apply2", 0]
-    two = images(client, prompt)[-1]
+    two = output_images(client, prompt)[-1]
     assert two.shape == (128, 128, 3) and not np.array_equal(one, two)
 
 
@@ -97,7 +82,7 @@ def test_a_saved_flux_reference_loads_again_and_is_refused_on_sd(client):
                           "inputs": {"reference": [encode, 0], "name": SAVED, "with_features": True,
                                      "overwrite": True}}
     prompt[apply]["inputs"]["reference"] = ["save_ref", 0]
-    encoded = images(client, prompt)[-1]
+    encoded = output_images(client, prompt)[-1]
 
     prompt = shipped("flux_basic")  # without the photo: the saved file stands in for it
     for class_type in ("InvAdapterEncodeReference", "PreviewImage", "InvAdapterFaceCrop", "LoadImage"):
@@ -105,7 +90,7 @@ def test_a_saved_flux_reference_loads_again_and_is_refused_on_sd(client):
     prompt["load_ref"] = {"class_type": "InvAdapterLoadReference",
                           "inputs": {"reference_name": f"{SAVED}.safetensors"}}
     prompt[apply]["inputs"]["reference"] = ["load_ref", 0]
-    assert np.array_equal(images(client, prompt)[-1], encoded)  # the file's features are the encoding's
+    assert np.array_equal(output_images(client, prompt)[-1], encoded)  # the file's features are the encoding's
 
     sd = shipped("basic")
     sd_apply = node_of(sd, "InvAdapterApply")
@@ -125,8 +110,8 @@ def test_flux_loaded_in_fp8_encodes_and_applies(client, weight_dtype):
     from the same fp8 model without the identity."""
     prompt = shipped("flux_basic")
     prompt[node_of(prompt, "UNETLoader")]["inputs"]["weight_dtype"] = weight_dtype
-    with_identity = images(client, prompt)[-1]
+    with_identity = output_images(client, prompt)[-1]
     assert with_identity.shape == (128, 128, 3) and with_identity.std() > 1.0
     set_inputs(prompt, "InvAdapterApply", {"weight_self": 0.0})
-    plain = images(client, prompt)[-1]
+    plain = output_images(client, prompt)[-1]
     assert plain.std() > 1.0 and not np.array_equal(with_identity, plain)

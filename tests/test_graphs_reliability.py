@@ -12,7 +12,7 @@ from PIL import Image
 
 from invadapter_core.reference.reference import load_reference, save_reference
 from support.fixtures import CHECKPOINT, LORA
-from support.graphs import load_workflow, set_inputs
+from support.graphs import load_workflow, node_of, set_inputs
 from support.server import ExecutionFailed, PromptRejected
 
 FACE = "face.png"
@@ -33,9 +33,6 @@ def basic(**encode):
     set_inputs(prompt, "InvAdapterEncodeReference", encode)
     return prompt
 
-
-def node_of(prompt, class_type):
-    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
 
 def image_of(client, entry) -> np.ndarray:

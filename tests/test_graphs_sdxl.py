@@ -1,15 +1,13 @@
 """SDXL through a real server: the shipped SDXL graphs on the random Segmind Vega-layout checkpoint (ComfyUI detects it
 as an SDXL-family config), and the pack's controls on it (LoRA, mask, block weights, several references, attention
 maps, another sampler). The UI twins of the shipped graphs run from the frontend in test_workflows_browser.py."""
-import io
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from invadapter_core.arch.levels import LEVELS
 from support.fixtures import SDXL_LORA
-from support.graphs import load_workflow, set_inputs, user_edits
+from support.graphs import node_of, output_images, set_inputs, shipped
 
 
 @pytest.fixture(scope="module")
@@ -17,29 +15,16 @@ def client(comfy_client_sdxl):
     return comfy_client_sdxl
 
 
-def shipped(name: str) -> dict:
-    prompt = load_workflow(name)
-    for class_type, values in user_edits(prompt).items():
-        set_inputs(prompt, class_type, values)
-    return prompt
 
-
-def node_of(prompt, class_type):
-    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
-
-
-def images(client, prompt) -> list[np.ndarray]:
-    entry = client.run(prompt, timeout=1200)
-    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in client.images(entry["prompt_id"])]
 
 
 @pytest.mark.parametrize("name", ["sdxl_basic", "sdxl_controlnet"])
 def test_shipped_sdxl_graph_runs(client, name):
     prompt = shipped(name)
-    with_adapter = images(client, prompt)[-1]
+    with_adapter = output_images(client, prompt, 1200)[-1]
     assert with_adapter.shape == (128, 128, 3)
     set_inputs(prompt, "InvAdapterApply", {"weight_self": 0.0, "weight_cross": 0.0})
-    assert not np.array_equal(with_adapter, images(client, prompt)[-1])
+    assert not np.array_equal(with_adapter, output_images(client, prompt, 1200)[-1])
 
 
 def test_sdxl_with_lora_mask_block_weights_and_another_sampler(client):
@@ -58,7 +43,7 @@ def test_sdxl_with_lora_mask_block_weights_and_another_sampler(client):
     prompt[apply]["inputs"].update(mask=["mask", 0], block_weights=["weights", 0])
     set_inputs(prompt, "KSampler", {"sampler_name": "dpmpp_2m", "scheduler": "karras"})
     set_inputs(prompt, "InvAdapterEncodeReference", {"sampler_name": "dpmpp_2m", "scheduler": "karras"})
-    out = images(client, prompt)[-1]
+    out = output_images(client, prompt, 1200)[-1]
     assert out.shape == (128, 128, 3) and out.std() > 0
 
 
@@ -79,6 +64,6 @@ def test_sdxl_two_references_and_attention_maps(client):
         "end_percent": 1.0, "levels": "all"}}
     prompt["save_maps"] = {"class_type": "SaveImage", "inputs": {"images": ["maps", 1],
                                                                  "filename_prefix": "sdxl-maps"}}
-    found = images(client, prompt)
+    found = output_images(client, prompt, 1200)
     maps = [a for a in found if a.shape[1] == 2 * a.shape[0]]  # two photos side by side
     assert maps and maps[0].std() > 0

@@ -162,3 +162,28 @@ def smoke_edits(prompt: dict, overrides: dict[str, dict]) -> dict[str, dict]:
         set_inputs(smoke, class_type, values, only_existing=True)
     edits = {i: {k: v for k, v in smoke[i]["inputs"].items() if v != prompt[i]["inputs"].get(k)} for i in prompt}
     return {i: values for i, values in edits.items() if values}
+
+
+def shipped(name: str) -> dict:
+    """A shipped API graph after the edits a user makes on first run (``user_edits``), shrunk for a smoke run."""
+    prompt = load_workflow(name)
+    for class_type, values in user_edits(prompt).items():
+        set_inputs(prompt, class_type, values)
+    return prompt
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    """The id of the (first) node of ``class_type`` in an API graph."""
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def output_images(client, prompt: dict, timeout: float = 900) -> list:
+    """Runs ``prompt`` on the server and returns its output images as RGB arrays."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    entry = client.run(prompt, timeout=timeout)
+    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in client.images(entry["prompt_id"])]
+
