@@ -2,7 +2,7 @@ from comfy_api.latest import io
 
 import comfy.samplers
 from invadapter_core.reference.inversion import CONVENTIONS
-from invadapter_core.reference.encode import CAPTURE, FEATURE_PRECISION, encode_reference
+from invadapter_core.reference.encode import CAPTURE, DIT_CAPTURE, FEATURE_PRECISION, capture_levels, encode_reference
 
 from .types import CATEGORY, InvAdapterType, ReferenceType
 
@@ -50,13 +50,23 @@ class InvAdapterEncodeReference(io.ComfyNode):
                                        "reference pass (features for free). 'classic': the first step starts at "
                                        "sigma 0 and each step is evaluated at its target sigma (diffusers, null-text "
                                        "inversion); its passes give no reusable features."),
-                io.Combo.Input("capture", options=list(CAPTURE), default="all levels", optional=True,
-                               tooltip="Which block levels' features the reference keeps. 'coarse levels' and 'fine "
-                                       "levels' keep only those the block-weights presets of the same name use "
-                                       "(SDXL at 1024 px: 'coarse' keeps 157 of 210 MB per step)."),
+                io.Combo.Input("capture", options=list(dict.fromkeys([*CAPTURE, *DIT_CAPTURE])), default="all levels",
+                               optional=True,
+                               tooltip="Which blocks' features the reference keeps. SD1.x/2.x/SDXL: 'coarse levels' "
+                                       "and 'fine levels' keep only those the block-weights presets of the same name "
+                                       "use (SDXL at 1024 px: 'coarse' keeps 157 of 210 MB per step). Flux, Chroma, "
+                                       "Qwen-Image: 'double blocks' (Flux: 19 of 57 blocks, a third of the memory) "
+                                       "or 'early blocks' (the double blocks and the first third of the single "
+                                       "ones)."),
                 io.Combo.Input("feature_precision", options=list(FEATURE_PRECISION), default="model", optional=True,
                                tooltip="Keep the features in the model's precision, or in 8-bit floats: half the "
                                        "memory, each value rounded by up to 6 %."),
+                io.Float.Input("keep_start_percent", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Keep only the steps from here on (set it to Inv-Adapter Apply's "
+                                       "start_percent): steps outside the kept window cost one reference pass each "
+                                       "when sampling needs them."),
+                io.Float.Input("keep_end_percent", default=1.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Keep only the steps up to here (set it to Inv-Adapter Apply's end_percent)."),
             ],
             outputs=[ReferenceType.Output(display_name="reference",
                                           tooltip="The identity: connect to Inv-Adapter Apply or Save Reference."),
@@ -68,7 +78,10 @@ class InvAdapterEncodeReference(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, image, caption, steps, scheduler, resolution, keep_features,
                 invadapter=None, sampler_name="euler", inversion=CONVENTIONS[0], capture="all levels",
-                feature_precision="model") -> io.NodeOutput:
+                feature_precision="model", keep_start_percent=0.0, keep_end_percent=1.0) -> io.NodeOutput:
+        if keep_start_percent > keep_end_percent:
+            raise ValueError(f"keep_start_percent {keep_start_percent} is after keep_end_percent {keep_end_percent}: "
+                             f"the kept window must start before it ends")
         cross = False
         if invadapter is not None:
             wanted = invadapter.reference_resolution
@@ -78,7 +91,8 @@ class InvAdapterEncodeReference(io.ComfyNode):
             resolution = resolution or wanted or 0
             cross = invadapter.has_cross
         reference = encode_reference(model, vae, image, caption, steps, scheduler, resolution, keep_features, cross,
-                                     inversion, CAPTURE[capture], sampler_name, FEATURE_PRECISION[feature_precision])
+                                     inversion, capture_levels(model, capture), sampler_name,
+                                     FEATURE_PRECISION[feature_precision], (keep_start_percent, keep_end_percent))
         noise = model.model.process_latent_out(reference.inverted.clone())
         return io.NodeOutput(reference, {"samples": noise})
 

@@ -341,9 +341,27 @@ def test_a_trained_sd_adapter_is_refused_on_flux_naming_both(model, reference, n
 
 
 def test_a_unet_capture_setting_is_refused_at_encode(model, family, vae, node):
-    with pytest.raises(ValueError, match="does not have .its levels: double_early"):
+    with pytest.raises(ValueError, match="not an option for this MM-DiT model; choose one of all levels, double "
+                                         "blocks, early blocks"):
         node("InvAdapterEncodeReference", model, vae, photo(1), caption(family), STEPS, "simple", RES, True,
              capture="coarse levels")
+
+
+def test_the_encode_node_keeps_double_blocks_in_fp8_inside_a_window(model, family, vae, node):
+    """The memory options from the node: 'double blocks' keeps only the two-stream blocks, fp8 halves the bytes, and
+    the kept window keeps only its steps (the others are made by a reference pass when sampling needs them)."""
+    full = node("InvAdapterEncodeReference", model, vae, photo(1), caption(family), STEPS, "simple", RES, True)[0]
+    small = node("InvAdapterEncodeReference", model, vae, photo(1), caption(family), STEPS, "simple", RES, True,
+                 capture="double blocks", feature_precision="fp8 (half the memory)", keep_start_percent=0.5)[0]
+    first = full.features.get(full.features.sigmas()[0])
+    kept = small.features.sigmas()
+    assert 0 < len(kept) < len(full.features.sigmas())
+    blocks = small.features.get(kept[0]).self_attn
+    assert set(blocks) == {n for n in first.self_attn if n.startswith("double.")}
+    assert all(t.dtype == torch.float8_e4m3fn for t in blocks.values())
+    with pytest.raises(ValueError, match="keep_start_percent 0.8 is after keep_end_percent 0.2"):
+        node("InvAdapterEncodeReference", model, vae, photo(1), caption(family), STEPS, "simple", RES, True,
+             keep_start_percent=0.8, keep_end_percent=0.2)
 
 
 def test_a_reference_of_other_weights_is_named(model, family, reference, adapter, node):
