@@ -7,7 +7,8 @@ Runs ``benchmarks/identity_toy.py --unseen`` once per arm and seed, one run at a
 each other more than they gain):
 - today's trainer (one reference per target, denoising loss only): also measures no adapter and the training-free
   default (the same for every arm of a seed: same held-out identities, poses and noise);
-- + MFF: K = 3 photos of the identity per target (train.references), concat as at inference; evaluated with 1 and 3;
+- + MFF: K = 2 photos of the identity per target (train.references; the pool holds 2 per identity), concat as at
+  inference; evaluated with 1 and 2;
 - + identity loss: loss.identity (the toy's recognizer, trained on the training identities only);
 - all: both.
 (IDAdapter's identity token has no trainer yet: not an arm.) Each arm's held-out-identity figures are printed as a
@@ -24,11 +25,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MFF = ["--references", "3", "--pool", "3", "--eval-references", "1,3"]
+MFF = ["--references", "2", "--eval-references", "1,2"]
 IDENTITY_LOSS = ["--identity-loss", "1.0"]
 ARMS = {
     "today's trainer": [],
-    "+ MFF (K = 3)": MFF,
+    "+ MFF (K = 2)": MFF,
     "+ identity loss": IDENTITY_LOSS,
     "all": MFF + IDENTITY_LOSS,
 }

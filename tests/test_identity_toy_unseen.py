@@ -19,21 +19,27 @@ from support import host
 
 sys.path.insert(0, str(host.ROOT / "benchmarks"))
 
-# CALIBRATION (see the numbers measured at seeds 0, 1, 2 below)
-SETTINGS = ["--unseen", "--threads", "2", "--base-steps", "1400", "--base-batch", "32", "--base-ema", "0.998",
+# Calibrated with exactly these settings at training seeds 0, 1, 2 (1 thread; the bases pretrained at 1 thread too),
+# held-out identities, mean per-attribute accuracy over 16 references x 2 poses (chance 24 %):
+#   no adapter 20.0 / 21.2 / 26.3 %, training-free 38.1 / 24.4 / 38.1 %, trained 46.3 / 43.1 / 48.1 %
+#   -> trained - training-free 8.1 / 18.7 / 10.0 points, training-free - no adapter 18.1 / 3.1 / 11.9 points;
+#   held-out loss, another identity's reference vs the right one: 5.0 %, 4.7 %, 4.4 %.
+# The margins sit at about half of the smallest. Measured on the shared 2-core machine with four other jobs: 22-23
+# minutes per run (960-1,030 s of it training); alone on an idle machine the training is ~0.7 s per step (3.5 min).
+SETTINGS = ["--unseen", "--threads", "1", "--base-steps", "1400", "--base-batch", "32", "--base-ema", "0.998",
             "--unseen-base-steps", "200", "--train-identities", "128", "--heldout-identities", "256",
             "--train-steps", "300", "--batch", "16", "--lr", "3e-3", "--pool", "2", "--heldout-pool", "32",
             "--holdout", "64", "--validate-every", "150", "--eval-refs", "16", "--eval-poses", "2",
-            "--eval-train-refs", "0", "--sample-steps", "50", "--seed", "0"]
-MARGIN_TRAINED = 0.03  # trained - training-free, held-out identities' mean per-attribute accuracy
-MARGIN_FREE = 0.01  # training-free - no adapter
+            "--eval-train-refs", "0", "--sample-steps", "30", "--seed", "0"]
+MARGIN_TRAINED = 0.04  # trained - training-free, held-out identities' mean per-attribute accuracy
+MARGIN_FREE = 0.015  # training-free - no adapter
 MARGIN_LOSS = 0.02  # (another identity's reference - the right one) / another identity's reference, held-out loss
 
 
 def test_trained_adapter_carries_identities_it_never_saw(tmp_path):
     done = subprocess.run([host.python_exe(), str(host.ROOT / "benchmarks" / "identity_toy.py"), *SETTINGS,
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=1500, cwd=host.ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="2"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-6000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["identities"]["all"] == 1280 and report["identities"]["train"] == 128
