@@ -17,6 +17,12 @@
    image itself).
 The last line printed is one JSON object; a grid image (reference | no adapter | training-free | trained) is written
 to --out. Progress goes to stderr.
+
+``--unseen``: identities the adapter never saw. The base is the 16-identity base fine-tuned on all 1,280 attribute
+combinations; the adapter trains on a subset of them; the held-out loss and the evaluation use held-out identities
+(and, reported apart, training ones), judged by the attribute classifier and its embedding (``unseen.py``).
+``--references K`` (MFF) and ``--identity-loss W`` (the recognizer of ``recognizer.py``) are IDAdapter's
+ingredients; ``benchmarks/identity_toy_ablation.py`` runs them at several seeds.
 """
 from __future__ import annotations
 
@@ -204,6 +210,8 @@ def unseen_main(args, base, base_info, recipe, timings: dict, started: float) ->
               "weights": str(result.weights), "parameters": result.parameters["total"],
               "base": {**base_info, "steps": recipe.steps, "batch": recipe.batch, "ema": recipe.ema, "lr": recipe.lr,
                        "fine_tuned_from": toy_base.base_path(recipe.init).name}}
+    if ident is not None:
+        report["recognizer"] = ident_info
     if not args.no_eval:
         t = time.time()
         judge, _ = unseen.load_or_train_judge(args.classifier_steps, log=say)

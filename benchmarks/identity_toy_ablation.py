@@ -62,11 +62,11 @@ def run(arm: str, extra: list[str], seed: int, args) -> dict:
 
 
 def table(reports: dict) -> str:
-    rows = ["| arm | held-out identities: attribute accuracy | exact identity | embedding similarity |",
-            "|---|---|---|---|"]
+    rows = ["| arm | seeds | held-out identities: attribute accuracy | exact identity | embedding similarity |",
+            "|---|---|---|---|---|"]
 
     def cell(values):
-        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.pstdev(values):.1f}" if values else "-"
+        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.pstdev(values):.1f} %" if values else "-"
 
     lines = {}
     for arm, by_seed in reports.items():
@@ -79,7 +79,7 @@ def table(reports: dict) -> str:
                 entry[1].append(figures["exact_identity_rate"])
                 entry[2].append(figures["embedding_similarity"])
     for label, (accuracy, exact, similarity) in lines.items():
-        rows.append(f"| {label} | {cell(accuracy)} | {cell(exact)} | "
+        rows.append(f"| {label} | {len(accuracy)} | {cell(accuracy)} | {cell(exact)} | "
                     f"{statistics.mean(similarity):.3f} |")
     return "\n".join(rows)
 

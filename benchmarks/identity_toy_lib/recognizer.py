@@ -73,7 +73,7 @@ def train(identities: torch.Tensor, steps: int, batch: int = 128, log: Callable[
         optimizer.step()
         scheduler.step()
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            log(f"recognizer step {step + 1}/{steps}: loss {float(loss):.4f}, {time.time() - started:.0f} s")
+            log(f"recognizer step {step + 1}/{steps}: loss {float(loss.detach()):.4f}, {time.time() - started:.0f} s")
     return model.eval().requires_grad_(False)
 
 
