@@ -24,8 +24,9 @@ sys.path.insert(0, str(host.ROOT / "benchmarks"))
 #   no adapter 20.0 / 21.2 / 26.3 %, training-free 38.1 / 24.4 / 38.1 %, trained 46.3 / 43.1 / 48.1 %
 #   -> trained - training-free 8.1 / 18.7 / 10.0 points, training-free - no adapter 18.1 / 3.1 / 11.9 points;
 #   held-out loss, another identity's reference vs the right one: 5.0 %, 4.7 %, 4.4 %.
-# The margins sit at about half of the smallest. Measured on the shared 2-core machine with four other jobs: 22-23
-# minutes per run (960-1,030 s of it training); alone on an idle machine the training is ~0.7 s per step (3.5 min).
+# The margins sit at about half of the smallest. This test took 2 min 33 s at 1 thread with the toy cache warm and one
+# other job on the 2-core machine (21 min with seven jobs at once); from an empty cache add the bases (see
+# docs/training.md).
 SETTINGS = ["--unseen", "--threads", "1", "--base-steps", "1400", "--base-batch", "32", "--base-ema", "0.998",
             "--unseen-base-steps", "200", "--train-identities", "128", "--heldout-identities", "256",
             "--train-steps", "300", "--batch", "16", "--lr", "3e-3", "--pool", "2", "--heldout-pool", "32",
