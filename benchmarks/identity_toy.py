@@ -17,10 +17,17 @@
    image itself).
 The last line printed is one JSON object; a grid image (reference | no adapter | training-free | trained) is written
 to --out. Progress goes to stderr.
+
+``--unseen``: identities the adapter never saw. The base is the 16-identity base fine-tuned on all 1,280 attribute
+combinations; the adapter trains on a subset of them; the held-out loss and the evaluation use held-out identities
+(and, reported apart, training ones), judged by the attribute classifier and its embedding (``unseen.py``).
+``--references K`` (MFF) and ``--identity-loss W`` (the recognizer of ``recognizer.py``) are IDAdapter's
+ingredients; ``benchmarks/identity_toy_ablation.py`` runs them at several seeds.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import shutil
@@ -51,6 +58,27 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--base-ema", type=float, default=0.998, help="EMA decay of the base's weights (0.99 for a "
                                                                  "few hundred steps)")
     g.add_argument("--classifier-steps", type=int, default=600)
+    g = p.add_argument_group("unseen identities (--unseen): the base draws all 1,280 attribute combinations, the "
+                             "adapter trains on a subset, evaluation is on identities it never saw")
+    g.add_argument("--unseen", action="store_true",
+                   help="base on every attribute combination (prompted with the pose only); the adapter's references "
+                        "and targets from --train-identities of them; the held-out loss and the evaluation on "
+                        "--heldout-identities it never saw (and, reported apart, on training identities). The JSON "
+                        "line gains unseen_identities.<arm> and training_identities.<arm>")
+    g.add_argument("--unseen-base-steps", type=int, default=200,
+                   help="the base for unseen identities: the 16-identity base (--base-* settings) fine-tuned this "
+                        "many steps on all 1,280 combinations (lr 5e-4, EMA 0.99)")
+    g.add_argument("--heldout-identities", type=int, default=256, help="identities held out (a fixed, seeded set)")
+    g.add_argument("--train-identities", type=int, default=128, help="training identities (from the others)")
+    g.add_argument("--heldout-pool", type=int, default=32,
+                   help="held-out identities with inverted references for the held-out loss (--pool each)")
+    g.add_argument("--eval-train-refs", type=int, default=-1,
+                   help="training-identity references evaluated (-1: as many as held-out ones, --eval-refs)")
+    g.add_argument("--eval-references", default="1",
+                   help="comma-separated photos per reference at evaluation (e.g. 1,3: every adapter arm also with "
+                        "3 photos, combined by --combine; keys get ' K=3')")
+    g.add_argument("--recognizer-steps", type=int, default=600, help="training steps of the identity loss's "
+                                                                      "recognizer")
     g = p.add_argument_group("adapter training (the pack's trainer)")
     g.add_argument("--train-steps", type=int, default=600)
     g.add_argument("--batch", type=int, default=64)
@@ -63,12 +91,20 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--min-timestep", type=int, default=600,
                    help="train.min_timestep: identity is decided at high noise (0: 16 %% identity accuracy, 400: 50 %%, "
                         "600: 68 %%, measured)")
+    g.add_argument("--references", type=int, default=1,
+                   help="train.references: K photos of the target's identity per target (MFF; --pool >= K)")
+    g.add_argument("--combine", default="concat", choices=("concat", "average"),
+                   help="train.reference_combine, and the evaluation's combine of several photos")
+    g.add_argument("--identity-loss", type=float, default=0.0,
+                   help="loss.identity: weight of the identity loss (the toy's recognizer, trained on the training "
+                        "identities only)")
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--sample-steps", type=int, default=50)
     g.add_argument("--sampler", default="euler_ancestral", help="ComfyUI sampler (euler_ancestral: DDIM eta = 1)")
     g.add_argument("--scheduler", default="normal")
     g.add_argument("--inversion", default=CONVENTIONS[0], choices=CONVENTIONS, help="the encode node's convention")
-    g.add_argument("--eval-refs", type=int, default=2, help="references per identity")
+    g.add_argument("--eval-refs", type=int, default=2, help="references per identity (--unseen: held-out "
+                                                             "references, one per identity)")
     g.add_argument("--eval-poses", type=int, default=8, help="target poses per reference")
     g.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     g.add_argument("--no-eval", action="store_true", help="train only (no classifiers, no sampling)")
@@ -78,7 +114,11 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--curve-every", type=int, default=0,
                    help="also checkpoint every N steps and evaluate each checkpoint's weights (trained arm): the "
                         "identity-accuracy learning curve (0: off)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.unseen and (args.base_file or args.export_demo_weights or args.curve_every):
+        p.error("--unseen trains its own base on every combination: leave out --base-file, --export-demo-weights "
+                "and --curve-every")
+    return args
 
 
 def say(message: str) -> None:
@@ -93,7 +133,8 @@ def trainer_config(args, out: Path):
               "train.log_every": 25, "train.checkpoint_every": args.curve_every or max(args.train_steps // 2, 1),
               "train.keep_checkpoints": 1000 if args.curve_every else 3, "train.resume": "no",
               "train.min_timestep": args.min_timestep, "optim.lr": args.lr, "optim.warmup_steps": args.warmup, "validation.every": args.validate_every,
-              "validation.images": 0, "validation.seed": args.seed + 1}
+              "validation.images": 0, "validation.seed": args.seed + 1, "train.references": args.references,
+              "train.reference_combine": args.combine, "loss.identity": args.identity_loss}
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
@@ -113,6 +154,97 @@ def learning_curve(evaluation, run: Path, last_step: int, last: dict | None) -> 
     if last is not None:
         curve.append({"step": last_step, **last})
     return curve
+
+
+def unseen_main(args, base, base_info, recipe, timings: dict, started: float) -> int:
+    """--unseen: train on training identities, evaluate on held-out ones (and, apart, on training ones)."""
+    from identity_toy_lib import base as toy_base
+    from identity_toy_lib import data, evaluate, grid, recognizer, unseen
+    from identity_toy_lib.sampling import SamplerSettings
+    from invadapter_core.train.loop import Trainer
+
+    chosen = unseen.split(args.heldout_identities, args.train_identities)
+    tag = f"s{unseen.SPLIT_SEED}h{args.heldout_identities}t{args.train_identities}"
+    settings = SamplerSettings(steps=args.sample_steps, sampler=args.sampler, scheduler=args.scheduler)
+    # the base file's long name, shortened (a pool's cache name adds its own settings)
+    base_name = "unseen-" + hashlib.sha1(Path(base_info["path"]).stem.encode()).hexdigest()[:10]
+    t = time.time()
+    # the pools are fixed across training seeds (seed 2, as the 16-identity pool at --seed 0): one cache for all
+    pool, cached = data.load_or_build_pool(base, base_name, args.pool, settings.steps, settings.scheduler,
+                                           settings.sampler, args.inversion, seed=2, identities=chosen.train,
+                                           tag="train" + tag)
+    held_ids = chosen.heldout[:args.heldout_pool]
+    held_pool, held_cached = data.load_or_build_pool(base, base_name, args.pool, settings.steps, settings.scheduler,
+                                                     settings.sampler, args.inversion, seed=3, identities=held_ids,
+                                                     tag=f"heldout{args.heldout_pool}" + tag)
+    timings["pool_s"] = round(time.time() - t, 1)
+    say(f"reference pools: {len(pool.identity)} of {len(chosen.train)} training identities, {len(held_pool.identity)}"
+        f" of {len(held_ids)} held-out ones{' (cached)' if cached and held_cached else ''}, {timings['pool_s']} s")
+    ident = None
+    if args.identity_loss:
+        t = time.time()
+        ident, ident_info = recognizer.load_or_train(base.identities[chosen.train], "train" + tag,
+                                                     args.recognizer_steps, say)
+        timings["recognizer_s"] = round(time.time() - t, 1)
+    out = Path(args.out)
+    run = out / "run"
+    if run.exists():
+        shutil.rmtree(run)
+    t = time.time()
+    k = args.references
+    trainer = Trainer(trainer_config(args, run), base.model, vae=base.vae, progress=False,
+                      data=data.ToySamples(base, pool, args.batch * max(args.train_steps, 1), seed=args.seed + 3,
+                                           references=k),
+                      holdout=data.ToySamples(base, held_pool, args.holdout, seed=args.seed + 4, references=k),
+                      recognizer=ident.latent_embedding if ident is not None else None)
+    result = trainer.run()
+    timings["train_s"] = round(time.time() - t, 1)
+    other = list(data.ToySamples(base, held_pool, args.holdout, seed=args.seed + 4, other_identity=True,
+                                 references=k))
+    report = {"mode": "unseen identities", "threads": args.threads, "inversion": args.inversion,
+              "identities": {"all": len(base.identities), "heldout": len(chosen.heldout),
+                             "train": len(chosen.train), "split_seed": unseen.SPLIT_SEED},
+              "chance": unseen.CHANCE, "references": k, "combine": args.combine, "identity_loss": args.identity_loss,
+              "heldout": result.heldout, "heldout_loss_other_identity": trainer.heldout_loss(samples=other),
+              "train_loss_first_last": [result.losses[0], result.losses[-1]],
+              "weights": str(result.weights), "parameters": result.parameters["total"],
+              "base": {**base_info, "steps": recipe.steps, "batch": recipe.batch, "ema": recipe.ema, "lr": recipe.lr,
+                       "fine_tuned_from": toy_base.base_path(recipe.init).name}}
+    if ident is not None:
+        report["recognizer"] = ident_info
+    if not args.no_eval:
+        t = time.time()
+        judge, _ = unseen.load_or_train_judge(args.classifier_steps, log=say)
+        timings["judge_s"] = round(time.time() - t, 1)
+        train_refs = args.eval_refs if args.eval_train_refs < 0 else args.eval_train_refs
+        counts = sorted({int(c) for c in args.eval_references.split(",")})
+        wanted = [a.strip() for a in args.arms.split(",")]
+        for key, ids, refs, seed in (("unseen_identities", chosen.heldout, args.eval_refs, args.seed + 5),
+                                     ("training_identities", chosen.train, train_refs, args.seed + 6)):
+            if refs <= 0:
+                continue
+            plan = unseen.make_plan(ids, refs, args.eval_poses, max(counts), seed=seed)
+            arms, images = {}, {}
+            for count in counts:
+                evaluation = evaluate.Evaluation(base, None, plan, settings, args.inversion, say, references=count,
+                                                 combine=args.combine)
+                for name, adapter in evaluation.arms(result.weights):
+                    if name not in wanted or (count > 1 and adapter is None):
+                        continue
+                    label = name if count == 1 else f"{name} K={count}"
+                    images[label], cost = evaluation.run(f"{key} {label}", adapter)
+                    arms[label] = {**unseen.score(judge, base, plan, images[label], evaluation.reference_images),
+                                   **cost}
+                    say(f"{key} {label}: {arms[label]}")
+            out.mkdir(parents=True, exist_ok=True)
+            grid.save(out / f"grid-{key}.png", evaluation.reference_images, images, args.eval_poses)
+            report[key] = arms
+        report["samples_per_arm"] = args.eval_refs * args.eval_poses
+        report["samples_per_arm_training_identities"] = train_refs * args.eval_poses
+    timings["total_s"] = round(time.time() - started, 1)
+    report["timings"] = timings
+    print(json.dumps(report))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -138,12 +270,17 @@ def main(argv=None) -> int:
     t = time.time()
     recipe = toy_base.PretrainRecipe(steps=args.base_steps, batch=args.base_batch, identities=args.identities,
                                      ema=args.base_ema)
+    if args.unseen:  # the 16-identity base above, fine-tuned on every attribute combination
+        recipe = toy_base.PretrainRecipe(steps=args.unseen_base_steps, batch=args.base_batch, ema=0.99, lr=5e-4,
+                                         identities=toy_base.ALL_COMBINATIONS, init=recipe)
     if args.base_file:
         base, base_info = shipped.load_base(args.base_file)
     else:
         base, base_info = toy_base.load_or_pretrain(recipe, say)
     timings["base_s"] = round(time.time() - t, 1)
     judges = None
+    if args.unseen:
+        return unseen_main(args, base, base_info, recipe, timings, started)
     if not args.no_eval or args.export_demo_weights:
         t = time.time()
         judges, classifier_info = classifiers.load_or_train(base.identities, steps=args.classifier_steps, log=say)

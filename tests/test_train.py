@@ -534,3 +534,42 @@ def test_preprocessing_that_keeps_nothing_fails(tmp_path, capsys, bad):
     assert code == 1 and len(err) == 1, err
     reason = "unreadable image" if bad == "only corrupt images" else "no caption"
     assert err[0].startswith("error: preprocessing kept none of the 3 item(s)") and f"3 {reason}" in err[0], err
+
+
+def test_k_references_per_target_and_the_identity_loss_train_the_eaa_only(tiny_data, tmp_path, tiny_model):
+    """MFF: each target with K = 2 photos (TrainingSample.more_references), in both combine modes; the identity
+    loss with a recognizer on the denoised prediction: gradients reach the EAA and never the frozen UNet."""
+    from invadapter_core.train.config import ConfigError
+    from invadapter_core.train.data import ReferenceView
+
+    shards = ShardSet(str(tiny_data[1]))
+
+    class TwoPhotos:  # sample i with image i + 1 as its second photo
+        empty_context = shards.empty_context
+
+        def __len__(self):
+            return len(shards)
+
+        def __getitem__(self, i):
+            s, other = shards[i], shards[(i + 1) % len(shards)]
+            s.more_references = (ReferenceView(other.reference_states, other.reference_context),)
+            return s
+
+    base_before = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    projection = torch.randn(4 * (RES // 8) ** 2, 8, generator=g)
+    recognizer = lambda latent: latent.flatten(1) @ projection  # noqa: E731 - differentiable stand-in
+    for combine in ("concat", "average"):
+        cfg = tiny_config(tiny_data, tmp_path / combine, **{"train.references": 2, "train.reference_combine": combine,
+                                                            "loss.identity": 1.0, "train.caption_dropout": 0.0})
+        init = adapter_tensors(build_adapter(tiny_model, RES, 16))
+        result = train(cfg, tiny_model, progress=False, data=TwoPhotos(), recognizer=recognizer)
+        assert result.step == 3 and all(np.isfinite(result.losses))
+        trained = adapter_tensors(result.adapter)
+        assert [k for k in init if torch.equal(init[k], trained[k])] == []
+    after = tiny_model.model.state_dict()
+    assert all(torch.equal(base_before[k], after[k]) for k in base_before), "the frozen base model changed"
+    with pytest.raises(ValueError, match="train.references = 2, but a sample"):  # one photo only: a clear error
+        train(tiny_config(tiny_data, tmp_path / "one", **{"train.references": 2}), tiny_model, progress=False)
+    with pytest.raises(ConfigError, match="loss.identity needs a face recognizer"):
+        train(tiny_config(tiny_data, tmp_path / "none", **{"loss.identity": 1.0}), tiny_model, progress=False)

@@ -44,3 +44,42 @@ def test_terms_are_weighted_by_their_config_key(tmp_path, monkeypatch):
     path = tmp_path / "train.toml"
     path.write_text("[loss]\ndenoising = 0.25\n")
     assert load_config(str(path)).loss.denoising == 0.25
+
+
+def test_grouped_references_combine_as_inference_combines_one_identitys_photos():
+    """MFF (train.references = K): sample i's K photos are combined exactly as InvAdapterApply combines several
+    photos of one identity (concat / average), each sample on its own."""
+    from invadapter_core.adapter.injection import Grouped, combine_images
+
+    t = torch.randn(6, 5, 4)  # 3 samples x K = 2 photos, 5 tokens of 4 channels
+    for mode in ("concat", "average"):
+        grouped = combine_images(t, Grouped(mode, 2))
+        assert grouped.shape == ((3, 10, 4) if mode == "concat" else (3, 5, 4))
+        for i in range(3):
+            assert torch.equal(grouped[i:i + 1], combine_images(t[2 * i:2 * i + 2], mode))
+    with pytest.raises(ValueError, match="unknown combine mode"):
+        combine_images(t, Grouped("sum", 2))
+
+
+def test_identity_loss_is_the_weighted_cosine_distance_to_the_reference_and_needs_a_recognizer():
+    b, pred = batch_and_prediction()
+    with pytest.raises(ValueError, match="loss.identity needs a face recognizer"):
+        step.identity_loss(b, pred)
+    g = torch.Generator().manual_seed(1)
+    projection = torch.randn(4 * 8 * 8, 16, generator=g)
+    b.recognizer = lambda latent: latent.flatten(1) @ projection
+    b.ref_clean = torch.randn(2, 4, 8, 8, generator=g)
+    denoised = pred.denoised.clone().requires_grad_(True)
+    loss = step.identity_loss(b, step.Prediction(pred.x, denoised))
+    cos = torch.nn.functional.cosine_similarity(denoised.flatten(1) @ projection, b.ref_clean.flatten(1) @ projection)
+    assert torch.allclose(loss, ((1 - cos) / (1 + b.sigmas ** 2)).mean())
+    loss.backward()
+    assert denoised.grad.abs().sum() > 0
+    # the prediction equal to the reference: nothing to learn
+    assert float(step.identity_loss(b, step.Prediction(pred.x, b.ref_clean))) < 1e-6
+    # K = 2 photos per sample (rows 2i, 2i + 1): the target is their mean embedding, so two copies of one photo
+    # give the same loss as the photo alone
+    single = step.identity_loss(b, pred)
+    b.references, b.ref_clean = 2, b.ref_clean.repeat_interleave(2, dim=0)
+    assert torch.allclose(step.identity_loss(b, pred), single)
+    assert "identity" in step.LOSS_TERMS and load_config(None, ["loss.identity=0.5"]).loss.identity == 0.5

@@ -31,6 +31,7 @@ import comfy.supported_models
 from . import render, store
 
 IDENTITIES, MIN_DISTANCE, IDENTITY_SEED = 16, 3, 0
+ALL_COMBINATIONS = len(render.all_identities())  # 1,280
 CONTEXT_DIM = 32
 UNET_CONFIG = {
     "image_size": 16, "in_channels": 12, "out_channels": 12, "model_channels": 32, "num_res_blocks": [1, 1],
@@ -141,7 +142,13 @@ class ToyBase:
 
 
 def identity_set(count: int = IDENTITIES) -> torch.Tensor:
-    """The first ``count`` of the 16 identities (a smaller set trains a base faster: the CI test uses 4)."""
+    """The first ``count`` of the 16 identities (a smaller set trains a base faster: the CI test uses 4), or
+    ``ALL_COMBINATIONS``: every attribute combination (the base for unseen identities, ``unseen.py``)."""
+    if count == ALL_COMBINATIONS:
+        return render.all_identities()
+    if not 1 <= count <= IDENTITIES:
+        raise ValueError(f"identities = {count}: give 1 to {IDENTITIES} (the picked identities) or "
+                         f"{ALL_COMBINATIONS} (every attribute combination)")
     return render.pick_identities(IDENTITIES, MIN_DISTANCE, IDENTITY_SEED)[:count]
 
 
@@ -167,6 +174,9 @@ class PretrainRecipe:
     min_snr: float = 5.0
     drop_pose: float = 0.2
     seed: int = 0
+    # start from another recipe's base instead of a fresh initialisation (the base for unseen identities fine-tunes
+    # the 16-identity base on every combination: it can already draw every attribute value)
+    init: Optional["PretrainRecipe"] = None
 
     def lr_at(self, step: int) -> float:
         warmup = min(self.warmup, self.steps // 10)
@@ -179,12 +189,17 @@ class PretrainRecipe:
 def pretrain(recipe: PretrainRecipe, identities: torch.Tensor, log: Callable[[str], None] = print
              ) -> tuple[comfy.model_base.BaseModel, PoseEncoder, list[float]]:
     """Trains UNet + pose encoder on renders of ``identities`` in random poses; returns the EMA weights."""
-    model = build_unet_model()
+    if recipe.init is not None:
+        start, _ = load_or_pretrain(recipe.init, log)
+        model, encoder = from_tensors(to_tensors(start.model.model, start.encoder))
+    else:
+        model = build_unet_model()
+        initialise(model.diffusion_model, recipe.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed + 1)
+            encoder = PoseEncoder()
     unet = model.diffusion_model
-    initialise(unet, recipe.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed + 1)
-        encoder = PoseEncoder()
+    encoder.requires_grad_(True)
     unet.requires_grad_(True)
     params = list(unet.parameters()) + list(encoder.parameters())
     ema = [p.detach().clone() for p in params]
@@ -230,8 +245,11 @@ def pretrain(recipe: PretrainRecipe, identities: torch.Tensor, log: Callable[[st
 
 # ------------------------------------------------------------------------------------------------ cache
 def base_path(recipe: PretrainRecipe):
+    extra = {}
+    if recipe.init is not None:  # a fine-tuned base: named by its start too
+        extra = {"lr": recipe.lr, "from": base_path(recipe.init).stem.replace("base-", "")}
     return store.cache_path("base", ids=recipe.identities, steps=recipe.steps, batch=recipe.batch, seed=recipe.seed,
-                            ema=recipe.ema)
+                            ema=recipe.ema, **extra)
 
 
 def load_or_pretrain(recipe: PretrainRecipe, log: Callable[[str], None] = print) -> tuple[ToyBase, dict]:

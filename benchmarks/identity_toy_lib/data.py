@@ -9,11 +9,12 @@ another pose than the target.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from invadapter_core.reference.encode import invert_latent
-from invadapter_core.train.data import TrainingSample
+from invadapter_core.train.data import ReferenceView, TrainingSample
 
 from . import render, store
 from .base import ToyBase, images_to_latent
@@ -32,23 +33,27 @@ class ReferencePool:
 
 
 def load_or_build_pool(base: ToyBase, base_name: str, per_identity: int, steps: int, scheduler: str, sampler: str,
-                       convention: str, seed: int) -> tuple[ReferencePool, bool]:
-    """The pool for this base and these settings from the cache, or built (then cached); and whether it was cached."""
+                       convention: str, seed: int, identities: Optional[torch.Tensor] = None, tag: str = ""
+                       ) -> tuple[ReferencePool, bool]:
+    """The pool for this base and these settings from the cache, or built (then cached); and whether it was cached.
+    ``identities``: only these (indices into ``base.identities``; default all), named in the cache by ``tag``."""
+    extra = {"ids": tag} if tag else {}
     path = store.cache_path(f"pool-{base_name}", per=per_identity, steps=steps, sched=scheduler, sampler=sampler,
-                            inv=convention.replace(" ", "_"), seed=seed)
+                            inv=convention.replace(" ", "_"), seed=seed, **extra)
     if path.exists():
         tensors, _ = store.load(path)
         return ReferencePool(**tensors), True
-    pool = build_pool(base, per_identity, steps, scheduler, sampler, convention, seed)
+    pool = build_pool(base, per_identity, steps, scheduler, sampler, convention, seed, identities=identities)
     store.save(path, dict(vars(pool)), {"base": base_name})
     return pool, False
 
 
 @torch.no_grad()
 def build_pool(base: ToyBase, per_identity: int, steps: int, scheduler: str, sampler: str, convention: str,
-               seed: int, batch: int = 64) -> ReferencePool:
+               seed: int, batch: int = 64, identities: Optional[torch.Tensor] = None) -> ReferencePool:
     gen = torch.Generator().manual_seed(seed)
-    who = torch.arange(len(base.identities)).repeat_interleave(per_identity)
+    identities = torch.arange(len(base.identities)) if identities is None else identities
+    who = identities.repeat_interleave(per_identity)
     pose = render.random_poses(len(who), gen)
     context = base.context(pose)
     states, sigmas = [], None
@@ -63,15 +68,22 @@ def build_pool(base: ToyBase, per_identity: int, steps: int, scheduler: str, sam
 
 
 class ToySamples:
-    """Map-style data source: ``size`` samples, sample i drawn from ``seed`` and i. ``other_identity``: the
-    reference shows another identity than the target (a control: an adapter that reads identity from the reference
-    does worse there than with the right one)."""
+    """Map-style data source: ``size`` samples, sample i drawn from ``seed`` and i, of the pool's identities (all
+    16, or a training subset of the 1,280 combinations). ``other_identity``: the reference shows another identity
+    than the target (a control: an adapter that reads identity from the reference does worse there than with the
+    right one). ``references`` > 1: K different pool references of the identity (``more_references``: MFF)."""
 
-    def __init__(self, base: ToyBase, pool: ReferencePool, size: int, seed: int, other_identity: bool = False):
+    def __init__(self, base: ToyBase, pool: ReferencePool, size: int, seed: int, other_identity: bool = False,
+                 references: int = 1):
         self.base, self.pool, self.size, self.seed = base, pool, size, seed
-        self.other_identity = other_identity
+        self.other_identity, self.references = other_identity, references
         self.empty_context = base.empty_context(1)[0]  # [2, 32]: the null pose token
-        self.by_identity = [pool.of_identity(i) for i in range(len(base.identities))]
+        self.identities = pool.identity.unique()  # sorted: for the 16-identity pool, 0..15 as before
+        self.by_identity = [pool.of_identity(int(i)) for i in self.identities]
+        fewest = min(len(c) for c in self.by_identity)
+        if references > fewest:
+            raise ValueError(f"{references} references per target, but the pool has {fewest} per identity: "
+                             f"raise --pool to at least {references}")
 
     def __len__(self) -> int:
         return self.size
@@ -81,14 +93,21 @@ class ToySamples:
             raise IndexError(i)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         n = len(self.by_identity)
-        who = int(torch.randint(0, n, (1,), generator=gen))
-        shown = who
+        at = int(torch.randint(0, n, (1,), generator=gen))  # position in self.identities
+        shown = at
         if self.other_identity:  # its own generator: the target, its pose and the reference's index stay the same
             other = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 500_009)
-            shown = (who + int(torch.randint(1, n, (1,), generator=other))) % n
+            shown = (at + int(torch.randint(1, n, (1,), generator=other))) % n
         choices = self.by_identity[shown]
         r = int(choices[torch.randint(0, len(choices), (1,), generator=gen)])
         pose = render.random_poses(1, gen)
+        who = int(self.identities[at])
         target = self.base.model.model.process_latent_in(images_to_latent(self.base.render(torch.tensor([who]), pose)))
+        more = ()
+        if self.references > 1:  # its own generator: sample i is the same with 1 or K references otherwise
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 900_007)
+            rest = choices[choices != r]
+            picked = rest[torch.randperm(len(rest), generator=g)[:self.references - 1]].tolist()
+            more = tuple(ReferenceView(self.pool.states[j], self.pool.context[j]) for j in picked)
         return TrainingSample(target[0], self.base.context(pose)[0], self.pool.sigmas, self.pool.states[r],
-                              self.pool.context[r], caption=f"identity {who}")
+                              self.pool.context[r], caption=f"identity {who}", more_references=more)

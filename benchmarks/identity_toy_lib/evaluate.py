@@ -30,6 +30,7 @@ class Plan:
     reference_pose: torch.Tensor  # [R, 11]
     target_pose: torch.Tensor     # [R, K, 11]
     seed: torch.Tensor            # [R]
+    more_reference_poses: Optional[torch.Tensor] = None  # [R, K-1, 11] more photos of reference r (unseen.py)
 
     @property
     def samples(self) -> int:
@@ -45,10 +46,12 @@ def make_plan(identities: int, per_identity: int, poses: int, seed: int) -> Plan
 
 
 class Evaluation:
-    def __init__(self, base: ToyBase, judges: Judges, plan: Plan, settings: SamplerSettings, inversion: str,
-                 log: Callable[[str], None] = print):
+    def __init__(self, base: ToyBase, judges: Optional[Judges], plan: Plan, settings: SamplerSettings,
+                 inversion: str, log: Callable[[str], None] = print, references: int = 1, combine: str = "concat"):
+        """``references`` > 1: each reference is encoded from that many photos of its identity (the plan's
+        reference pose, then its ``more_reference_poses``), combined by InvAdapterApply's ``combine``."""
         self.base, self.judges, self.plan, self.settings, self.log = base, judges, plan, settings, log
-        self.inversion = inversion
+        self.inversion, self.references, self.combine = inversion, references, combine
         self.pack = load_pack()
         self.reference_images = base.render(plan.identity, plan.reference_pose)  # [R, 3, 32, 32]
 
@@ -72,7 +75,12 @@ class Evaluation:
 
         node = self.pack.nodes.encode.InvAdapterEncodeReference
         image = self.reference_images[r:r + 1].movedim(1, -1)
-        caption = [[self.base.context(self.plan.reference_pose[r:r + 1]), {}]]
+        poses = self.plan.reference_pose[r:r + 1]
+        if self.references > 1:  # several photos of one identity: one batch, each with its own pose as caption
+            poses = torch.cat([poses, self.plan.more_reference_poses[r, :self.references - 1]])
+            who = self.plan.identity[r].repeat(len(poses))
+            image = self.base.render(who, poses).movedim(1, -1)
+        caption = [[self.base.context(poses), {}]]
         out = node.execute(self.base.model, self.base.vae, image, caption, self.settings.steps,
                            self.settings.scheduler, render.SIZE, True, adapter, sampler_name=self.settings.sampler,
                            inversion=self.inversion)
@@ -80,7 +88,7 @@ class Evaluation:
 
     def apply(self, adapter, reference):
         node = self.pack.nodes.apply.InvAdapterApply
-        out = node.execute(self.base.model, adapter, reference, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")
+        out = node.execute(self.base.model, adapter, reference, 1.0, 1.0, 0.0, 1.0, self.combine, "cond and uncond")
         return out.args[0]
 
     def run(self, name: str, adapter) -> tuple[torch.Tensor, dict]:

@@ -37,8 +37,22 @@ KV = dict  # (kind, block name) -> (K, V scaled), each [1|B, heads, N, d]
 _ids = itertools.count()
 
 
-def combine_images(t: torch.Tensor, mode: str) -> torch.Tensor:
-    """Several images of one identity ([R, N, C]) as one reference ([1, N', C]): token concat or average."""
+@dataclass(frozen=True)
+class Grouped:
+    """Training with K photos per sample (``train.references``): rows iK .. iK+K-1 are sample i's photos, combined
+    by ``mode`` as inference combines one identity's photos."""
+    mode: str
+    k: int
+
+
+def combine_images(t: torch.Tensor, mode) -> torch.Tensor:
+    """Several images of one identity ([R, N, C]) as one reference ([1, N', C]): token concat or average;
+    ``Grouped``: each sample's K images ([B*K, N, C] -> [B, N', C])."""
+    if isinstance(mode, Grouped):
+        if mode.mode not in COMBINE_MODES:
+            raise ValueError(f"unknown combine mode {mode.mode!r}; expected one of {COMBINE_MODES}")
+        g = t.reshape(t.shape[0] // mode.k, mode.k, *t.shape[1:])
+        return g.reshape(g.shape[0], -1, t.shape[-1]) if mode.mode == "concat" else g.mean(dim=1)
     if t.shape[0] == 1 or mode == PER_SAMPLE:
         return t
     if mode == "concat":

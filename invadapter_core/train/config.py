@@ -63,6 +63,11 @@ class TrainConfig:
     caption_dropout: float = opt(0.1, "probability of training a sample on the empty prompt (for CFG)")
     min_timestep: int = opt(0, "timesteps are drawn uniformly from [min_timestep, max_timestep]")
     max_timestep: int = opt(999, "timesteps are drawn uniformly from [min_timestep, max_timestep]")
+    references: int = opt(1, "K: reference photos of the target's identity per target, combined as inference "
+                             "combines several photos (IDAdapter's mixed facial features); K > 1 needs a data "
+                             "source that gives each sample K - 1 more (TrainingSample.more_references)")
+    reference_combine: str = opt("concat", "how the K references combine, as InvAdapterApply's combine: 'concat' "
+                                           "(their tokens side by side) or 'average'")
     mixed_precision: str = opt("auto", "'auto' (bf16 on CUDA with bf16 support, else fp16; none on CPU), 'bf16', "
                                        "'fp16' or 'no'")
     log_every: int = opt(10, "steps between log lines (log.jsonl and stdout)")
@@ -106,6 +111,9 @@ class ValidationConfig:
 class LossConfig:
     """One weight per loss term of ``step.LOSS_TERMS``, under the term's name (0: the term is not computed)."""
     denoising: float = opt(1.0, "weight of the denoising loss (eq. 6: epsilon-prediction MSE)")
+    identity: float = opt(0.0, "weight of the identity loss: 1 - cosine between a face recognizer's embedding of "
+                               "the denoised prediction (decoded) and the reference's, weighted by alpha_bar(t); "
+                               "needs a recognizer given to the trainer (the toy's; none for real checkpoints yet)")
 
 
 @dataclass

@@ -40,6 +40,7 @@ def check_config(cfg: Config, command: str) -> list[str]:
     import comfy.samplers
 
     from ..face.detect import DETECTORS
+    from ..adapter.injection import COMBINE_MODES
     from .model import PRECISIONS
     from .preprocess import FACE_CROP_MODES
 
@@ -110,6 +111,8 @@ def check_config(cfg: Config, command: str) -> list[str]:
     if t.min_timestep > t.max_timestep:
         problems.append(f"train.min_timestep = {t.min_timestep} is above train.max_timestep = {t.max_timestep}: "
                         f"set min_timestep <= max_timestep")
+    number("train.references", t.references, 1)
+    choice("train.reference_combine", t.reference_combine, COMBINE_MODES)
     choice("train.mixed_precision", t.mixed_precision, PRECISIONS)
     number("train.log_every", t.log_every, 1)
     number("train.checkpoint_every", t.checkpoint_every, 0)

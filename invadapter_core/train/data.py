@@ -116,6 +116,14 @@ def write_shard(path: str, states: torch.Tensor, context: torch.Tensor, sigmas: 
 
 
 @dataclass
+class ReferenceView:
+    """Another photo of the sample's identity, as the reference branch reads it (MFF: ``train.references``)."""
+    states: torch.Tensor             # [n+1, C, h, w] its inversion trajectory, in sampler space
+    context: torch.Tensor            # [T, D] the caption it was inverted with
+    adm: Optional[torch.Tensor] = None  # [A] its ADM vector (SDXL)
+
+
+@dataclass
 class TrainingSample:
     """One training example. The generation pass denoises ``target`` under ``context``; the reference branch reads
     its features off ``reference_states`` (the reference's inversion trajectory, inverted with
@@ -133,6 +141,9 @@ class TrainingSample:
     reference_adm: Optional[torch.Tensor] = None
     pooled: Optional[torch.Tensor] = None
     guidance: Optional[float] = None  # models with a guidance embedding (Flux-dev): what both passes get
+    # more photos of the same identity (same sigmas as the reference): ``train.references`` = K uses the reference
+    # and the first K - 1 of these, combined as inference combines several photos (mixed facial features)
+    more_references: tuple = ()
 
 
 class ShardSet:

@@ -54,8 +54,15 @@ class Interrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None):
+    def __init__(self, cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None,
+                 recognizer=None):
+        """``recognizer``: the identity loss's (``step.identity_loss``): a clean latent in sampler space ->
+        embedding [B, E], differentiable; needed when loss.identity is not 0."""
         self.cfg, self.model, self.vae, self.progress = cfg, model, vae, progress
+        if cfg.loss.identity != 0 and recognizer is None:
+            raise ConfigError("loss.identity needs a face recognizer given to the trainer (the identity toy gives "
+                              "one; the command-line trainer has none yet): set loss.identity = 0")
+        self.recognizer = recognizer
         self.out = Path(require(cfg.train.output_dir, "train.output_dir"))
         self.device = model.load_device
         self.info = distributed.setup(self.device)
@@ -81,6 +88,9 @@ class Trainer:
         self.parameters = count_parameters(adapter)
         self.adapter = adapter.to(self.device)
         self.generation = generation_pass(self.adapter, model)
+        if t.references > 1 and is_joint(layout_of(model)):
+            raise ValueError(f"train.references = {t.references} (mixed features) is implemented for the SD UNets "
+                             f"only; on this {model_family(model)} model set train.references = 1")
         self.net = distributed.wrap(self.generation, self.device, self.info)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -163,7 +173,8 @@ class Trainer:
     def batch(self, samples: list[tuple[TrainingSample, int]], seed: int, dropout: float) -> step.Batch:
         t = self.cfg.train
         made = step.make_batch(samples, seed, dropout, self.ms, (t.min_timestep, t.max_timestep),
-                               self.empty_context, self.empty_adm, self.device)
+                               self.empty_context, self.empty_adm, self.device, t.references, t.reference_combine,
+                               self.recognizer if self.loss_weights.get("identity") else None)
         self.dropped += made.dropped
         return made
 
@@ -348,12 +359,14 @@ def tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def train(cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None) -> TrainResult:
+def train(cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None,
+          recognizer=None) -> TrainResult:
     """Trains the EAA of ``model`` (a ComfyUI ModelPatcher) on ``data`` (an iterable of ``TrainingSample``s; by
     default the shards of ``cfg.data.cache_dir``), with ``holdout`` samples for the held-out loss (by default the
-    last ``validation.holdout`` shard images). Under torchrun every process calls this with its own model copy."""
+    last ``validation.holdout`` shard images); ``recognizer``: the identity loss's (``Trainer``). Under torchrun
+    every process calls this with its own model copy."""
     if cfg.train.export_dtype not in EXPORT_DTYPES:
         raise ConfigError(f"train.export_dtype must be one of {list(EXPORT_DTYPES)}")
     if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
-    return Trainer(cfg, model, vae, clip, progress, data, holdout).run()
+    return Trainer(cfg, model, vae, clip, progress, data, holdout, recognizer).run()

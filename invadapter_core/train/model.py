@@ -21,7 +21,7 @@ from ..adapter.joint import (JOINT, POSITIONS, JointCall, JointStep, joint_add, 
                              project_joint, rope_rows)
 from ..arch.flux import FluxLayout, split_kv
 from ..adapter.fit import check_adapter_fits
-from ..adapter.injection import PER_SAMPLE, EAAInjection, Step, transformer_options
+from ..adapter.injection import PER_SAMPLE, EAAInjection, Grouped, Step, transformer_options
 from ..reference.capture import Features, reference_pass
 from ..arch.layout import Layout, layout_of, model_family
 from ..adapter.weights import load_adapter
@@ -231,12 +231,15 @@ class GenerationPass(nn.Module):
         return features
 
     def forward(self, x: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, f_self: dict,
-                f_cross: Optional[dict], adm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                f_cross: Optional[dict], adm: Optional[torch.Tensor] = None, references: int = 1,
+                combine: str = "concat") -> torch.Tensor:
         """D(x, sigma): the x0 prediction with the EAA fed by the reference features (plain dicts, so DDP passes
         them through untouched). Reference i serves sample i; K/V come from the adapter's own float32 parameters
         (the EAA layers cast their inputs), so gradients reach them under autocast or a half-precision UNet.
-        ``adm``: the ADM vectors ([B, A]) of UNets that take one (SDXL)."""
-        kv = self.injection.project_kv(self.adapter, Features(f_self, f_cross), PER_SAMPLE)
+        ``adm``: the ADM vectors ([B, A]) of UNets that take one (SDXL). ``references`` = K: the features hold K
+        photos per sample (sample-major), combined by ``combine`` as InvAdapterApply combines several photos."""
+        mode = PER_SAMPLE if references == 1 else Grouped(combine, references)
+        kv = self.injection.project_kv(self.adapter, Features(f_self, f_cross), mode)
         options = transformer_options([Step(self.injection, kv, float(sigmas.reshape(-1)[0]))])
         return self.base.apply_model(x, sigmas, c_crossattn=context, transformer_options=options,
                                      **({} if adm is None else {"y": adm}))

@@ -38,6 +38,13 @@ class Batch:
     dropped: int = 0                  # samples whose caption was dropped
     guidance: Optional[torch.Tensor] = None  # [B] the guidance embedding's input (Flux-dev style models), else None
     flow: bool = False                # a flow model: x = (1 − σ)·x0 + σ·ε, the target is the velocity ε − x0
+    # K photos per sample (``train.references``): x_ref, caption and ref_adm hold B x K rows, sample-major,
+    # combined as ``combine``; ref_clean [B x K, C, h, w]: each reference's clean latent (its trajectory's start)
+    references: int = 1
+    combine: str = "concat"
+    ref_clean: Optional[torch.Tensor] = None
+    # the identity loss's recognizer: a clean latent (sampler space) -> embedding [B, E], differentiable
+    recognizer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 @dataclass
@@ -79,28 +86,40 @@ def per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def make_batch(samples: list[tuple[TrainingSample, int]], seed: int, dropout: float, model_sampling,
                timesteps: tuple[int, int], empty_context: Optional[torch.Tensor], empty_adm: Optional[torch.Tensor],
-               device: torch.device) -> Batch:
-    """The micro-batch of ``samples`` (each with its draw id)."""
+               device: torch.device, references: int = 1, combine: str = "concat",
+               recognizer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Batch:
+    """The micro-batch of ``samples`` (each with its draw id); ``references`` = K: each sample's reference and its
+    first K - 1 ``more_references`` (MFF), every one read at the sample's sigma."""
     xs_ref, x0s, epss, sigmas, captions, contexts, adms, ref_adms, dropped = [], [], [], [], [], [], [], [], 0
+    cleans = []
     for sample, draw_id in samples:
         t, eps, drop = draw(draw_id, sample.target.shape, seed, dropout, *timesteps)
         sigma = sigma_of(model_sampling, t)
-        xs_ref.append(latent_at(sample.reference_sigmas, sample.reference_states, sigma))
+        views = [(sample.reference_states, sample.reference_context, sample.reference_adm)]
+        views += [(v.states, v.context, v.adm) for v in sample.more_references[:references - 1]]
+        if len(views) < references:
+            raise ValueError(f"train.references = {references}, but a sample ({sample.caption!r}) has "
+                             f"{len(views)} reference photo(s): give the data source more photos per identity "
+                             f"(TrainingSample.more_references) or lower train.references")
+        for states, caption, ref_adm in views:
+            xs_ref.append(latent_at(sample.reference_sigmas, states, sigma))
+            cleans.append(states[0])
+            captions.append(caption)
+            ref_adms.append(ref_adm)
         x0s.append(sample.target)
         epss.append(eps)
         sigmas.append(sigma)
-        captions.append(sample.reference_context)
         contexts.append(empty_context.reshape(sample.context.shape) if drop else sample.context)
         adms.append(empty_adm if drop else sample.adm)
-        ref_adms.append(sample.reference_adm)
         dropped += drop
     on = lambda xs: torch.stack(xs).to(device, torch.float32)  # noqa: E731
     maybe = lambda xs: None if any(x is None for x in xs) else on(xs)  # noqa: E731 - no ADM input: None
     guidance = [s.guidance for s, _ in samples]
     return Batch(on(xs_ref), on(x0s), on(epss), torch.tensor(sigmas, device=device), on(captions), on(contexts),
                  maybe(adms), maybe(ref_adms), dropped,
-                 None if any(g is None for g in guidance) else torch.tensor(guidance, device=device),
-                 is_flow(model_sampling))
+                 guidance=None if any(g is None for g in guidance) else torch.tensor(guidance, device=device),
+                 flow=is_flow(model_sampling), references=references, combine=combine,
+                 ref_clean=on(cleans) if recognizer is not None else None, recognizer=recognizer)
 
 
 def predict(batch: Batch, generation, net, adapter: bool = True) -> Prediction:
@@ -117,8 +136,13 @@ def predict(batch: Batch, generation, net, adapter: bool = True) -> Prediction:
         conds = {"c_crossattn": batch.caption, **guided}
         if batch.ref_adm is not None:
             conds["y"] = batch.ref_adm
-        features = generation.reference_features(batch.x_ref, batch.sigmas, conds)
-        denoised = net(x, batch.sigmas, batch.context, features.self_attn, features.cross_attn, batch.adm, **guided)
+        k = batch.references
+        if k > 1 and "guidance" in guided:  # the reference rows are B x K: each sample's guidance K times
+            conds["guidance"] = batch.guidance.repeat_interleave(k)
+        features = generation.reference_features(batch.x_ref, batch.sigmas.repeat_interleave(k), conds)
+        grouped = {} if k == 1 else {"references": k, "combine": batch.combine}
+        denoised = net(x, batch.sigmas, batch.context, features.self_attn, features.cross_attn, batch.adm,
+                       **guided, **grouped)
     else:
         denoised = generation.base.apply_model(x, batch.sigmas, c_crossattn=batch.context, **guided,
                                                **({} if batch.adm is None else {"y": batch.adm}))
@@ -137,8 +161,27 @@ def denoising_loss(batch: Batch, pred: Prediction) -> torch.Tensor:
     return F.mse_loss(eps_hat, batch.eps)
 
 
+def identity_loss(batch: Batch, pred: Prediction) -> torch.Tensor:
+    """1 - cos(R(D), R(ref)), weighted by alpha_bar(t) (the signal's share at the sampled sigma): a recognizer R's
+    embedding of the model's denoised prediction at the sampled timestep against the reference's (the mean of its K
+    photos'). The weight trusts the prediction where it is a face (low noise) and lets it go where it is a blur.
+    ``R`` decodes the latent itself (``Batch.recognizer``); gradients reach the adapter through D only."""
+    if batch.recognizer is None:
+        raise ValueError("loss.identity needs a face recognizer, and none was given to the trainer: set "
+                         "loss.identity = 0 (the command-line trainer has none yet)")
+    with torch.no_grad():
+        ref = batch.recognizer(batch.ref_clean).float()
+        ref = F.normalize(F.normalize(ref, dim=-1).reshape(len(batch.sigmas), batch.references, -1).mean(1), dim=-1)
+    emb = F.normalize(batch.recognizer(pred.denoised.float()).float(), dim=-1)
+    s = batch.sigmas.float()
+    # the signal's share of x's variance: alpha_bar = 1 / (1 + sigma^2) for x = x0 + sigma*eps; for a flow model
+    # (x = (1 - sigma)*x0 + sigma*eps) (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2)
+    weight = (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2) if batch.flow else 1 / (1 + s ** 2)
+    return (weight * (1 - (emb * ref).sum(-1))).mean()
+
+
 LossTerm = Callable[[Batch, Prediction], torch.Tensor]
-LOSS_TERMS: dict[str, LossTerm] = {"denoising": denoising_loss}
+LOSS_TERMS: dict[str, LossTerm] = {"denoising": denoising_loss, "identity": identity_loss}
 
 
 def total_loss(batch: Batch, pred: Prediction, weights: dict[str, float]) -> torch.Tensor:
