@@ -25,22 +25,15 @@ from invadapter_core.train.model import build_adapter
 from support import flux_files
 from support.flux_models import flux_text, tiny_flux_model
 from support.qwen_models import qwen_text, tiny_qwen_image_model, tiny_wan_vae
+from test_flux_nodes import adapter, apply, node  # noqa: F401 - the node fixtures, shared
 from test_qwen_image import one_call
 
 RES = 64  # pixels: a [1, 16, 1, 8, 8] latent, a 4x4 token grid
 STEPS = 4
 TXT = 7
 SHAPE = (1, 16, 1, RES // 8, RES // 8)
-NODES = {"InvAdapterLoader": "loader", "InvAdapterEncodeReference": "encode", "InvAdapterApply": "apply",
-         "InvAdapterCombineReferences": "control", "InvAdapterBlockWeights": "control"}
 UNET_LEVELS = ("input_high", "input_mid", "input_low", "middle", "output_low", "output_mid", "output_high")
 
-
-@pytest.fixture(scope="module")
-def node(pack):
-    classes = {name: getattr(__import__(f"{pack.__name__}.nodes.{module}", fromlist=[name]), name)
-               for name, module in NODES.items()}
-    return lambda name, *args, **kwargs: classes[name].execute(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +54,6 @@ def photo(seed):
     return torch.rand(1, RES, RES, 3, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def adapter(node):
-    return node("InvAdapterLoader", "init from model")[0]
-
 
 @pytest.fixture(scope="module")
 def encode(node, model, vae):
@@ -78,14 +67,6 @@ def encode(node, model, vae):
 def reference(encode):
     return encode()
 
-
-@pytest.fixture(scope="module")
-def apply(node, adapter):
-    def run(model, reference, weight=1.0, start=0.0, end=1.0, combine="concat", apply_to="cond and uncond",
-            mask=None, block_weights=None, **dit):
-        return node("InvAdapterApply", model, adapter, reference, weight, 1.0, start, end, combine, apply_to, mask,
-                    block_weights, **dit)[0]
-    return run
 
 
 def sample(model, cfg=1.0, seed=0):
