@@ -12,7 +12,7 @@ from invadapter_core.arch.layout import layout_of
 from invadapter_core.arch.levels import DIT_PRESETS
 from invadapter_core.comfyui.memory import TensorPack
 from invadapter_core.reference.encode import DIT_CAPTURE, capture_levels, kept_sigmas, reference_conds, invert_latent
-from support.flux_models import flux_text, tiny_flux_model
+from test_flux import flux, text  # noqa: F401 - the tiny Flux and its text, shared fixtures
 
 SIDE = 8  # latent side: a 4x4 token grid, 16 image tokens
 RES = 8 * SIDE
@@ -23,16 +23,6 @@ DOUBLE = DIT_CAPTURE["double blocks"]
 # value; the sampled output moves by 0.9 % of the EAA's effect)
 FP8_MAX_RELATIVE = 2.0 ** -4
 FP8_RMS_RELATIVE = 0.035
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux_model()
-
-
-@pytest.fixture(scope="module")
-def text():
-    return flux_text(0)
 
 
 @pytest.fixture(scope="module")

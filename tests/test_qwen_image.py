@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import comfy.k_diffusion.sampling as kds
 import comfy.sample
 from invadapter_core.adapter.joint import JointApplication, install_joint
 from invadapter_core.arch.fit import check_served, default_resolution, is_joint
@@ -17,9 +16,8 @@ from invadapter_core.arch.levels import DIT_LEVELS
 from invadapter_core.arch.qwen_image import QwenImageLayout
 from invadapter_core.reference.capture import reference_pass
 from invadapter_core.reference.encode import invert_latent, reference_conds
-from invadapter_core.reference.inversion import invert, inversion_sigmas
 from support.qwen_models import qwen_text, tiny_qwen_image_model
-from test_flux import rope
+from test_flux import rope, round_trip_errors
 
 SIDE = 8  # latent side: a 4x4 token grid
 TXT = 7
@@ -115,16 +113,7 @@ def test_inversion_on_a_tiny_qwen_image_keeps_features_and_samples_back(qwen, re
     sigmas = reference.sigmas.tolist()
     assert reference.features.sigmas() == pytest.approx(sigmas[:-1]) and sigmas[-1] == pytest.approx(1.0)
     assert reference.states.shape == (len(sigmas), *SHAPE) and set(reference.conds) == {"c_crossattn"}
-    base, conds, x0 = qwen.model, reference.conds, reference.states[0]
-    denoise = lambda x, sig: base.apply_model(x, torch.full((1,), float(sig)), **conds)  # noqa: E731
-    errors = []
-    for steps in (3, 12):
-        sigmas = inversion_sigmas([0.02 + 0.98 * i / steps for i in range(steps + 1)])
-        with torch.no_grad():
-            states = invert(denoise, x0, sigmas)
-            back = kds.sample_euler(lambda x, sig: denoise(x, sig[0]), states[-1], torch.tensor(sigmas[::-1]),
-                                    disable=True)
-        errors.append(float((back - x0).norm() / x0.norm()))
+    errors = round_trip_errors(qwen, reference)
     assert errors[1] < 0.45 * errors[0], errors
 
 
