@@ -186,6 +186,35 @@ class PretrainRecipe:
         return self.lr_end + 0.5 * (self.lr - self.lr_end) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def train_with_ema(recipe: PretrainRecipe, params: list, batch_loss: Callable[[], torch.Tensor],
+                   log: Callable[[str], None], label: str) -> list[float]:
+    """AdamW on ``params`` with the recipe's learning-rate schedule, gradient clipping and an EMA of the weights,
+    ``recipe.steps`` steps of ``batch_loss()`` (which draws its own batch); the parameters end as the EMA's. Returns
+    the losses."""
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    losses, started = [], time.time()
+    for step in range(recipe.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr_at(step)
+        loss = batch_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - recipe.ema)
+        losses.append(float(loss.detach()))
+        if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
+            log(f"{label} step {step + 1}/{recipe.steps}: loss {sum(losses[-100:]) / len(losses[-100:]):.4f}, "
+                f"{time.time() - started:.0f} s")
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    return losses
+
+
 def pretrain(recipe: PretrainRecipe, identities: torch.Tensor, log: Callable[[str], None] = print
              ) -> tuple[comfy.model_base.BaseModel, PoseEncoder, list[float]]:
     """Trains UNet + pose encoder on renders of ``identities`` in random poses; returns the EMA weights."""
@@ -201,15 +230,10 @@ def pretrain(recipe: PretrainRecipe, identities: torch.Tensor, log: Callable[[st
     unet = model.diffusion_model
     encoder.requires_grad_(True)
     unet.requires_grad_(True)
-    params = list(unet.parameters()) + list(encoder.parameters())
-    ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     ms = model.model_sampling
     gen = torch.Generator().manual_seed(recipe.seed + 2)
-    losses, started = [], time.time()
-    for step in range(recipe.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr_at(step)
+
+    def batch_loss() -> torch.Tensor:
         b = recipe.batch
         who = torch.randint(0, len(identities), (b,), generator=gen)
         pose = render.random_poses(b, gen)
@@ -223,21 +247,10 @@ def pretrain(recipe: PretrainRecipe, identities: torch.Tensor, log: Callable[[st
         eps_hat = (x - denoised) / sigma[:, None, None, None]
         # min-SNR-gamma for eps prediction: weight min(SNR, gamma) / SNR with SNR = 1 / sigma^2
         weight = torch.clamp(recipe.min_snr * sigma ** 2, max=1.0)
-        loss = (weight * ((eps_hat - eps) ** 2).mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - recipe.ema)
-        losses.append(float(loss.detach()))
-        if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
-            log(f"base pretraining step {step + 1}/{recipe.steps}: loss {sum(losses[-100:]) / len(losses[-100:]):.4f}"
-                f", {time.time() - started:.0f} s")
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+        return (weight * ((eps_hat - eps) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    losses = train_with_ema(recipe, list(unet.parameters()) + list(encoder.parameters()), batch_loss, log,
+                            "base pretraining")
     unet.requires_grad_(False)
     encoder.requires_grad_(False)
     return model, encoder, losses

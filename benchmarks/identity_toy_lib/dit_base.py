@@ -21,7 +21,7 @@ import comfy.supported_models
 
 from . import render, store
 from .base import (CONTEXT_DIM, PixelUnshuffleVAE, PoseEncoder, PretrainRecipe, ToyBase, ToyLatentFormat,
-                   identity_set, images_to_latent, patcher)
+                   identity_set, images_to_latent, patcher, train_with_ema)
 
 UNET_CONFIG = {"image_model": "flux", "in_channels": 12, "out_channels": 12, "vec_in_dim": None,
                "context_in_dim": CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2,
@@ -67,14 +67,9 @@ def pretrain(recipe: PretrainRecipe, identities: torch.Tensor, log: Callable[[st
         torch.manual_seed(recipe.seed + 1)
         encoder = PoseEncoder()
     net.requires_grad_(True)
-    params = list(net.parameters()) + list(encoder.parameters())
-    ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     gen = torch.Generator().manual_seed(recipe.seed + 2)
-    losses, started = [], time.time()
-    for step in range(recipe.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr_at(step)
+
+    def batch_loss() -> torch.Tensor:
         b = recipe.batch
         who = torch.randint(0, len(identities), (b,), generator=gen)
         pose = render.random_poses(b, gen)
@@ -86,21 +81,10 @@ def pretrain(recipe: PretrainRecipe, identities: torch.Tensor, log: Callable[[st
         x = (1 - s) * x0 + s * eps
         with differentiable_ops():
             denoised = model.apply_model(x, sigma, c_crossattn=context)
-        loss = (((x - denoised) / s - (eps - x0)) ** 2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - recipe.ema)
-        losses.append(float(loss.detach()))
-        if (step + 1) % 100 == 0 or step + 1 == recipe.steps:
-            log(f"DiT base pretraining step {step + 1}/{recipe.steps}: loss "
-                f"{sum(losses[-100:]) / len(losses[-100:]):.4f}, {time.time() - started:.0f} s")
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+        return (((x - denoised) / s - (eps - x0)) ** 2).mean()
+
+    losses = train_with_ema(recipe, list(net.parameters()) + list(encoder.parameters()), batch_loss, log,
+                            "DiT base pretraining")
     net.requires_grad_(False)
     encoder.requires_grad_(False)
     return model, encoder, losses
