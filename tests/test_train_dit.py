@@ -253,3 +253,32 @@ def test_preprocess_inverts_faces_on_the_flow_schedule_and_keeps_the_guidance(tm
     assert shards.empty_adm is not None and shards.empty_adm.shape == (768,)
     result = Trainer(cfg, model, progress=False).run()
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_the_trainer_loads_flux_from_its_separate_files(tmp_path):
+    """Flux ships as a diffusion-model file, text encoders and a VAE: the trainer's config names them and the CLI
+    loads them with ComfyUI's own loaders (the tiny Flux UNET; CLIP-L standing in for T5, as in the server tests)."""
+    import subprocess
+
+    from invadapter_core.train.config_check import check_config
+    from invadapter_core.train.model import load_configured_base
+    from support import flux_files, host, models
+
+    files = {"model.diffusion_model": str(flux_files.flux_unet_file()), "model.clip_type": "sd3",
+             "model.text_encoders": [str(models.clip_l_file())], "model.vae": str(flux_files.flux_vae_file())}
+    cfg = config(tmp_path, **files)
+    model, clip, vae = load_configured_base(cfg, "auto", True, True)
+    assert layout_of(model).family == "Flux" and clip is not None and vae.latent_channels == 16
+    assert not any(p.requires_grad for p in model.model.parameters())  # frozen
+    assert not [p for p in check_config(cfg, "count") if p.startswith("model.")]
+    both = config(tmp_path, **files, **{"model.checkpoint": str(models.adapter_file())})
+    assert any("model.checkpoint and model.diffusion_model are both set" in p for p in check_config(both, "count"))
+    wrong = config(tmp_path, **dict(files, **{"model.clip_type": "t5"}))
+    assert any(p.startswith("model.clip_type = 't5': not a text-encoder type") for p in check_config(wrong, "count"))
+    settings = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in files.items()]
+    done = subprocess.run([host.python_exe(), "-m", "invadapter_core.train", "count", "--quiet",
+                           *[a for s in settings for a in ("--set", s)], "--set", f"data.resolution={RES}",
+                           "--set", "model.train_cross=false"],
+                          cwd=host.ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "self" in done.stdout, done.stdout

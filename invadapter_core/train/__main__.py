@@ -10,7 +10,8 @@ import logging
 import sys
 
 DESCRIPTION = """\
-Train Inv-Adapter EAA weights for an SD1.x, SD2.x or SDXL-family checkpoint (docs/method.md §5).
+Train Inv-Adapter EAA weights for an SD1.x, SD2.x or SDXL-family checkpoint, or Flux.1 / Chroma / Qwen-Image
+(a checkpoint or its separate files) (docs/method.md §5).
 
   1. python -m invadapter_core.train config > train.toml      # every option, with its default and help
   2. edit train.toml: model.checkpoint, data.source, data.cache_dir, train.output_dir
@@ -103,11 +104,10 @@ def main(argv=None) -> int:
 
 
 def run_preprocess(cfg, args, info) -> int:
-    from .config import require
-    from .model import load_base
+    from .model import load_configured_base
     from .preprocess import preprocess
 
-    model, clip, vae = load_base(require(cfg.model.checkpoint, "model.checkpoint"), "auto", True, True)
+    model, clip, vae = load_configured_base(cfg, "auto", True, True)
     summary = preprocess(cfg, model, clip, vae, info, progress=not args.quiet)
     if summary["kept"] == 0 and summary["shards_kept"] == 0 and info.world_size == 1:
         reasons = ", ".join(f"{n} {why}" for why, n in summary.get("skip_reasons", {}).items()) or "no images found"
@@ -123,14 +123,14 @@ def run_train(cfg, args, info) -> int:
 
     from .config import require
     from .loop import train
-    from .model import load_base, resolve_precision
+    from .model import load_configured_base, resolve_precision
 
     from .data import ShardSet
 
     ShardSet(require(cfg.data.cache_dir, "data.cache_dir"))  # a missing cache fails before the model loads
     precision = resolve_precision(cfg.train.mixed_precision, comfy.model_management.get_torch_device())
-    model, clip, vae = load_base(require(cfg.model.checkpoint, "model.checkpoint"), precision,
-                                 need_clip=bool(cfg.validation.prompts), need_vae=cfg.validation.every > 0)
+    model, clip, vae = load_configured_base(cfg, precision, need_clip=bool(cfg.validation.prompts),
+                                            need_vae=cfg.validation.every > 0)
     try:
         train(cfg, model, vae, clip, progress=not args.quiet)
     finally:
@@ -141,10 +141,9 @@ def run_train(cfg, args, info) -> int:
 
 
 def run_count(cfg, args, info) -> int:
-    from .config import require
-    from .model import build_adapter, count_parameters, load_base
+    from .model import build_adapter, count_parameters, load_configured_base
 
-    model, _, _ = load_base(require(cfg.model.checkpoint, "model.checkpoint"), "auto", False, False)
+    model, _, _ = load_configured_base(cfg, "auto", False, False)
     adapter = build_adapter(model, cfg.data.resolution, cfg.model.tokens_m, "random", cfg.model.train_self,
                             cfg.model.train_cross)
     for kind, n in count_parameters(adapter).items():

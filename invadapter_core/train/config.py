@@ -20,8 +20,16 @@ def opt(default, help: str, path: bool = False):
 
 @dataclass
 class ModelConfig:
-    checkpoint: str = opt("", "SD1.x, SD2.x or SDXL-family checkpoint (.safetensors/.ckpt), loaded with ComfyUI's "
-                              "own loader; frozen", path=True)
+    checkpoint: str = opt("", "SD1.x, SD2.x or SDXL-family checkpoint (.safetensors/.ckpt), or a Flux / Chroma / "
+                              "Qwen-Image one, loaded with ComfyUI's own loader; frozen. Or leave it empty and give "
+                              "the separate files below", path=True)
+    diffusion_model: str = opt("", "instead of a checkpoint: the diffusion model file alone (what ComfyUI's Load "
+                                   "Diffusion Model loads, e.g. flux1-dev.safetensors)", path=True)
+    text_encoders: list = opt([], "with diffusion_model: the text encoder files (Load CLIP / DualCLIPLoader's, e.g. "
+                                  "[\"clip_l.safetensors\", \"t5xxl_fp16.safetensors\"])")
+    clip_type: str = opt("flux", "with diffusion_model: the text encoders' type as ComfyUI's loaders name it (flux, "
+                                 "chroma, qwen_image, sd3, ...)")
+    vae: str = opt("", "with diffusion_model: the VAE file (e.g. ae.safetensors)", path=True)
     tokens_m: int = opt(256, "M: reference tokens after the cross-attention token aggregation (paper: 256 or 512)")
     train_self: bool = opt(True, "train the self-attention EAA (W'k, W'v)")
     train_cross: bool = opt(True, "train the cross-attention EAA (W_agg, W''k, W''v)")

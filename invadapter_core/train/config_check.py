@@ -70,8 +70,27 @@ def check_config(cfg: Config, command: str) -> list[str]:
 
     m, d, t, o, v = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.validation
     # model
-    if not m.checkpoint:
-        required_path("model.checkpoint", m.checkpoint)
+    if m.checkpoint and m.diffusion_model:
+        problems.append("model.checkpoint and model.diffusion_model are both set: give one checkpoint, or the "
+                        "separate files (diffusion_model, text_encoders, clip_type, vae)")
+    elif m.diffusion_model:
+        files = [("model.diffusion_model", m.diffusion_model)] + \
+            [(f"model.text_encoders[{i}]", f) for i, f in enumerate(m.text_encoders)] + \
+            ([("model.vae", m.vae)] if m.vae else [])
+        for key, path in files:
+            why = checkpoint_problem(path)
+            need(why is None, key, path, f"{why}; point it at the model file (.safetensors)")
+        need(bool(m.text_encoders), "model.text_encoders", m.text_encoders,
+             "give the text encoder files the diffusion model uses (preprocessing and validation encode captions)")
+        need(bool(m.vae), "model.vae", m.vae, "give the VAE file (preprocessing encodes the faces with it)")
+        from .model import clip_type
+        try:
+            clip_type(m.clip_type)
+        except ValueError as e:
+            need(False, "model.clip_type", m.clip_type, str(e))
+    elif not m.checkpoint:
+        problems.append("model.checkpoint is not set: put it in the config file or pass --set model.checkpoint=... "
+                        "(or give model.diffusion_model, model.text_encoders and model.vae)")
     else:
         why = checkpoint_problem(m.checkpoint)
         need(why is None, "model.checkpoint", m.checkpoint,

@@ -61,6 +61,48 @@ def load_base(checkpoint: str, precision: str, need_clip: bool, need_vae: bool):
     return model, clip, vae
 
 
+def clip_type(name: str):
+    """ComfyUI's CLIPType of a loader's type name ("flux", "qwen_image", ...)."""
+    import comfy.sd
+
+    found = getattr(comfy.sd.CLIPType, name.upper(), None)
+    if found is None:
+        raise ValueError(f"not a text-encoder type of ComfyUI's loaders; one of "
+                         f"{', '.join(t.name.lower() for t in comfy.sd.CLIPType)}")
+    return found
+
+
+def load_base_files(diffusion_model: str, text_encoders: list, clip_kind: str, vae: str, precision: str,
+                    need_clip: bool, need_vae: bool):
+    """(model, clip, vae) from separate files, as Load Diffusion Model, Load CLIP / DualCLIPLoader and Load VAE
+    load them (Flux, Chroma and Qwen-Image ship that way); the diffusion model is frozen."""
+    import comfy.sd
+    import comfy.utils
+
+    for key, path in [("model.diffusion_model", diffusion_model), *[("model.text_encoders", f) for f in text_encoders],
+                      ("model.vae", vae)]:
+        if (path or key != "model.vae") and not os.path.isfile(path):
+            raise FileNotFoundError(f"{key} {path!r} not found")
+    dtype = weight_dtype(precision)
+    model = comfy.sd.load_diffusion_model(diffusion_model, model_options={"dtype": dtype} if dtype else {},
+                                          disable_dynamic=True)
+    freeze(model)
+    clip = comfy.sd.load_clip(list(text_encoders), clip_type=clip_type(clip_kind), disable_dynamic=True) \
+        if need_clip else None
+    decoder = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae)) if need_vae else None
+    return model, clip, decoder
+
+
+def load_configured_base(cfg, precision: str, need_clip: bool, need_vae: bool):
+    """The base the config names: ``model.checkpoint``, or the separate ``model.diffusion_model`` files."""
+    m = cfg.model
+    if m.diffusion_model:
+        return load_base_files(m.diffusion_model, m.text_encoders, m.clip_type, m.vae, precision, need_clip, need_vae)
+    from .config import require
+
+    return load_base(require(m.checkpoint, "model.checkpoint"), precision, need_clip, need_vae)
+
+
 def freeze(model) -> None:
     model.model.requires_grad_(False)
     model.model.eval()
