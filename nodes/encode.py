@@ -4,6 +4,7 @@ import comfy.samplers
 from invadapter_core.reference.inversion import CONVENTIONS
 from invadapter_core.reference.encode import CAPTURE, DIT_CAPTURE, FEATURE_PRECISION, capture_levels, encode_reference
 
+from .finite import finite_floats
 from .types import CATEGORY, InvAdapterType, ReferenceType
 
 
@@ -76,6 +77,7 @@ class InvAdapterEncodeReference(io.ComfyNode):
         )
 
     @classmethod
+    @finite_floats
     def execute(cls, model, vae, image, caption, steps, scheduler, resolution, keep_features,
                 invadapter=None, sampler_name="euler", inversion=CONVENTIONS[0], capture="all levels",
                 feature_precision="model", keep_start_percent=0.0, keep_end_percent=1.0) -> io.NodeOutput:
