@@ -157,12 +157,13 @@ class Generator:
     def _encode_widgets(s: Settings) -> dict:
         return dict(steps=s.steps, scheduler=s.scheduler, resolution=s.resolution, keep_features=s.keep_features,
                     sampler_name=s.sampler, inversion=s.inversion, capture=s.capture,
-                    feature_precision=s.feature_precision)
+                    feature_precision=s.feature_precision, keep_start_percent=0.0, keep_end_percent=1.0)
 
     @staticmethod
     def _apply_widgets(s: Settings, config: Config) -> dict:
         return dict(weight_self=config.weight_self, weight_cross=config.weight_cross, start_percent=s.start_percent,
-                    end_percent=s.end_percent, combine=s.combine, apply_to=s.apply_to)
+                    end_percent=s.end_percent, combine=s.combine, apply_to=s.apply_to, rows="image",
+                    reference_positions="own")
 
     def text(self, prompt: str):
         if prompt not in self._text:
