@@ -98,22 +98,26 @@ def test_flux_is_served_and_a_flux_subclass_is_refused_in_one_line(flux):
 
 
 def test_a_reference_pass_keeps_every_blocks_image_k_and_v(flux, text):
-    layout = layout_of(flux)
     ctx, opts = text
     x = torch.randn(1, 16, SIDE, SIDE)
-    conds = reference_conds(flux, ctx, dict(opts), x, (64, 64))
+    check_reference_pass_keeps_image_k_and_v(flux, x, reference_conds(flux, ctx, dict(opts), x, (64, 64)))
+
+
+def check_reference_pass_keeps_image_k_and_v(model, x, conds):
+    """What a reference pass keeps of every block is the image tokens' K (before RoPE) and V that the block's
+    attn1_patch is handed, and its size is the layout's arithmetic (shared with the other MM-DiT families' tests)."""
+    layout = layout_of(model)
     seen = {}
-    m = flux.clone()
+    m = model.clone()
 
     def record(q, k, v, pe=None, attn_mask=None, extra_options=None):
-        s = extra_options["img_slice"][0]
-        seen[layout.block_at(extra_options)] = (k[:, :, s:].clone(), v[:, :, s:].clone())
+        s, e = extra_options["img_slice"][0], extra_options["img_slice"][-1]
+        seen[layout.block_at(extra_options)] = (k[:, :, s:e].clone(), v[:, :, s:e].clone())
         return {}
 
     m.set_model_attn1_patch(record)
-    sigma = torch.tensor([0.6])
-    m.model.apply_model(x, sigma, transformer_options=m.model_options["transformer_options"], **conds)
-    _, features = reference_pass(flux.model, x, 0.6, conds, layout, cross=False)
+    m.model.apply_model(x, torch.tensor([0.6]), transformer_options=m.model_options["transformer_options"], **conds)
+    _, features = reference_pass(model.model, x, 0.6, conds, layout, cross=False)
     assert set(features.self_attn) == set(layout.blocks)
     for name, f in features.self_attn.items():
         assert f.shape == (1, 16, 2 * 32)

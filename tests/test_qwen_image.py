@@ -10,14 +10,12 @@ import torch
 import comfy.sample
 from invadapter_core.adapter.joint import JointApplication, install_joint
 from invadapter_core.arch.fit import check_served, default_resolution, is_joint
-from invadapter_core.arch.flux import split_kv
 from invadapter_core.arch.layout import ModelFamilyError, layout_of
 from invadapter_core.arch.levels import DIT_LEVELS
 from invadapter_core.arch.qwen_image import QwenImageLayout
-from invadapter_core.reference.capture import reference_pass
 from invadapter_core.reference.encode import invert_latent, reference_conds
 from support.qwen_models import qwen_text, tiny_qwen_image_model
-from test_flux import rope, round_trip_errors
+from test_flux import check_reference_pass_keeps_image_k_and_v, rope, round_trip_errors
 
 SIDE = 8  # latent side: a 4x4 token grid
 TXT = 7
@@ -83,27 +81,8 @@ def test_qwen_image_is_served_and_named_in_the_refusals_of_other_models(qwen):
 
 
 def test_a_reference_pass_keeps_every_blocks_image_k_and_v(qwen, text):
-    layout = layout_of(qwen)
     x = latent(2)
-    conds = reference_conds(qwen, text, {}, x, (64, 64))
-    seen = {}
-    m = qwen.clone()
-
-    def record(q, k, v, pe=None, attn_mask=None, extra_options=None):
-        s, e = extra_options["img_slice"]
-        seen[layout.block_at(extra_options)] = (k[:, :, s:e].clone(), v[:, :, s:e].clone())
-        return {}
-
-    m.set_model_attn1_patch(record)
-    m.model.apply_model(x, torch.tensor([0.6]), transformer_options=m.model_options["transformer_options"], **conds)
-    _, features = reference_pass(qwen.model, x, 0.6, conds, layout, cross=False)
-    assert set(features.self_attn) == set(layout.blocks)
-    for name, f in features.self_attn.items():
-        assert f.shape == (1, 16, 2 * 32)
-        k, v = split_kv(f, layout.heads)
-        assert torch.equal(k, seen[name][0]) and torch.equal(v, seen[name][1])  # K before RoPE, as the patch sees it
-    assert layout.feature_bytes_per_step(64, bytes_per_value=4) == sum(f.numel() * 4 for f in
-                                                                      features.self_attn.values())
+    check_reference_pass_keeps_image_k_and_v(qwen, x, reference_conds(qwen, text, {}, x, (64, 64)))
 
 
 # ------------------------------------------------------------------------------------------------- flow inversion
