@@ -29,16 +29,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from support import host  # noqa: E402
 from support.browser import frontend_page, run_graph  # noqa: E402
 from support.fixtures import test_files  # noqa: E402
-from support.graphs import (API_WORKFLOWS, EXAMPLE_WORKFLOWS, TEMPLATES, example_file, smoke_edits,  # noqa: E402
-                            user_edits)
+from support.graphs import (API_WORKFLOWS, EXAMPLE_WORKFLOWS, NOT_RUN_HERE, TEMPLATES, example_file,  # noqa: E402
+                            smoke_edits, user_edits)
 from support.server import ComfyServer  # noqa: E402
 from workflow_layout import node_rect, open_view, place, stage_of  # noqa: E402
 from workflow_ui import api_to_ui  # noqa: E402
 
 # The standard files the graphs name, and where ComfyUI's missing-model dialog downloads them from (by file name).
 HF = "https://huggingface.co"
-MODELS = {name: {"name": name, "directory": folder, "url": f"{HF}/{repo}/resolve/main/{name}?download=true"}
-          for name, folder, repo in (
+# (file, model folder, Hugging Face repository[, folder inside it])
+MODELS = {entry[0]: {"name": entry[0], "directory": entry[1],
+                     "url": f"{HF}/{entry[2]}/resolve/main/{entry[3] if len(entry) > 3 else ''}{entry[0]}?download=true"}
+          for entry in (
               ("v1-5-pruned-emaonly-fp16.safetensors", "checkpoints", "Comfy-Org/stable-diffusion-v1-5-archive"),
               ("control_v11p_sd15_openpose_fp16.safetensors", "controlnet",
                "comfyanonymous/ControlNet-v1-1_fp16_safetensors"),
@@ -48,10 +50,16 @@ MODELS = {name: {"name": name, "directory": folder, "url": f"{HF}/{repo}/resolve
               ("t5xxl_fp16.safetensors", "text_encoders", "comfyanonymous/flux_text_encoders"),
               ("clip_l.safetensors", "text_encoders", "comfyanonymous/flux_text_encoders"),
               ("ae.safetensors", "vae", "black-forest-labs/FLUX.1-schnell"),
-              ("diffusion_pytorch_model.safetensors", "controlnet", "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"))}
+              ("diffusion_pytorch_model.safetensors", "controlnet", "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro"),
+              ("Chroma1-HD.safetensors", "diffusion_models", "lodestones/Chroma1-HD"),
+              ("qwen_image_fp8_e4m3fn.safetensors", "diffusion_models", "Comfy-Org/Qwen-Image_ComfyUI",
+               "split_files/diffusion_models/"),
+              ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders", "Comfy-Org/Qwen-Image_ComfyUI",
+               "split_files/text_encoders/"),
+              ("qwen_image_vae.safetensors", "vae", "Comfy-Org/Qwen-Image_ComfyUI", "split_files/vae/"))}
 SDXL_FILES = {"sd_xl_base_1.0.safetensors", "OpenPoseXL2.safetensors"}
 LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name", "UNETLoader": "unet_name",
-           "VAELoader": "vae_name", "DualCLIPLoader": "clip_name1"}
+           "VAELoader": "vae_name", "DualCLIPLoader": "clip_name1", "CLIPLoader": "clip_name"}
 MODEL_WIDGETS = {"DualCLIPLoader": 2}  # loaders with more than one file (the first N widgets name them)
 # workflows/api/<name>.json -> what its note adds to the common steps (support.graphs.TEMPLATES orders them)
 EXAMPLES = {
@@ -98,6 +106,13 @@ EXAMPLES = {
                   "**KSampler**.",
     "flux_controlnet": "Flux with the pose from an OpenPose skeleton (the shipped `invadapter_example_pose.png`, or "
                        "your own) through a Flux ControlNet; the identity acts inside Flux's attention beside it.",
+    "chroma_basic": "Chroma (Chroma1-HD, Chroma1-Base and their fine-tunes): Flux's blocks, served like Flux. The face "
+                    "is inverted with Chroma's own flow schedule at 512 px (no guidance embedding: Chroma samples "
+                    "with a real negative prompt at cfg about 4).",
+    "qwen_image_basic": "Qwen-Image: the face is inverted with the model's own flow schedule (after "
+                        "**ModelSamplingAuraFlow**, which feeds both the reference and the generation) and the "
+                        "identity acts inside Qwen-Image's joint attention on the image's tokens. It needs about "
+                        "20 GB of GPU memory in fp8 plus the reference's features (README, memory table).",
 }
 # What each thumbnail shows: the nodes (by title prefix) that make the template what it is, close enough to read.
 FOCUS = {
@@ -117,6 +132,8 @@ FOCUS = {
     "sdxl_controlnet": ("Load ControlNet", "Control image"),
     "flux_basic": ("Inv-Adapter Apply",),  # its MM-DiT options (rows, reference_positions)
     "flux_controlnet": ("Load ControlNet", "Control image"),
+    "chroma_basic": ("Inv-Adapter Apply", "Positive prompt", "Negative prompt"),  # a real negative prompt
+    "qwen_image_basic": ("ModelSamplingAuraFlow", "Inv-Adapter Apply"),  # the shift feeds reference and generation
 }
 NOTE_TYPE = "MarkdownNote"
 # Width and height a node gets at least (the frontend's own minimum, measured, wins when larger).
@@ -143,19 +160,33 @@ def link(name: str) -> str:
     return f"[{name}]({model['url']}) into `models/{model['directory']}`"
 
 
-def flux_steps(api: dict) -> list[str]:
-    """The loaders of a Flux graph: the diffusion model, its two text encoders and its VAE, with their downloads."""
-    clip = next(n["inputs"] for n in api.values() if n["class_type"] == "DualCLIPLoader")
-    return [f"**Load Diffusion Model**: pick your Flux.1 model (dev, schnell or a fine-tune; fp8 and GGUF work). None "
-            f"yet? Download {link(loader_file(api, 'UNETLoader'))} (accept its licence on Hugging Face first).",
-            f"**DualCLIPLoader** (type flux): {link(clip['clip_name1'])} and {link(clip['clip_name2'])}.",
-            f"**Load VAE**: {link(loader_file(api, 'VAELoader'))}."]
+# The diffusion model's family, by the standard file a UNETLoader graph names: (name in the note, what to pick).
+DIT_FAMILIES = {"flux1-dev.safetensors": ("Flux", "your Flux.1 model (dev, schnell or a fine-tune; fp8 and GGUF work)"),
+                "Chroma1-HD.safetensors": ("Chroma", "your Chroma model (Chroma1-HD, Chroma1-Base or a fine-tune)"),
+                "qwen_image_fp8_e4m3fn.safetensors": ("Qwen-Image", "your Qwen-Image model (fp8 or bf16)")}
+
+
+def dit_steps(api: dict) -> tuple[list[str], str]:
+    """The loaders of an MM-DiT graph (diffusion model, text encoders, VAE, with their downloads) and its family."""
+    unet = loader_file(api, "UNETLoader")
+    family, pick = DIT_FAMILIES[unet]
+    licence = " (accept its licence on Hugging Face first)" if family == "Flux" else ""
+    steps = [f"**Load Diffusion Model**: pick {pick}. None yet? Download {link(unet)}{licence}."]
+    dual = next((n["inputs"] for n in api.values() if n["class_type"] == "DualCLIPLoader"), None)
+    single = next((n["inputs"] for n in api.values() if n["class_type"] == "CLIPLoader"), None)
+    if dual is not None:
+        steps.append(f"**DualCLIPLoader** (type {dual['type']}): {link(dual['clip_name1'])} and "
+                     f"{link(dual['clip_name2'])}.")
+    if single is not None:
+        steps.append(f"**Load CLIP** (type {single['type']}): {link(single['clip_name'])}.")
+    steps.append(f"**Load VAE**: {link(loader_file(api, 'VAELoader'))}.")
+    return steps, family
 
 
 def note_text(api: dict, extra: str) -> str:
     kinds = [n["class_type"] for n in api.values()]
     if "UNETLoader" in kinds:
-        steps, family = flux_steps(api), "Flux"
+        steps, family = dit_steps(api)
     else:
         checkpoint = MODELS[loader_file(api, "CheckpointLoaderSimple")]
         family = "SDXL-family" if checkpoint["name"] in SDXL_FILES else "SD1.5"
@@ -288,22 +319,33 @@ def thumbnail(page, ui: dict, name: str, path: Path) -> int:
     return data.tell()
 
 
+def load_graph(page, ui: dict) -> None:
+    page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", ui)
+
+
 def make(page, name: str, object_info: dict) -> None:
+    """Builds the template's UI graph with node sizes measured after a smoke run, then its thumbnail as it ran
+    (unrun for NOT_RUN_HERE: its nodes' sizes then leave out the previews, which stay empty there)."""
     api = json.loads((API_WORKFLOWS / f"{name}.json").read_text())
     note = note_text(api, EXAMPLES[name])
     edits = smoke_edits(api, user_edits(api))
+    runs = name not in NOT_RUN_HERE
     provisional = build(api, object_info, note)
-    first = run_graph(page, provisional, edits)
-    if first["status"] != "success":
+    first = run_graph(page, provisional, edits) if runs else load_graph(page, provisional)
+    if runs and first["status"] != "success":
         raise RuntimeError(f"{name}: the smoke run failed in the frontend: {first}")
     ui = build(api, object_info, note, measured_sizes(page, provisional))
     out = example_file(name)
     out.write_text(json.dumps(ui, indent=1) + "\n")
     # the crops at their shipped size (cheap), so the thumbnail shows them sharp; the rest stays a smoke run
-    second = run_graph(page, ui, {i: {k: v for k, v in values.items() if api[i]["class_type"] != "InvAdapterFaceCrop"}
-                                  for i, values in edits.items()})
-    if second["status"] != "success":
-        raise RuntimeError(f"{name}: the smoke run of the final graph failed: {second}")
+    if runs:
+        second = run_graph(page, ui, {i: {k: v for k, v in values.items()
+                                          if api[i]["class_type"] != "InvAdapterFaceCrop"}
+                                      for i, values in edits.items()})
+        if second["status"] != "success":
+            raise RuntimeError(f"{name}: the smoke run of the final graph failed: {second}")
+    else:
+        load_graph(page, ui)
     size = thumbnail(page, ui, name, out.with_suffix(".jpg"))
     print(f"{out} and its thumbnail ({size / 1000:.0f} kB)", file=sys.stderr)
 

@@ -12,8 +12,8 @@ import sys
 import pytest
 from PIL import Image
 
-from support.graphs import (API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, ROOT, TEMPLATES, api_twin, example_file,
-                            example_files, example_name, strip_meta)
+from support.graphs import (API_WORKFLOWS, EXAMPLE_NAME, EXAMPLE_WORKFLOWS, NOT_RUN_HERE, ROOT, TEMPLATES, api_twin,
+                            example_file, example_files, example_name, load_workflow, strip_meta)
 from support.host import comfyui_path
 
 sys.path.append(str(ROOT / "scripts"))
@@ -139,6 +139,23 @@ def test_graph_runs_once_a_checkpoint_is_picked(ui_file):
                        for link in crops["links"]]
             assert "PreviewImage" in [t["type"] for t in targets], f"{node['title']}: its crops are not previewed"
     assert {"CheckpointLoaderSimple", "UNETLoader"} & {n["type"] for n in ui["nodes"]}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_RUN_HERE))
+def test_a_template_no_test_server_runs_is_refused_only_for_its_model_files(comfy_client, name):
+    """What the tests cannot run here (NOT_RUN_HERE says why) still meets the real server's validation: every input
+    of every node is accepted but the standard model files it names, which this server does not have."""
+    from comfy_client import PromptRejected
+
+    prompt = load_workflow(name, smoke=False)
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_client.queue(prompt)
+    refused = {(node_id, error["type"], error["extra_info"].get("input_name"))
+               for node_id, found in rejected.value.node_errors.items() for error in found["errors"]}
+    expected = {(node_id, "value_not_in_list", field) for node_id, node in prompt.items()
+                for loader, field in LOADERS.items() if node["class_type"] == loader
+                for field in (field, "clip_name2")[:MODEL_WIDGETS.get(loader, 1)]}
+    assert refused == expected and expected
 
 
 def test_shipped_images_are_in_assets():

@@ -125,6 +125,16 @@ def test_encode_and_apply_through_the_nodes(model, family, reference, apply):
     assert applied is not model and not torch.equal(sample(applied, family), plain)
 
 
+def test_chroma_takes_a_caption_with_a_pooled_output(node, vae, apply):
+    """A text encoder that also gives a pooled vector (DualCLIPLoader, or the tests' CLIP-L stand-in for T5) hands
+    Chroma a 'y' its network ignores: the reference keeps it and Apply must not refuse it."""
+    model, family = tiny_chroma_model(), "chroma"
+    ctx, opts = flux_text(0)
+    ref = node("InvAdapterEncodeReference", model, vae, photo(1), [[ctx, opts]], STEPS, "simple", RES, True)[0]
+    assert ref.conds["y"].shape[-1] == opts["pooled_output"].shape[-1] and layout_of(model).adm_channels is None
+    assert not torch.equal(sample(apply(model, ref), family), sample(model, family))
+
+
 def test_strength_zero_and_a_window_outside_sampling_are_bit_identical(model, family, reference, apply):
     plain = sample(model, family)
     assert torch.equal(sample(apply(model, reference, weight=0.0), family), plain)

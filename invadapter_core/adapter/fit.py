@@ -5,6 +5,7 @@ error. Which models are served at all is ``arch.fit``'s check.
 """
 from __future__ import annotations
 
+from ..arch.fit import is_joint
 from ..arch.layout import ModelFamilyError, layout_of, model_family
 from ..files.validation import AdapterFileError, ReferenceFileError, check_magnitude, peak
 from .eaa import InvAdapter
@@ -30,7 +31,10 @@ def check_reference_fits(model, reference) -> None:
                                f"{context_dim}-d: {fix}")
     adm = layout.adm_channels
     y = reference.conds.get("y")
-    if (adm is None) != (y is None) or (y is not None and y.shape[-1] != adm):
+    # an MM-DiT without a pooled input (Chroma, Qwen-Image) is still handed one by a text encoder that makes one,
+    # and ignores it; on a UNet a vector the network does not take means another family
+    ignored = adm is None and is_joint(model)
+    if not ignored and ((adm is None) != (y is None) or (y is not None and y.shape[-1] != adm)):
         raise ModelFamilyError(f"the reference's ADM vector is {'absent' if y is None else f'{y.shape[-1]}-d'}, this "
                                f"model {'takes none' if adm is None else f'needs {adm}-d'}: {fix}")
     dims = layout.dims

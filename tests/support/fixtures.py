@@ -20,12 +20,13 @@ FLUX_LORA = "invadapter-test-lora-flux-tiny.safetensors"
 FLUX_VAE = "invadapter-test-flux-vae.safetensors"
 FLUX_CONTROLNET = "invadapter-test-controlnet-flux-tiny.safetensors"
 CLIP_L = "invadapter-test-clip-l.safetensors"
+CHROMA_UNET = "invadapter-test-chroma.safetensors"  # the smallest Chroma a server loads (support.flux_files)
 # The standard files the shipped graphs name -> the test file that stands in for each (what a user would pick).
 STAND_INS = {"v1-5-pruned-emaonly-fp16.safetensors": CHECKPOINT,
              "control_v11p_sd15_openpose_fp16.safetensors": CONTROLNET,
              "sd_xl_base_1.0.safetensors": SDXL_CHECKPOINT,
              "OpenPoseXL2.safetensors": SDXL_CONTROLNET,
-             "flux1-dev.safetensors": FLUX_UNET, "ae.safetensors": FLUX_VAE,
+             "flux1-dev.safetensors": FLUX_UNET, "ae.safetensors": FLUX_VAE, "Chroma1-HD.safetensors": CHROMA_UNET,
              "diffusion_pytorch_model.safetensors": FLUX_CONTROLNET,  # the Flux ControlNet Union Pro's file
              "t5xxl_fp16.safetensors": CLIP_L, "clip_l.safetensors": CLIP_L,  # see graphs.STAND_IN_WIDGETS
              "your_lora.safetensors": LORA,  # the LoRA template's placeholder for the user's own

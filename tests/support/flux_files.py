@@ -9,6 +9,10 @@ shapes from ComfyUI's own modules on the meta device, every tensor seeded by its
   decoder's width from the file (32 here) but builds the encoder at the standard 128.
 - ``flux_lora_file()``: a kohya LoRA on every linear layer of the double and single blocks.
 - ``flux_controlnet_file()``: an XLabs-format Flux ControlNet for the tiny UNET (ControlNetLoader loads it).
+- ``chroma_unet_file()``: a diffusion-model file UNETLoader detects as Chroma. Detection fixes Chroma's modulation
+  network at full size (5 layers of 5,120) and its output at 3,072, which every block's modulation must match, so
+  the smallest Chroma a server loads has hidden 3,072 (24 heads): one double and one single block, 631M
+  parameters, 1.26 GB, about 2-4 s per model call on this CPU. It runs template 17 in the tests.
 The text side: ComfyUI builds DualCLIPLoader's (and CLIPLoader's) Flux T5 from a fixed T5-XXL config (4.7B
 parameters, ``comfy/text_encoders/t5_config_xxl.json``) whatever the file holds, so no small T5 file can stand in
 for it. The smoke runs keep the shipped graphs' DualCLIPLoader and change only its widgets: the CLIP-L file
@@ -39,6 +43,26 @@ def flux_unet_shapes() -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = config.get_model({}, device="meta")
     return models._shapes(model.diffusion_model, "")
+
+
+CHROMA_UNET_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 4096,
+                      "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1,
+                      "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64,
+                      "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5, "txt_ids_dims": [], "vec_in_dim": None}
+
+
+def chroma_unet_shapes() -> dict[str, torch.Size]:
+    import comfy.supported_models
+
+    config = models.model_config(comfy.supported_models.Chroma, dict(CHROMA_UNET_CONFIG), torch.float16)
+    with torch.device("meta"):
+        model = config.get_model({}, device="meta")
+    return models._shapes(model.diffusion_model, "")
+
+
+def chroma_unet_file() -> Path:
+    return models._cached(f"invadapter-test-chroma-h3072-{RECIPE}.safetensors",
+                          lambda tmp: models._save_random(tmp, chroma_unet_shapes(), "smallest loadable Chroma"))
 
 
 def flux_vae_shapes() -> dict[str, torch.Size]:
@@ -77,7 +101,8 @@ def flux_lora_file() -> Path:
 def server_models() -> dict[str, dict[str, Path]]:
     """The files a Flux test server gets, by ComfyUI model folder, under stable names."""
     return {
-        "diffusion_models": {"invadapter-test-flux-tiny.safetensors": flux_unet_file()},
+        "diffusion_models": {"invadapter-test-flux-tiny.safetensors": flux_unet_file(),
+                             "invadapter-test-chroma.safetensors": chroma_unet_file()},
         "text_encoders": {"invadapter-test-clip-l.safetensors": models.clip_l_file()},
         "vae": {"invadapter-test-flux-vae.safetensors": flux_vae_file()},
         "loras": {"invadapter-test-lora-flux-tiny.safetensors": flux_lora_file()},
