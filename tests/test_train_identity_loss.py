@@ -1,0 +1,220 @@
+"""The identity loss on real checkpoints (issue 21): ArcFace from an InsightFace recognition ONNX made differentiable
+by onnx2torch (face.arcface_torch), behind the checkpoint's own VAE decode (train.identity). A tiny random ONNX
+recognizer stands in for glintr100.onnx: its conversion gives the graph's own numbers, and training the tiny SD1.5
+UNet with it sends gradients to the EAA weights and nothing else, and changes the EAA's update. The config check
+refuses the loss without a recognizer, and a recognizer file that is missing or no ONNX model, in one line each."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the identity loss's ArcFace needs onnx + onnx2torch (requirements.txt)")
+pytest.importorskip("onnx2torch")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from invadapter_core.face.arcface_torch import ArcFaceFileError, input_normalisation, load_arcface  # noqa: E402
+from invadapter_core.train import step  # noqa: E402
+from invadapter_core.train.__main__ import main as cli  # noqa: E402
+from invadapter_core.train.identity import build_recognizer  # noqa: E402
+from invadapter_core.train.loop import Trainer, train  # noqa: E402
+from support import models  # noqa: E402
+from test_train import RES, adapter_tensors, clip_vae, one_thread, tiny_config, tiny_data, tiny_model  # noqa: E402,F401
+
+EMBED = 8
+
+
+def tiny_recognizer(path: Path, seed: int = 0, normalises_itself: bool = False) -> dict:
+    """A random ArcFace-shaped ONNX graph, [N, 3, 112, 112] -> [N, 8]: Conv (stride 2) -> PRelu ->
+    GlobalAveragePool -> Flatten -> Gemm, saved at ``path``; with ``normalises_itself`` the graph starts with
+    InsightFace's Sub and Mul nodes. Returns its weights (numpy) for a direct evaluation."""
+    rng = np.random.default_rng(seed)
+    w = {"conv_w": rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32), "conv_b": rng.normal(0, 0.1, 6).astype(np.float32),
+         "slope": np.full((6, 1, 1), 0.25, np.float32),
+         "fc_w": rng.normal(0, 0.5, (EMBED, 6)).astype(np.float32), "fc_b": rng.normal(0, 0.1, EMBED).astype(np.float32)}
+    nodes, first = [], "input.1"
+    if normalises_itself:
+        w.update(mean=np.float32(127.5), scale=np.float32(1 / 127.5))
+        nodes += [helper.make_node("Sub", ["input.1", "mean"], ["centred"], name="Sub_0"),
+                  helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="Mul_1")]
+        first = "scaled"
+    nodes += [helper.make_node("Conv", [first, "conv_w", "conv_b"], ["c"], name="Conv_2", strides=[2, 2],
+                               pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+              helper.make_node("PRelu", ["c", "slope"], ["r"], name="PRelu_3"),
+              helper.make_node("GlobalAveragePool", ["r"], ["p"], name="GlobalAveragePool_4"),
+              helper.make_node("Flatten", ["p"], ["f"], name="Flatten_5", axis=1),
+              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["683"], name="Gemm_6", transB=1)]
+    graph = helper.make_graph(nodes, "tiny-arcface",
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["None", 3, 112, 112])],
+                              [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["None", EMBED])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in w.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return w
+
+
+def direct(w: dict, rgb: torch.Tensor) -> torch.Tensor:
+    """The tiny graph evaluated by hand on 0..1 RGB at 112 px, with InsightFace's normalisation."""
+    x = (rgb * 255 - 127.5) / 127.5
+    t = lambda k: torch.from_numpy(np.asarray(w[k]))  # noqa: E731
+    c = torch.nn.functional.conv2d(x, t("conv_w"), t("conv_b"), stride=2, padding=1)
+    r = torch.where(c >= 0, c, 0.25 * c)
+    return r.mean((2, 3)) @ t("fc_w").T + t("fc_b")
+
+
+@pytest.fixture(scope="module")
+def recognizer_file(tmp_path_factory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("recognizer") / "tiny_arcface.onnx"
+    return path, tiny_recognizer(path)
+
+
+def test_the_converted_recognizer_computes_the_graph_and_is_frozen(recognizer_file, tmp_path):
+    path, w = recognizer_file
+    arcface = load_arcface(str(path))
+    assert arcface.size == (112, 112) and (arcface.mean, arcface.std) == (127.5, 127.5)
+    assert all(not p.requires_grad for p in arcface.parameters()) and len(list(arcface.parameters())) > 0
+    rgb = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    emb = arcface(rgb)
+    assert emb.shape == (2, EMBED)
+    torch.testing.assert_close(emb, direct(w, rgb.detach()), rtol=1e-4, atol=1e-5)
+    try:  # onnxruntime, where installed: the graph's own runtime agrees too
+        import onnxruntime
+    except ImportError:
+        pass
+    else:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x = ((rgb.detach() * 255 - 127.5) / 127.5).numpy()
+        torch.testing.assert_close(emb.detach(), torch.from_numpy(session.run(None, {"input.1": x})[0]),
+                                   rtol=1e-4, atol=1e-5)
+    emb.sum().backward()
+    assert rgb.grad is not None and rgb.grad.abs().sum() > 0  # differentiable in the image, frozen itself
+    assert all(p.grad is None for p in arcface.parameters())
+    # another size is resized to the graph's 112 px first
+    assert arcface(torch.rand(1, 3, 64, 64)).shape == (1, EMBED)
+    # a graph that normalises itself (InsightFace's Sub/Mul rule) gets the raw 0..255 pixels
+    inside = tmp_path / "normalising.onnx"
+    w2 = tiny_recognizer(inside, normalises_itself=True)
+    assert input_normalisation(onnx.load(str(inside))) == (0.0, 1.0)
+    torch.testing.assert_close(load_arcface(str(inside))(rgb.detach()), direct(w2, rgb.detach()), rtol=1e-4,
+                               atol=1e-5)
+    (tmp_path / "notes.onnx").write_text("not a model\n")
+    with pytest.raises(ArcFaceFileError, match="notes.onnx: not a readable ONNX model"):
+        load_arcface(str(tmp_path / "notes.onnx"))
+
+
+def identity_config(tiny_data, out: Path, recognizer: Path, weight: float):
+    return tiny_config(tiny_data, out, **{"loss.identity": weight, "loss.recognizer": str(recognizer),
+                                          "train.caption_dropout": 0.0, "train.max_steps": 2})
+
+
+def test_the_identity_loss_trains_the_eaa_only_through_the_vae_and_arcface(tiny_data, tmp_path, clip_vae, tiny_model,
+                                                                             recognizer_file):
+    vae = clip_vae[1]
+    path, _ = recognizer_file
+    cfg = identity_config(tiny_data, tmp_path / "grad", path, 1.0)
+    recognizer = build_recognizer(cfg, tiny_model, vae)
+    unet_before = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    vae_before = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
+
+    trainer = Trainer(cfg, tiny_model, progress=False, recognizer=recognizer)
+    batch = trainer.batch(trainer.order.samples(trainer.data, 0), cfg.train.seed, 0.0)
+    pred = step.predict(batch, trainer.generation, trainer.net)
+    term = step.identity_loss(batch, pred)
+    assert torch.isfinite(term) and 0 < float(term.detach()) < 2  # alpha_bar-weighted 1 - cos: a real, finite distance
+    term.backward()
+    grads = {n: p.grad for n, p in trainer.adapter.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values()), "no gradient reached the EAA"
+    frozen = {"UNet": tiny_model.model, "VAE": vae.first_stage_model, "ArcFace": recognizer.arcface}
+    for name, module in frozen.items():
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad or p.grad is not None]
+        assert trainable == [], f"{name} parameters take gradients: {trainable[:3]}"
+    identity_grads = {n: g.clone() for n, g in grads.items() if g is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    step.denoising_loss(batch, step.predict(batch, trainer.generation, trainer.net)).backward()
+    # the identity term's own gradient is not the denoising one's: it adds something to the EAA's update
+    assert any(not torch.allclose(g, p.grad) for n, p in trainer.adapter.named_parameters()
+               for g in [identity_grads.get(n)] if g is not None and p.grad is not None)
+
+    # two steps of the whole loop: with the identity loss the EAA ends elsewhere than without it
+    runs = {}
+    for weight in (0.0, 1.0):
+        cfg = identity_config(tiny_data, tmp_path / f"run-{weight}", path, weight)
+        result = train(cfg, tiny_model, progress=False, recognizer=recognizer if weight else None)
+        assert result.step == 2 and all(np.isfinite(result.losses))
+        runs[weight] = (result.losses, adapter_tensors(result.adapter))
+    assert runs[1.0][0][0] > runs[0.0][0][0]  # the same batch: the identity term adds to the loss
+    assert any(not torch.equal(runs[0.0][1][k], runs[1.0][1][k]) for k in runs[0.0][1])
+    assert all(torch.equal(unet_before[k], v) for k, v in tiny_model.model.state_dict().items())
+    assert all(torch.equal(vae_before[k], v) for k, v in vae.first_stage_model.state_dict().items())
+
+
+def cli_config(tmp_path: Path) -> Path:
+    (tmp_path / "c.toml").write_text(f"""[model]
+checkpoint = "{models.shallow_sd15_checkpoint()}"
+[data]
+cache_dir = "cache"
+[train]
+output_dir = "run"
+[loss]
+identity = 0.5
+""")
+    (tmp_path / "notes.onnx").write_text("not a model\n")
+    return tmp_path / "c.toml"
+
+
+CASES = {
+    "no recognizer": ([], "config error: loss.identity = 0.5 needs loss.recognizer: set it to an InsightFace "
+                          "recognition model"),
+    "a missing file": (["loss.recognizer={tmp}/models/antelopev2/glintr100.onnx"],
+                       "glintr100.onnx': does not exist; point it at an InsightFace recognition model"),
+    "not an ONNX file": (["loss.recognizer={tmp}/notes.onnx"], "notes.onnx': not a readable ONNX model"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_config_check_names_the_recognizer(tmp_path, capsys, case):
+    sets, fragment = CASES[case]
+    args = ["train", "--config", str(cli_config(tmp_path)), "--quiet"]
+    for item in sets:
+        args += ["--set", item.format(tmp=tmp_path)]
+    code = cli(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("config error: loss.") and fragment in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_trains_with_the_recognizer(tiny_data, tmp_path, recognizer_file):
+    """`train` with loss.identity and loss.recognizer (relative to the config file) builds the recognizer from the
+    checkpoint's VAE and trains: the loss in its log is above the same run's without it."""
+    _, cache, _ = tiny_data
+    path, _ = recognizer_file
+    (tmp_path / "recognizer.onnx").write_bytes(path.read_bytes())
+    losses = {}
+    for weight in (0.0, 1.0):
+        config = tmp_path / f"c{weight}.toml"
+        config.write_text(f"""[model]
+checkpoint = "{models.shallow_sd15_checkpoint()}"
+tokens_m = 16
+[data]
+cache_dir = "{cache}"
+resolution = {RES}
+[train]
+output_dir = "run-{weight}"
+batch_size = 1
+max_steps = 1
+checkpoint_every = 0
+caption_dropout = 0.0
+[validation]
+every = 0
+[loss]
+identity = {weight}
+recognizer = "recognizer.onnx"
+""")
+        assert cli(["train", "--config", str(config), "--quiet"]) == 0
+        log = [json.loads(line) for line in (tmp_path / f"run-{weight}" / "log.jsonl").read_text().splitlines()]
+        losses[weight] = log[-1]["loss"]
+        assert (tmp_path / f"run-{weight}" / "invadapter.safetensors").is_file()
+    assert np.isfinite(losses[1.0]) and losses[1.0] > losses[0.0]
