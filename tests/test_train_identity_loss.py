@@ -27,25 +27,37 @@ EMBED = 8
 
 
 def tiny_recognizer(path: Path, seed: int = 0, normalises_itself: bool = False) -> dict:
-    """A random ArcFace-shaped ONNX graph, [N, 3, 112, 112] -> [N, 8]: Conv (stride 2) -> PRelu ->
-    GlobalAveragePool -> Flatten -> Gemm, saved at ``path``; with ``normalises_itself`` the graph starts with
-    InsightFace's Sub and Mul nodes. Returns its weights (numpy) for a direct evaluation."""
+    """A random ArcFace-shaped ONNX graph, [N, 3, 112, 112] -> [N, 8], built of the ops of InsightFace's IResNets
+    (w600k_r50, glintr100): Conv (stride 2) -> BatchNormalization -> PRelu -> Conv -> Add (a residual) -> Conv
+    (stride 8, to 7 x 7) -> Flatten -> Gemm -> BatchNormalization (the 1-D "features" layer), saved at ``path``; with
+    ``normalises_itself`` the graph starts with InsightFace's Sub and Mul nodes. Returns its weights (numpy) for a
+    direct evaluation."""
     rng = np.random.default_rng(seed)
-    w = {"conv_w": rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32), "conv_b": rng.normal(0, 0.1, 6).astype(np.float32),
-         "slope": np.full((6, 1, 1), 0.25, np.float32),
-         "fc_w": rng.normal(0, 0.5, (EMBED, 6)).astype(np.float32), "fc_b": rng.normal(0, 0.1, EMBED).astype(np.float32)}
+    r = lambda *shape, s=0.3: rng.normal(0, s, shape).astype(np.float32)  # noqa: E731
+    w = {"a_w": r(6, 3, 3, 3), "a_b": r(6, s=0.1), "bn_g": 1 + r(6, s=0.1), "bn_b": r(6, s=0.1), "bn_m": r(6, s=0.1),
+         "bn_v": np.abs(1 + r(6, s=0.1)), "slope": np.full((6, 1, 1), 0.25, np.float32), "b_w": r(6, 6, 3, 3),
+         "b_b": r(6, s=0.1), "c_w": r(4, 6, 8, 8, s=0.05), "c_b": r(4, s=0.1), "fc_w": r(EMBED, 4 * 7 * 7, s=0.1),
+         "fc_b": r(EMBED, s=0.1), "f_g": 1 + r(EMBED, s=0.1), "f_b": r(EMBED, s=0.1), "f_m": r(EMBED, s=0.1),
+         "f_v": np.abs(1 + r(EMBED, s=0.1))}
+    node = helper.make_node
     nodes, first = [], "input.1"
     if normalises_itself:
         w.update(mean=np.float32(127.5), scale=np.float32(1 / 127.5))
-        nodes += [helper.make_node("Sub", ["input.1", "mean"], ["centred"], name="Sub_0"),
-                  helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="Mul_1")]
+        nodes += [node("Sub", ["input.1", "mean"], ["centred"], name="Sub_0"),
+                  node("Mul", ["centred", "scale"], ["scaled"], name="Mul_1")]
         first = "scaled"
-    nodes += [helper.make_node("Conv", [first, "conv_w", "conv_b"], ["c"], name="Conv_2", strides=[2, 2],
-                               pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-              helper.make_node("PRelu", ["c", "slope"], ["r"], name="PRelu_3"),
-              helper.make_node("GlobalAveragePool", ["r"], ["p"], name="GlobalAveragePool_4"),
-              helper.make_node("Flatten", ["p"], ["f"], name="Flatten_5", axis=1),
-              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["683"], name="Gemm_6", transB=1)]
+    nodes += [node("Conv", [first, "a_w", "a_b"], ["a"], name="Conv_2", strides=[2, 2], pads=[1, 1, 1, 1],
+                   kernel_shape=[3, 3]),
+              node("BatchNormalization", ["a", "bn_g", "bn_b", "bn_m", "bn_v"], ["bn"], name="BatchNorm_3",
+                   epsilon=1e-5),
+              node("PRelu", ["bn", "slope"], ["pr"], name="PRelu_4"),
+              node("Conv", ["pr", "b_w", "b_b"], ["b"], name="Conv_5", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+              node("Add", ["pr", "b"], ["res"], name="Add_6"),
+              node("Conv", ["res", "c_w", "c_b"], ["c"], name="Conv_7", strides=[8, 8], kernel_shape=[8, 8]),
+              node("Flatten", ["c"], ["flat"], name="Flatten_8", axis=1),
+              node("Gemm", ["flat", "fc_w", "fc_b"], ["fc"], name="Gemm_9", transB=1),
+              node("BatchNormalization", ["fc", "f_g", "f_b", "f_m", "f_v"], ["683"], name="BatchNorm_10",
+                   epsilon=2e-5)]
     graph = helper.make_graph(nodes, "tiny-arcface",
                               [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["None", 3, 112, 112])],
                               [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["None", EMBED])],
@@ -58,11 +70,16 @@ def tiny_recognizer(path: Path, seed: int = 0, normalises_itself: bool = False) 
 
 def direct(w: dict, rgb: torch.Tensor) -> torch.Tensor:
     """The tiny graph evaluated by hand on 0..1 RGB at 112 px, with InsightFace's normalisation."""
+    F = torch.nn.functional
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in w.items()}
     x = (rgb * 255 - 127.5) / 127.5
-    t = lambda k: torch.from_numpy(np.asarray(w[k]))  # noqa: E731
-    c = torch.nn.functional.conv2d(x, t("conv_w"), t("conv_b"), stride=2, padding=1)
-    r = torch.where(c >= 0, c, 0.25 * c)
-    return r.mean((2, 3)) @ t("fc_w").T + t("fc_b")
+    a = F.conv2d(x, t["a_w"], t["a_b"], stride=2, padding=1)
+    bn = F.batch_norm(a, t["bn_m"], t["bn_v"], t["bn_g"], t["bn_b"], training=False, eps=1e-5)
+    pr = torch.where(bn >= 0, bn, 0.25 * bn)
+    res = pr + F.conv2d(pr, t["b_w"], t["b_b"], padding=1)
+    c = F.conv2d(res, t["c_w"], t["c_b"], stride=8)
+    fc = c.flatten(1) @ t["fc_w"].T + t["fc_b"]
+    return F.batch_norm(fc, t["f_m"], t["f_v"], t["f_g"], t["f_b"], training=False, eps=2e-5)
 
 
 @pytest.fixture(scope="module")
