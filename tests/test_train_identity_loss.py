@@ -155,6 +155,16 @@ def test_the_identity_loss_trains_the_eaa_only_through_the_vae_and_arcface(tiny_
     assert any(not torch.allclose(g, p.grad) for n, p in trainer.adapter.named_parameters()
                for g in [identity_grads.get(n)] if g is not None and p.grad is not None)
 
+    # the face is the central square (data.face_margin 0.5: half the side); loss.recognizer_resolution decodes
+    # smaller, still differentiably
+    assert recognizer.face(torch.zeros(1, 3, RES, RES)).shape[-2:] == (RES // 2, RES // 2)
+    half = build_recognizer(tiny_config(tiny_data, tmp_path / "half", **{
+        "loss.recognizer": str(path), "loss.recognizer_resolution": RES // 2}), tiny_model, vae)
+    latent = batch.x0.clone().requires_grad_(True)
+    assert half.decode(latent.detach()).shape[-2:] == (RES // 2, RES // 2)
+    half(latent).sum().backward()
+    assert latent.grad.abs().sum() > 0
+
     # two steps of the whole loop: with the identity loss the EAA ends elsewhere than without it
     runs = {}
     for weight in (0.0, 1.0):
