@@ -117,7 +117,8 @@ def load_arcface(path: str, device: Optional[torch.device] = None) -> TorchArcFa
     try:
         net = convert(model)
     except Exception as e:  # noqa: BLE001 - an op onnx2torch does not know: say which file and why
-        raise ArcFaceFileError(f"{path}: onnx2torch cannot convert it ({type(e).__name__}: {_one_line(e, 160)})") from None
+        raise ArcFaceFileError(f"{path}: onnx2torch cannot convert it ({type(e).__name__}: {_one_line(e, 160)}); "
+                               f"give an InsightFace ArcFace model (glintr100.onnx, w600k_r50.onnx)") from None
     dims = input_dims(model)
     size = (dims[2] or 112, dims[3] or 112)  # a dynamic size: ArcFace's 112 px
     mean, std = input_normalisation(model)
