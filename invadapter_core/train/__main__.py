@@ -85,12 +85,13 @@ def main(argv=None) -> int:
         for problem in problems:
             print(f"config error: {problem}" if args.command != "export" else f"error: {problem}", file=sys.stderr)
         return 2
+    from ..face.arcface_torch import ArcFaceFileError
     from .data import DataError
     from .loop import Interrupted
 
     try:
         return COMMANDS[args.command](cfg, args, info)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ArcFaceFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
@@ -129,10 +130,17 @@ def run_train(cfg, args, info) -> int:
 
     ShardSet(require(cfg.data.cache_dir, "data.cache_dir"))  # a missing cache fails before the model loads
     precision = resolve_precision(cfg.train.mixed_precision, comfy.model_management.get_torch_device())
+    identity = cfg.loss.identity != 0
     model, clip, vae = load_configured_base(cfg, precision, need_clip=bool(cfg.validation.prompts),
-                                            need_vae=cfg.validation.every > 0)
+                                            need_vae=cfg.validation.every > 0 or identity)
+    recognizer = None
+    if identity:
+        from .identity import build_recognizer
+
+        recognizer = build_recognizer(cfg, model, vae)
     try:
-        train(cfg, model, vae, clip, progress=not args.quiet)
+        train(cfg, model, vae if cfg.validation.every > 0 else None, clip, progress=not args.quiet,
+              recognizer=recognizer)
     finally:
         from .distributed import cleanup
 

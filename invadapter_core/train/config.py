@@ -117,11 +117,18 @@ class ValidationConfig:
 
 @dataclass
 class LossConfig:
-    """One weight per loss term of ``step.LOSS_TERMS``, under the term's name (0: the term is not computed)."""
+    """One weight per loss term of ``step.LOSS_TERMS``, under the term's name (0: the term is not computed), and the
+    terms' settings."""
     denoising: float = opt(1.0, "weight of the denoising loss (eq. 6: epsilon-prediction MSE)")
     identity: float = opt(0.0, "weight of the identity loss: 1 - cosine between a face recognizer's embedding of "
-                               "the denoised prediction (decoded) and the reference's, weighted by alpha_bar(t); "
-                               "needs a recognizer given to the trainer (the toy's; none for real checkpoints yet)")
+                               "the denoised prediction (decoded by the VAE) and the reference's, weighted by "
+                               "alpha_bar(t); needs loss.recognizer")
+    # not loss terms (step.LOSS_TERMS): the identity term's recognizer
+    recognizer: str = opt("", "with loss.identity: the ArcFace recognition model, an InsightFace .onnx file (e.g. "
+                              "<insightface>/models/antelopev2/glintr100.onnx or models/buffalo_l/w600k_r50.onnx)",
+                          path=True)
+    recognizer_resolution: int = opt(0, "pixels the identity loss decodes the latent at (its side; 0: the training "
+                                        "resolution); lower saves VAE memory, e.g. 256 at 512 px")
 
 
 @dataclass

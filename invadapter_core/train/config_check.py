@@ -148,6 +148,19 @@ def check_config(cfg: Config, command: str) -> list[str]:
     number("optim.eps", o.eps, 0, low_open=True)
     number("optim.warmup_steps", o.warmup_steps, 0)
     number("optim.grad_clip", o.grad_clip, 0)
+    # loss (the identity term's recognizer: only what `train` loads)
+    number("loss.identity", cfg.loss.identity, 0)
+    number("loss.recognizer_resolution", cfg.loss.recognizer_resolution, 0)
+    if command == "train" and cfg.loss.identity:
+        if not cfg.loss.recognizer:
+            problems.append(f"loss.identity = {cfg.loss.identity!r} needs loss.recognizer: set it to an InsightFace "
+                            f"recognition model (e.g. <insightface>/models/antelopev2/glintr100.onnx), or set "
+                            f"loss.identity = 0")
+        else:
+            from ..face.arcface_torch import recognizer_problem
+
+            why = recognizer_problem(cfg.loss.recognizer)
+            need(why is None, "loss.recognizer", cfg.loss.recognizer, why)
     # validation
     number("validation.every", v.every, 0)
     number("validation.holdout", v.holdout, -1)

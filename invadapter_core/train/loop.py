@@ -60,8 +60,8 @@ class Trainer:
         embedding [B, E], differentiable; needed when loss.identity is not 0."""
         self.cfg, self.model, self.vae, self.progress = cfg, model, vae, progress
         if cfg.loss.identity != 0 and recognizer is None:
-            raise ConfigError("loss.identity needs a face recognizer given to the trainer (the identity toy gives "
-                              "one; the command-line trainer has none yet): set loss.identity = 0")
+            raise ConfigError("loss.identity needs a face recognizer given to the trainer (the command line builds "
+                              "it from loss.recognizer: train.identity.build_recognizer), or set loss.identity = 0")
         self.recognizer = recognizer
         self.out = Path(require(cfg.train.output_dir, "train.output_dir"))
         self.device = model.load_device
@@ -110,7 +110,7 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0  # seconds trained before a resume (elapsed_s goes on from there)
         self.dropped = 0
-        self.loss_weights = dataclasses.asdict(cfg.loss)
+        self.loss_weights = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k in step.LOSS_TERMS}
 
     # ------------------------------------------------------------------------------------------ setup
     def _sources(self, data, holdout):

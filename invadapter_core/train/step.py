@@ -168,7 +168,7 @@ def identity_loss(batch: Batch, pred: Prediction) -> torch.Tensor:
     ``R`` decodes the latent itself (``Batch.recognizer``); gradients reach the adapter through D only."""
     if batch.recognizer is None:
         raise ValueError("loss.identity needs a face recognizer, and none was given to the trainer: set "
-                         "loss.identity = 0 (the command-line trainer has none yet)")
+                         "loss.recognizer (the command line builds it), or loss.identity = 0")
     with torch.no_grad():
         ref = batch.recognizer(batch.ref_clean).float()
         ref = F.normalize(F.normalize(ref, dim=-1).reshape(len(batch.sigmas), batch.references, -1).mean(1), dim=-1)
