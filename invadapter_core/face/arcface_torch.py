@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 INSIGHTFACE_MEAN, INSIGHTFACE_STD = 127.5, 127.5
-INSTALL_HINT = "pip install onnx2torch==1.5.15 onnx==1.23.2 (requirements.txt)"
+INSTALL_HINT = "pip install onnx2torch==1.5.15 onnx==1.23.2 (the trainer's extra: pyproject.toml [train])"
 
 
 class ArcFaceFileError(ValueError):
