@@ -42,6 +42,7 @@ def check_config(cfg: Config, command: str) -> list[str]:
     from ..face.detect import DETECTORS
     from ..adapter.injection import COMBINE_MODES
     from .model import PRECISIONS
+    from .groups import REFERENCE_MODES
     from .preprocess import FACE_CROP_MODES
 
     problems: list[str] = []
@@ -117,6 +118,7 @@ def check_config(cfg: Config, command: str) -> list[str]:
     number("data.shard_size", d.shard_size, 1)
     number("data.batch_size", d.batch_size, 1)
     choice("data.storage_dtype", d.storage_dtype, STORAGE_DTYPES)
+    choice("data.reference", d.reference, REFERENCE_MODES)
     # train
     if command == "train":
         required_path("train.output_dir", t.output_dir)
