@@ -216,6 +216,25 @@ def test_grouped_training_resumes_exactly(grouped, tmp_path, tiny_model):
     assert [h["step"] for h in straight.heldout] == [0, 4] and np.isfinite(straight.heldout[1]["heldout_loss"])
 
 
+def test_a_folder_of_people_names_them_when_asked(tmp_path):
+    """data.identity_folders: faces/<person>/*.png; an image directly in the folder names no one."""
+    from invadapter_core.train.data import list_items
+
+    for name in ("ana/0.png", "ana/1.png", "ben/deep/2.png", "top.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    named = {Path(i.image).relative_to(tmp_path).as_posix(): i.identity for i in list_items(str(tmp_path), True)}
+    assert named == {"ana/0.png": "ana", "ana/1.png": "ana", "ben/deep/2.png": "ben", "top.png": None}
+    assert {i.identity for i in list_items(str(tmp_path))} == {None}  # off by default: subfolders are only folders
+    from invadapter_core.train.config_check import check_config
+
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "top.png", "caption": "x", "identity": "ana"}) + "\n")
+    cfg = load_config(None, [f"data.source={tmp_path / 'm.jsonl'}", "data.identity_folders=true"])
+    assert [line for line in check_config(cfg, "preprocess") if line.startswith("data.identity_folders")] == [
+        "data.identity_folders = True: is for a folder source; a manifest names the person with \"identity\" on "
+        "each line"]
+
+
 @pytest.fixture(scope="module")
 def ungrouped(tmp_path_factory, clip_vae, tiny_model):
     base = tmp_path_factory.mktemp("ungrouped")

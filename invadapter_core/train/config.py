@@ -60,6 +60,8 @@ class DataConfig:
     shard_size: int = opt(256, "images per shard file")
     batch_size: int = opt(8, "images per VAE/inversion batch while preprocessing")
     storage_dtype: str = opt("float16", "dtype of stored latents and captions: float16 (half the disk) or float32")
+    identity_folders: bool = opt(False, "a folder source: each image's first subfolder names its person "
+                                        "(faces/<person>/*.jpg), as a manifest's \"identity\" does")
     reference: str = opt("auto", "a target's reference in training: 'other' (another photo of the same person: "
                                  "needs identities in the manifest), 'self' (the target itself, the paper's "
                                  "setting), 'auto' (other when the shards name identities, else self)")

@@ -105,6 +105,8 @@ def check_config(cfg: Config, command: str) -> list[str]:
         if d.source and os.path.isfile(d.source):
             need(d.source.endswith((".jsonl", ".json")), "data.source", d.source,
                  "a file source must be a .jsonl manifest")
+            need(not d.identity_folders, "data.identity_folders", d.identity_folders,
+                 "is for a folder source; a manifest names the person with \"identity\" on each line")
     if command in ("preprocess", "train"):
         required_path("data.cache_dir", d.cache_dir)
     number("data.resolution", d.resolution, 0, low_open=True, what="must be a positive number of pixels (512 "

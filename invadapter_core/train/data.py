@@ -53,22 +53,24 @@ class Item:
 
 
 # ------------------------------------------------------------------------------------------------ raw items
-def list_items(source: str) -> list[Item]:
+def list_items(source: str, identity_folders: bool = False) -> list[Item]:
+    """``identity_folders``: a folder source's subfolders name the person (``faces/<person>/*.jpg``)."""
     if not source:
         raise DataError("data.source is not set: a folder of images + .txt captions, or a .jsonl manifest")
     if os.path.isdir(source):
-        return _folder_items(Path(source))
+        return _folder_items(Path(source), identity_folders)
     if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
         return _manifest_items(Path(source))
     raise DataError(f"data.source {source} is neither a folder nor a .jsonl manifest")
 
 
-def _folder_items(folder: Path) -> list[Item]:
+def _folder_items(folder: Path, identity_folders: bool = False) -> list[Item]:
     items = []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8", errors="replace") if caption_file.is_file() else None
-        items.append(Item(str(path), caption))
+        parts = path.relative_to(folder).parts  # images directly in the folder name no one
+        items.append(Item(str(path), caption, identity=parts[0] if identity_folders and len(parts) > 1 else None))
     if not items:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     return items

@@ -118,7 +118,9 @@ def identity_split(shards: ShardSet, cfg: Config, holdout: int, global_batch: in
     needed = k + 1 if mode == "other" else k
     held: list[int] = []
     # the last people by name that can serve as targets themselves, until enough images are out
-    for key in sorted((key for key, photos in members.items() if len(photos) >= needed), reverse=True):
+    named_first = lambda key: (key[0] == "identity", key)  # noqa: E731 - people with a name before nameless images
+    for key in sorted((key for key, photos in members.items() if len(photos) >= needed), key=named_first,
+                      reverse=True):
         if len(held) >= holdout:
             break
         held += members[key]
@@ -130,7 +132,7 @@ def identity_split(shards: ShardSet, cfg: Config, holdout: int, global_batch: in
     skipped = train.skipped + (out.skipped if out else 0)
     if announce:
         log.info("identity groups: %d images of %d people; reference = %s%s (data.reference = %s, train.references "
-                 "= %d); %d target(s) skipped, their person having fewer than %d photos; held out: %d people "
+                 "= %d); %d target(s) skipped, their person having fewer than %d photos; held out: %d person(s) "
                  "(%d images)", len(shards), len(members), what, more, cfg.data.reference, k, skipped, needed,
                  out.people if out else 0, len(held))
     if len(train) < global_batch:

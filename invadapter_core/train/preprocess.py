@@ -166,7 +166,7 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     out = Path(require(cfg.data.cache_dir, "data.cache_dir"))
     out.mkdir(parents=True, exist_ok=True)
     _refuse_other_world_sizes(out, info.world_size)
-    items = list_items(cfg.data.source)
+    items = list_items(cfg.data.source, cfg.data.identity_folders)
     mine = items[info.rank::info.world_size]
     crop, cropping = make_cropper(cfg)
     log.info("face crop: %s (data.face_crop = %s, data.face_detector = %s)", cropping, cfg.data.face_crop,
