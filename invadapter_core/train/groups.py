@@ -13,8 +13,9 @@ resumed run draws the same photos, and N processes draw what one process with N 
 
 Small identities: a target is trained only when its person has enough distinct photos: K + 1 with "other" (the
 target and K others), K with "self"; the other targets are skipped and counted in one log line. Images without an
-identity count as a person of one photo. Held out (``validation.holdout``): whole identities, the last ones by name,
-until at least that many images are out, so the held-out loss is measured on people the adapter never trained on.
+identity count as a person of one photo. Held out (``validation.holdout``): whole people, the last ones by name with
+enough photos (named people before nameless images), until at least that many images are out, so the held-out loss
+is measured on people the adapter never trained on.
 """
 from __future__ import annotations
 
@@ -136,10 +137,12 @@ def identity_split(shards: ShardSet, cfg: Config, holdout: int, global_batch: in
                  "(%d images)", len(shards), len(members), what, more, cfg.data.reference, k, skipped, needed,
                  out.people if out else 0, len(held))
     if len(train) < global_batch:
+        self_hint = ", set data.reference = \"self\"" if mode == "other" else ""
         raise DataError(f"{len(train)} training targets (of {len(shards)} images; {train.skipped} skipped: their "
                         f"person has fewer than {needed} photos with data.reference = {mode!r} and train.references "
                         f"= {k}; {len(held)} held out by validation.holdout = {holdout}) are fewer than one global "
-                        f"batch of {global_batch}: lower train.references or validation.holdout, or add photos")
+                        f"batch of {global_batch}: lower train.references or validation.holdout"
+                        f"{self_hint}, or add photos")
     if out is None:
         return train, None
     seed = cfg.validation.seed  # fixed draws: the held-out loss compares like with like across validations
