@@ -569,7 +569,7 @@ def test_k_references_per_target_and_the_identity_loss_train_the_eaa_only(tiny_d
         assert [k for k in init if torch.equal(init[k], trained[k])] == []
     after = tiny_model.model.state_dict()
     assert all(torch.equal(base_before[k], after[k]) for k in base_before), "the frozen base model changed"
-    with pytest.raises(ValueError, match="train.references = 2, but a sample"):  # one photo only: a clear error
+    with pytest.raises(ValueError, match="train.references = 2 needs several photos per person"):  # one photo only
         train(tiny_config(tiny_data, tmp_path / "one", **{"train.references": 2}), tiny_model, progress=False)
     with pytest.raises(ConfigError, match="loss.identity needs a face recognizer"):
         train(tiny_config(tiny_data, tmp_path / "none", **{"loss.identity": 1.0}), tiny_model, progress=False)

@@ -25,7 +25,9 @@ Train Inv-Adapter EAA weights for an SD1.x, SD2.x or SDXL-family checkpoint, or 
   Ctrl-C saves a checkpoint; the same command resumes from it.
 
 Data: a folder of images with a caption .txt beside each (same name), or a .jsonl manifest of
-{"image": "relative/or/absolute.png", "caption": "..."} lines. Unreadable images, missing captions and images
+{"image": "relative/or/absolute.png", "caption": "..."} lines, optionally naming the person ("identity": "p17"):
+several photos per person train with another photo of the person as the reference (data.reference) and
+train.references > 1. Unreadable images, missing captions and images
 without a face are reported (data.cache_dir/report-r*.jsonl) and skipped.
 ComfyUI is found through $COMFYUI_PATH or the repo's .host/comfyui_path. See docs/training.md.
 """
@@ -127,8 +129,10 @@ def run_train(cfg, args, info) -> int:
     from .model import load_configured_base, resolve_precision
 
     from .data import ShardSet
+    from .groups import check_grouping
 
-    ShardSet(require(cfg.data.cache_dir, "data.cache_dir"))  # a missing cache fails before the model loads
+    # a missing cache, or settings that need identities the shards lack, fail before the model loads
+    check_grouping(ShardSet(require(cfg.data.cache_dir, "data.cache_dir")), cfg)
     precision = resolve_precision(cfg.train.mixed_precision, comfy.model_management.get_torch_device())
     identity = cfg.loss.identity != 0
     model, clip, vae = load_configured_base(cfg, precision, need_clip=bool(cfg.validation.prompts),

@@ -41,7 +41,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = opt("", "a folder of images with a caption .txt beside each, or a .jsonl manifest of "
-                          "{\"image\": path, \"caption\": text} lines (paths relative to the manifest)", path=True)
+                          "{\"image\": path, \"caption\": text} lines (paths relative to the manifest), each "
+                          "optionally with \"identity\": the person, grouping several photos of one person",
+                      path=True)
     cache_dir: str = opt("", "where `preprocess` writes its shards and `train` reads them", path=True)
     resolution: int = opt(512, "reference resolution in pixels (512 for SD1.x, 768 for SD2.x-v, 1024 for SDXL); "
                                "training uses the same size")
@@ -58,6 +60,11 @@ class DataConfig:
     shard_size: int = opt(256, "images per shard file")
     batch_size: int = opt(8, "images per VAE/inversion batch while preprocessing")
     storage_dtype: str = opt("float16", "dtype of stored latents and captions: float16 (half the disk) or float32")
+    identity_folders: bool = opt(False, "a folder source: each image's first subfolder names its person "
+                                        "(faces/<person>/*.jpg), as a manifest's \"identity\" does")
+    reference: str = opt("auto", "a target's reference in training: 'other' (another photo of the same person: "
+                                 "needs identities in the manifest), 'self' (the target itself, the paper's "
+                                 "setting), 'auto' (other when the shards name identities, else self)")
 
 
 @dataclass
@@ -72,8 +79,9 @@ class TrainConfig:
     min_timestep: int = opt(0, "timesteps are drawn uniformly from [min_timestep, max_timestep]")
     max_timestep: int = opt(999, "timesteps are drawn uniformly from [min_timestep, max_timestep]")
     references: int = opt(1, "K: reference photos of the target's identity per target, combined as inference "
-                             "combines several photos (IDAdapter's mixed facial features); K > 1 needs a data "
-                             "source that gives each sample K - 1 more (TrainingSample.more_references)")
+                             "combines several photos (IDAdapter's mixed facial features); K > 1 needs several "
+                             "photos per person (identities in the manifest; a Python data source: "
+                             "TrainingSample.more_references)")
     reference_combine: str = opt("concat", "how the K references combine, as InvAdapterApply's combine: 'concat' "
                                            "(their tokens side by side) or 'average'")
     mixed_precision: str = opt("auto", "'auto' (bf16 on CUDA with bf16 support, else fp16; none on CPU), 'bf16', "

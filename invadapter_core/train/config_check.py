@@ -42,6 +42,7 @@ def check_config(cfg: Config, command: str) -> list[str]:
     from ..face.detect import DETECTORS
     from ..adapter.injection import COMBINE_MODES
     from .model import PRECISIONS
+    from .groups import REFERENCE_MODES
     from .preprocess import FACE_CROP_MODES
 
     problems: list[str] = []
@@ -104,6 +105,8 @@ def check_config(cfg: Config, command: str) -> list[str]:
         if d.source and os.path.isfile(d.source):
             need(d.source.endswith((".jsonl", ".json")), "data.source", d.source,
                  "a file source must be a .jsonl manifest")
+            need(not d.identity_folders, "data.identity_folders", d.identity_folders,
+                 "is for a folder source; a manifest names the person with \"identity\" on each line")
     if command in ("preprocess", "train"):
         required_path("data.cache_dir", d.cache_dir)
     number("data.resolution", d.resolution, 0, low_open=True, what="must be a positive number of pixels (512 "
@@ -117,6 +120,7 @@ def check_config(cfg: Config, command: str) -> list[str]:
     number("data.shard_size", d.shard_size, 1)
     number("data.batch_size", d.batch_size, 1)
     choice("data.storage_dtype", d.storage_dtype, STORAGE_DTYPES)
+    choice("data.reference", d.reference, REFERENCE_MODES)
     # train
     if command == "train":
         required_path("train.output_dir", t.output_dir)

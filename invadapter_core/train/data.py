@@ -12,8 +12,10 @@ A shard is one safetensors file holding, for S images of one reference resolutio
     states   [S, n+1, 4, h, w]  the DDIM inversion trajectory in sampler space (states[:, 0] = the clean latent)
     context  [S, 77, 768]       the caption's CLIP encoding (first 77 tokens)
     sigmas   [n+1]              the trajectory's sigmas (ascending), the same for every image
-with metadata ``invadapter.kind`` = "training shard", ``captions`` / ``images`` (JSON lists) and ``layout`` (JSON:
-resolution, inversion steps/scheduler, base family) so `train` can refuse shards made with other settings.
+with metadata ``invadapter.kind`` = "training shard", ``captions`` / ``images`` (JSON lists), ``identities`` (JSON
+list: each image's person from the manifest, null for none; absent when no image has one) and ``layout`` (JSON:
+resolution, inversion steps/scheduler, base family) so `train` can refuse shards made with other settings. Which
+photos of a person serve as a target's references is ``groups``'s.
 """
 from __future__ import annotations
 
@@ -47,25 +49,28 @@ class Item:
     image: str
     caption: Optional[str]  # None: no caption found
     problem: Optional[str] = None  # set when the item is already known to be unusable (bad manifest line)
+    identity: Optional[str] = None  # the person in the photo (a manifest's "identity"): groups photos for training
 
 
 # ------------------------------------------------------------------------------------------------ raw items
-def list_items(source: str) -> list[Item]:
+def list_items(source: str, identity_folders: bool = False) -> list[Item]:
+    """``identity_folders``: a folder source's subfolders name the person (``faces/<person>/*.jpg``)."""
     if not source:
         raise DataError("data.source is not set: a folder of images + .txt captions, or a .jsonl manifest")
     if os.path.isdir(source):
-        return _folder_items(Path(source))
+        return _folder_items(Path(source), identity_folders)
     if os.path.isfile(source) and source.endswith((".jsonl", ".json")):
         return _manifest_items(Path(source))
     raise DataError(f"data.source {source} is neither a folder nor a .jsonl manifest")
 
 
-def _folder_items(folder: Path) -> list[Item]:
+def _folder_items(folder: Path, identity_folders: bool = False) -> list[Item]:
     items = []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8", errors="replace") if caption_file.is_file() else None
-        items.append(Item(str(path), caption))
+        parts = path.relative_to(folder).parts  # images directly in the folder name no one
+        items.append(Item(str(path), caption, identity=parts[0] if identity_folders and len(parts) > 1 else None))
     if not items:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     return items
@@ -83,7 +88,15 @@ def _manifest_items(manifest: Path) -> list[Item]:
             items.append(Item(where, None, problem=f"bad manifest line ({type(e).__name__}: {e})"))
             continue
         caption = entry.get("caption") if isinstance(entry, dict) else None
-        items.append(Item(str(manifest.parent / image), caption if isinstance(caption, str) else None))
+        identity = entry.get("identity") if isinstance(entry, dict) else None
+        if isinstance(identity, int) and not isinstance(identity, bool):
+            identity = str(identity)
+        if identity is not None and not (isinstance(identity, str) and identity.strip()):
+            items.append(Item(where, None, problem=f"bad manifest line (\"identity\" must be a non-empty string or "
+                                                   f"an integer naming the person, got {identity!r})"))
+            continue
+        items.append(Item(str(manifest.parent / image), caption if isinstance(caption, str) else None,
+                          identity=identity.strip() if identity is not None else None))
     if not items:
         raise DataError(f"the manifest {manifest} lists no images")
     return items
@@ -104,10 +117,14 @@ def shard_name(rank: int, world_size: int, index: int) -> str:
 
 
 def write_shard(path: str, states: torch.Tensor, context: torch.Tensor, sigmas: torch.Tensor, captions: list[str],
-                images: list[str], layout: dict, extra: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """``extra``: per-sample tensors beside the context (SDXL: "adm" [S, A] and "pooled" [S, P])."""
+                images: list[str], layout: dict, extra: Optional[dict[str, torch.Tensor]] = None,
+                identities: Optional[list[Optional[str]]] = None) -> None:
+    """``extra``: per-sample tensors beside the context (SDXL: "adm" [S, A] and "pooled" [S, P]); ``identities``:
+    each image's person (None: unknown), kept only when some image has one."""
     meta = {META + "kind": SHARD_KIND, "captions": json.dumps(captions), "images": json.dumps(images),
             "layout": json.dumps(layout, sort_keys=True)}
+    if identities and any(i is not None for i in identities):
+        meta["identities"] = json.dumps(identities)
     tmp = path + ".partial"
     tensors = {"states": states.contiguous(), "context": context.contiguous(), "sigmas": sigmas.contiguous()}
     tensors.update({k: v.contiguous() for k, v in (extra or {}).items()})
@@ -158,6 +175,7 @@ class ShardSet:
         self.layout: Optional[dict] = None
         self.index: list[tuple[int, int]] = []  # global sample -> (file number, row)
         self.captions: list[str] = []
+        self.identities: list[Optional[str]] = []  # each image's person (None: the manifest named none)
         sigmas = None
         worlds = set()
         for number, path in enumerate(self.files):
@@ -175,6 +193,7 @@ class ShardSet:
                                 f"({self.layout}): clear {cache_dir} and preprocess again")
             worlds.add(Path(path).name.split("of")[1][:3])
             self.captions += json.loads(meta["captions"])
+            self.identities += json.loads(meta["identities"]) if "identities" in meta else [None] * rows
             self.index += [(number, row) for row in range(rows)]
         if len(worlds) > 1:
             raise DataError(f"{cache_dir} holds shards of preprocess runs with different process counts "
@@ -193,6 +212,11 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def grouped(self) -> bool:
+        """Some images name their person: the photos can be grouped by identity (``groups``)."""
+        return any(i is not None for i in self.identities)
+
     def _handle(self, number: int):
         if number not in self._open:
             if len(self._open) > 64:  # bound the open file handles on huge data sets
@@ -200,12 +224,21 @@ class ShardSet:
             self._open[number] = safe_open(self.files[number], framework="pt")
         return self._open[number]
 
-    def __getitem__(self, i: int) -> TrainingSample:
-        """Image i as its own reference (the paper's setting)."""
+    def view(self, i: int) -> ReferenceView:
+        """Image i as a reference photo (of another image of its identity)."""
+        states, context, extra, _ = self._read(i)
+        return ReferenceView(states, context, extra.get("adm"))
+
+    def _read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, dict, object]:
         number, row = self.index[i]
         f = self._handle(number)
         states, context = f.get_slice("states")[row].float(), f.get_slice("context")[row].float()
-        extra = {key: f.get_slice(key)[row].float() for key in ("adm", "pooled") if key in f.keys()}
+        return states, context, {key: f.get_slice(key)[row].float() for key in ("adm", "pooled") if key in f.keys()}, f
+
+    def __getitem__(self, i: int) -> TrainingSample:
+        """Image i as its own reference (the paper's setting)."""
+        states, context, extra, f = self._read(i)
+        row = self.index[i][1]
         adm = extra.get("adm")
         guidance = float(f.get_slice("guidance")[row:row + 1]) if "guidance" in f.keys() else None
         return TrainingSample(states[0], context, self.sigmas, states, context, self.captions[i], adm=adm,
@@ -267,7 +300,11 @@ class SampleOrder:
         return [(int(perm[p]), epoch * self.size + p) for p in positions]
 
     def samples(self, source, micro_step: int) -> list[tuple[TrainingSample, int]]:
-        return [(source[index], draw_id) for index, draw_id in self.draw(micro_step)]
+        """A source with ``sample_for_draw(index, draw_id, seed)`` (``groups.IdentitySource``) picks what varies
+        per draw (another photo of the person) from the draw id, as ``step.draw`` does the noise."""
+        pick = getattr(source, "sample_for_draw", None)
+        return [(pick(index, draw_id, self.seed) if pick else source[index], draw_id)
+                for index, draw_id in self.draw(micro_step)]
 
 
 class StreamOrder:

@@ -25,6 +25,7 @@ from . import distributed, step
 from .checkpoint import find_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, require
 from .data import SampleOrder, ShardSet, StreamOrder, Subset, TrainingSample, is_map_style
+from .groups import check_grouping, identity_split
 from .model import build_adapter, count_parameters, freeze, generation_pass, is_joint, load_fully, resolve_precision
 from .validate import Validator
 
@@ -122,6 +123,10 @@ class Trainer:
         self._check_layout(shards)
         n, wanted = len(shards), self.cfg.validation.holdout
         k = min(HOLDOUT_AUTO, n // 10) if wanted < 0 else wanted
+        check_grouping(shards, self.cfg)
+        if shards.grouped:  # photos grouped by person: references from the person's photos, whole people held out
+            return identity_split(shards, self.cfg, k, self.cfg.train.batch_size * self.info.world_size,
+                                  self.info.is_main)
         if k and n - k < self.cfg.train.batch_size * self.info.world_size:
             raise ConfigError(f"validation.holdout = {k} leaves {n - k} of {n} images to train on, fewer than one "
                               f"global batch: lower validation.holdout or add data")

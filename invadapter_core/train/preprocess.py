@@ -7,7 +7,8 @@ with the conditioning its sampler would build (``encode.reference_conds``: Flux'
 embedding at the model's default, 3.5 for Flux-dev), and each sample's guidance is kept in the shard. Bad items
 (unreadable image, missing caption, no face) are reported to ``report-r<rank>.jsonl`` and skipped. Under torchrun
 every process takes every WORLD_SIZE-th image; no process group is needed. Shards already on disk are kept, so an
-interrupted preprocess resumes where it stopped.
+interrupted preprocess resumes where it stopped. Each image's identity (a manifest's "identity") goes into its shard;
+photos of one person are grouped only when training reads all the shards (``groups``), so no process waits.
 """
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
     out = Path(require(cfg.data.cache_dir, "data.cache_dir"))
     out.mkdir(parents=True, exist_ok=True)
     _refuse_other_world_sizes(out, info.world_size)
-    items = list_items(cfg.data.source)
+    items = list_items(cfg.data.source, cfg.data.identity_folders)
     mine = items[info.rank::info.world_size]
     crop, cropping = make_cropper(cfg)
     log.info("face crop: %s (data.face_crop = %s, data.face_detector = %s)", cropping, cfg.data.face_crop,
@@ -196,10 +197,10 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
         kept = _process_chunk(model, clip, vae, cfg, chunk, crop, report, summary, bar)
         if kept is None:
             continue
-        states, tensors, sigmas, captions, images = kept
+        states, tensors, sigmas, captions, images, identities = kept
         extra = {k: v.to(storage) for k, v in tensors.items() if k != "context"}
         write_shard(str(path), states.to(storage), tensors["context"].to(storage), sigmas, captions, images, shape,
-                    extra)
+                    extra, identities)
         summary["shards_written"] += 1
     bar.close()
     summary["skipped"] = sum(report.counts.values())
@@ -213,7 +214,7 @@ def preprocess(cfg: Config, model, clip, vae, info: DistInfo, progress: bool = T
 
 
 def _process_chunk(model, clip, vae, cfg, chunk, crop, report, summary, bar) -> Optional[tuple]:
-    states, tensors, captions, images = [], {}, [], []
+    states, tensors, captions, images, identities = [], {}, [], [], []
     sigmas = None
     batch: list[tuple[Item, torch.Tensor, str]] = []
 
@@ -228,6 +229,7 @@ def _process_chunk(model, clip, vae, cfg, chunk, crop, report, summary, bar) -> 
         sigmas = sig
         captions.extend(b[2] for b in batch)
         images.extend(b[0].image for b in batch)
+        identities.extend(b[0].identity for b in batch)
         summary["kept"] += len(batch)
         summary["truncated_captions"] += cut
         bar.update(len(batch))
@@ -246,7 +248,7 @@ def _process_chunk(model, clip, vae, cfg, chunk, crop, report, summary, bar) -> 
     flush()
     if not states:
         return None
-    return torch.cat(states), {k: torch.cat(v) for k, v in tensors.items()}, sigmas, captions, images
+    return torch.cat(states), {k: torch.cat(v) for k, v in tensors.items()}, sigmas, captions, images, identities
 
 
 def _refuse_other_world_sizes(out: Path, world_size: int) -> None:
