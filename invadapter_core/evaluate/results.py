@@ -1,12 +1,17 @@
 """The per-image CSV (one row per identity x prompt x seed x setting, appended and synced as each image is done,
 so an interrupted run resumes where it stopped), the run's settings (a resumed run must match them) and the summary
-(one JSON object, averaged per setting)."""
+(one JSON object, averaged per setting).
+
+Under torchrun each process appends to its own partial file (results-r<rank>.csv); ``merge_partials`` folds them into
+results.csv, in the grid's order, each image once (it runs before the grid, so partials of an interrupted run with
+any number of processes count as done, and after it)."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 FIELDS = ["identity", "prompt_index", "prompt", "seed", "config", "adapter", "weight_self", "weight_cross",
@@ -14,6 +19,17 @@ FIELDS = ["identity", "prompt_index", "prompt", "seed", "config", "adapter", "we
           "copy_paste", "clip_t", "clip_i", "seconds"]
 METRICS = ["face_sim", "face_raw", "face_sim_other_photos", "real_photo_sim", "copy_paste", "clip_t", "clip_i"]
 CSV_NAME, RUN_NAME, SUMMARY_NAME = "results.csv", "run.json", "summary.json"
+PARTIAL = re.compile(r"results-r(\d+)\.csv")
+
+
+def partial_name(rank: int) -> str:
+    return f"results-r{rank}.csv"
+
+
+def partial_files(out_dir: Path) -> list[Path]:
+    """The partial files in ``out_dir``, by rank (of any earlier number of processes too)."""
+    found = [p for p in out_dir.glob("results-r*.csv") if PARTIAL.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(PARTIAL.fullmatch(p.name).group(1)))
 
 
 class ResumeMismatch(ValueError):
@@ -31,8 +47,8 @@ def _cell(value) -> str:
 
 
 class ResultsFile:
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / CSV_NAME
+    def __init__(self, out_dir: Path, name: str = CSV_NAME):
+        self.path = out_dir / name
         self.rows: list[dict] = []
         if self.path.exists():
             data = self.path.read_bytes()
@@ -46,16 +62,46 @@ class ResultsFile:
         return key in self._done
 
     def append(self, row: dict) -> None:
+        self.extend([row])
+
+    def extend(self, rows: list[dict]) -> None:
+        """Append rows, synced to disk before this returns."""
+        if not rows:
+            return
         new = not self.path.exists() or self.path.stat().st_size == 0
+        cells = [{k: _cell(row[k]) for k in FIELDS} for row in rows]
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             if new:
                 writer.writeheader()
-            writer.writerow({k: _cell(row[k]) for k in FIELDS})
+            writer.writerows(cells)
             f.flush()
             os.fsync(f.fileno())
-        self.rows.append({k: _cell(row[k]) for k in FIELDS})
-        self._done.add(row_key(row["identity"], row["prompt"], row["seed"], row["config"]))
+        self.rows.extend(cells)
+        self._done.update(row_key(r["identity"], r["prompt"], r["seed"], r["config"]) for r in cells)
+
+
+def merge_partials(out_dir: Path, order: dict[tuple, int]) -> int:
+    """Fold the partial files in ``out_dir`` into results.csv and delete them; the number of rows added. results.csv's
+    rows stay as they are; the partials' rows it lacks follow in the grid's order (``order``: row key -> position;
+    rows of keys not in it, from a grid that has since changed, after them). One process only, while no other writes.
+    A crash at any point loses nothing: the partials go only once their rows are synced (a torn row is redone), and
+    rows results.csv has are not added again."""
+    partials = partial_files(out_dir)
+    if not partials:
+        return 0
+    merged = ResultsFile(out_dir)
+    new: dict[tuple, dict] = {}
+    for partial in partials:
+        for row in ResultsFile(out_dir, partial.name).rows:
+            key = row_key(row["identity"], row["prompt"], row["seed"], row["config"])
+            if not merged.done(key):
+                new.setdefault(key, row)
+    merged.extend(sorted(new.values(), key=lambda r: order.get(
+        row_key(r["identity"], r["prompt"], r["seed"], r["config"]), len(order))))
+    for partial in partials:
+        partial.unlink()
+    return len(new)
 
 
 def _flat(run: dict, prefix: str = "") -> dict:
@@ -88,7 +134,7 @@ def check_run(out_dir: Path, run: dict, restart: bool, name=lambda key: key) -> 
     """verify_run, then write run.json (``restart``: after deleting the results there)."""
     verify_run(out_dir, run, restart, name)
     if restart:
-        for file in (CSV_NAME, RUN_NAME, SUMMARY_NAME):
+        for file in (CSV_NAME, RUN_NAME, SUMMARY_NAME, *(p.name for p in partial_files(out_dir))):
             (out_dir / file).unlink(missing_ok=True)
     path = out_dir / RUN_NAME
     if not path.exists():
