@@ -2,7 +2,7 @@
 so an interrupted run resumes where it stopped), the run's settings (a resumed run must match them) and the summary
 (one JSON object, averaged per setting).
 
-Under torchrun each process appends to its own partial file (results-r<rank>.csv); ``merge_partials`` folds them into
+Under torchrun each process appends to its own partial file (results-r<rank>.csv); ``merge_results`` folds them into
 results.csv, in the grid's order, each image once (it runs before the grid, so partials of an interrupted run with
 any number of processes count as done, and after it)."""
 from __future__ import annotations
@@ -62,46 +62,41 @@ class ResultsFile:
         return key in self._done
 
     def append(self, row: dict) -> None:
-        self.extend([row])
-
-    def extend(self, rows: list[dict]) -> None:
-        """Append rows, synced to disk before this returns."""
-        if not rows:
-            return
         new = not self.path.exists() or self.path.stat().st_size == 0
-        cells = [{k: _cell(row[k]) for k in FIELDS} for row in rows]
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             if new:
                 writer.writeheader()
-            writer.writerows(cells)
+            writer.writerow({k: _cell(row[k]) for k in FIELDS})
             f.flush()
             os.fsync(f.fileno())
-        self.rows.extend(cells)
-        self._done.update(row_key(r["identity"], r["prompt"], r["seed"], r["config"]) for r in cells)
+        self.rows.append({k: _cell(row[k]) for k in FIELDS})
+        self._done.add(row_key(row["identity"], row["prompt"], row["seed"], row["config"]))
 
 
-def merge_partials(out_dir: Path, order: dict[tuple, int]) -> int:
-    """Fold the partial files in ``out_dir`` into results.csv and delete them; the number of rows added. results.csv's
-    rows stay as they are; the partials' rows it lacks follow in the grid's order (``order``: row key -> position;
-    rows of keys not in it, from a grid that has since changed, after them). One process only, while no other writes.
-    A crash at any point loses nothing: the partials go only once their rows are synced (a torn row is redone), and
-    rows results.csv has are not added again."""
+def merge_results(out_dir: Path, order: dict[tuple, int]) -> None:
+    """Fold the partial files in ``out_dir`` into results.csv, each image once (results.csv's row, else the lowest
+    rank's), rows in the grid's order (``order``: row key -> position; rows of keys not in it, from a grid that has
+    since changed, after them, as they were), and delete the partials. One process only, while no other writes.
+    results.csv is replaced in one step and only when this changes it; a crash at any point loses nothing."""
     partials = partial_files(out_dir)
-    if not partials:
-        return 0
     merged = ResultsFile(out_dir)
-    new: dict[tuple, dict] = {}
+    rows = {row_key(r["identity"], r["prompt"], r["seed"], r["config"]): r for r in merged.rows}
     for partial in partials:
         for row in ResultsFile(out_dir, partial.name).rows:
-            key = row_key(row["identity"], row["prompt"], row["seed"], row["config"])
-            if not merged.done(key):
-                new.setdefault(key, row)
-    merged.extend(sorted(new.values(), key=lambda r: order.get(
-        row_key(r["identity"], r["prompt"], r["seed"], r["config"]), len(order))))
+            rows.setdefault(row_key(row["identity"], row["prompt"], row["seed"], row["config"]), row)
+    keys = sorted(rows, key=lambda key: order.get(key, len(order)))  # stable: the rest keep their order
+    if keys != list(rows) or len(rows) != len(merged.rows):
+        temporary = out_dir / (CSV_NAME + ".tmp")
+        with open(temporary, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows({k: rows[key][k] for k in FIELDS} for key in keys)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, merged.path)
     for partial in partials:
         partial.unlink()
-    return len(new)
 
 
 def _flat(run: dict, prefix: str = "") -> dict:

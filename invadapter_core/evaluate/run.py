@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..files.images import ImageFileError, load_image_file
 from .dataset import DatasetError, load_identities, read_prompts, slug
 from .metrics import ClipMetric, FaceMetric
 from .pipeline import BLOCK_PRESET_NONE, INIT_FROM_MODEL, Config, Generator, Nodes, PipelineError, Settings, model_name
-from .results import SUMMARY_NAME, ResultsFile, ResumeMismatch, check_run, merge_partials, partial_name, row_key, \
+from .results import SUMMARY_NAME, ResultsFile, ResumeMismatch, check_run, merge_results, partial_name, row_key, \
     summarize, verify_run
 
 log = logging.getLogger("InvAdapter.evaluate")
@@ -59,7 +60,10 @@ class Job:
 
 def save_png(image, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image[0] if image.ndim == 4 else image)).save(path)
+    # written aside and renamed: under torchrun two processes may write the same identity's reference.png
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    Image.fromarray(to_uint8(image[0] if image.ndim == 4 else image)).save(temporary)
+    os.replace(temporary, path)
     return str(path)
 
 
@@ -161,7 +165,7 @@ def _evaluate(args, progress: Callable[[str], None], info: torchrun.DistInfo) ->
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         check_run(out, run, args.restart, option_name)
-        merge_partials(out, order)  # an interrupted torchrun run's rows (any number of processes) count as done
+        merge_results(out, order)  # an interrupted torchrun run's rows (any number of processes) count as done
         results = ResultsFile(out)  # (drops a torn last row) before the others read the file
     torchrun.barrier()  # every process now reads the same results.csv, so all agree on the shares
     if results is None:
@@ -252,10 +256,10 @@ def _evaluate(args, progress: Callable[[str], None], info: torchrun.DistInfo) ->
         reasons = {name: why for c in counts for name, why in c[2].items()}
         skipped_identities = {i.name: reasons[i.name] for i in identities if i.name in reasons}
         devices = [c[3] for c in counts]
-        merge_partials(out, order)
-        results = ResultsFile(out)
     else:
         devices = [str(mm.get_torch_device())]
+    merge_results(out, order)  # the partials; and the grid's order where a resumed run appended out of it
+    results = ResultsFile(out)
     keys = {job.key for job in plan}
     rows = [r for r in results.rows if row_key(r["identity"], r["prompt"], r["seed"], r["config"]) in keys]
     summary = {
