@@ -111,6 +111,38 @@ def test_results_file_drops_a_torn_row_and_refuses_other_settings(tmp_path):
     assert "cfg" not in str(refused.value)
 
 
+def test_merge_results_folds_partials_in_grid_order_each_image_once(tmp_path):
+    """results.csv + partial files of any ranks -> results.csv in the grid's order, each image once (results.csv's
+    row first, else the lowest rank's), a torn last row ignored, rows outside the grid kept after it; the partials
+    deleted; a results.csv already in order and complete is not rewritten; --restart deletes partials too."""
+    def row(seed, seconds, config="c"):
+        return {k: "" for k in results.FIELDS} | {"identity": "ada", "prompt": "p", "seed": seed, "config": config,
+                                                  "seconds": seconds}
+
+    order = {results.row_key("ada", "p", seed, "c"): i for i, seed in enumerate(range(5))}
+    results.ResultsFile(tmp_path).append(row(3, 1.0))
+    results.ResultsFile(tmp_path).append(row(9, 1.0, config="old"))  # a setting no longer in the grid
+    for rank, seeds in ((0, [0, 3]), (1, [4, 1]), (7, [1, 2])):  # rank 7: from a run with more processes
+        partial = results.ResultsFile(tmp_path, results.partial_name(rank))
+        for seed in seeds:
+            partial.append(row(seed, 10.0 + rank))
+    with open(tmp_path / "results-r1.csv", "a") as f:
+        f.write("ada,0,p,2,c,tor")  # a process killed mid-row: that image is redone, not merged
+    (tmp_path / "results-rx.csv").write_text("not a partial file\n")
+    results.merge_results(tmp_path, order)
+    merged = results.ResultsFile(tmp_path).rows
+    assert [(r["seed"], r["config"], r["seconds"]) for r in merged] == [
+        ("0", "c", "10"), ("1", "c", "11"), ("2", "c", "17"), ("3", "c", "1"), ("4", "c", "11"), ("9", "old", "1")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results-rx.csv", "results.csv"]
+    inode = os.stat(tmp_path / "results.csv").st_ino
+    results.merge_results(tmp_path, order)
+    assert os.stat(tmp_path / "results.csv").st_ino == inode  # nothing to do: not rewritten
+
+    results.ResultsFile(tmp_path, results.partial_name(0)).append(row(5, 1.0))
+    results.check_run(tmp_path, {"steps": 20}, restart=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results-rx.csv", "run.json"]
+
+
 def test_face_metric_copy_paste_indicator(photos):
     pytest.importorskip("dlib")
     from invadapter_core.evaluate.metrics import FaceMetric
@@ -147,21 +179,36 @@ def test_clip_metrics_are_skipped_with_a_message():
         ClipMetric(nodes, None, "no-such-vision.safetensors")
 
 
-def test_end_to_end_interrupted_then_resumed(tmp_path, photos):
-    pytest.importorskip("dlib")
+GRID = ["--prompt", "a photo of a man in the snow", "--weight-self", 0, 1, "--images-per-prompt", 2, "--steps", 2,
+        "--width", 64, "--height", 64, "--resolution", 64, "--cfg", 1, "--seed", 5]
+
+
+def _grid(data: Path, out: Path) -> list:
+    """The end-to-end grid's arguments: obama x 1 prompt x seeds 5, 6 x weight_self 0, 1 (+ what DATA holds)."""
+    return [data, "--checkpoint", models.shallow_sd15_checkpoint(), "--out", out, *GRID,
+            "--clip", models.clip_l_file(), "--clip-vision", models.clip_vision_file()]
+
+
+def _obama(data: Path) -> Path:
     paths = faces.labelled_photos()
-    data = tmp_path / "data"
     (data / "obama").mkdir(parents=True)
     (data / "obama" / "1.jpg").symlink_to(paths["obama"])
     (data / "obama" / "2.jpg").symlink_to(paths["obama2"])
+    return data
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, photos):
+    """One process, Ctrl-C once the first image is written, then the same command again: (first run's return code
+    and stderr, the second run, --out). Its results.csv is also the reference the torchrun test compares with."""
+    pytest.importorskip("dlib")
+    tmp_path = tmp_path_factory.mktemp("single")
+    data = _obama(tmp_path / "data")
     (data / "nobody").mkdir()
     Image.fromarray((np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8)).save(
         data / "nobody" / "1.png")
     out = tmp_path / "out"
-    command = _command(data, "--checkpoint", models.shallow_sd15_checkpoint(), "--out", out,
-                       "--prompt", "a photo of a man in the snow", "--weight-self", 0, 1, "--steps", 2,
-                       "--width", 64, "--height", 64, "--resolution", 64, "--cfg", 1, "--seed", 5,
-                       "--clip", models.clip_l_file(), "--clip-vision", models.clip_vision_file())
+    command = _command(*_grid(data, out))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
     # first run: Ctrl-C once the first image is written
@@ -170,50 +217,122 @@ def test_end_to_end_interrupted_then_resumed(tmp_path, photos):
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if line.startswith("[3/4]"):  # nobody's 2 images are counted as skipped first
+        if line.startswith("[5/8]"):  # nobody's 4 images are counted as skipped first
             proc.send_signal(signal.SIGINT)
             break
     rest_out, rest_err = proc.communicate(timeout=300)
-    err = "".join(seen) + rest_err
-    assert proc.returncode == 130, err[-4000:]
+    with open(out / "results.csv", newline="") as f:
+        rows_after_interruption = len(list(csv.DictReader(f)))
+    # second run: resumes, generates only the missing images, prints the summary as one JSON line
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode, "".join(seen) + rest_err, rows_after_interruption, done, out
+
+
+def test_end_to_end_interrupted_then_resumed(single_process_run):
+    returncode, err, rows_after_interruption, done, out = single_process_run
+    assert returncode == 130, err[-4000:]
     assert "interrupted" in err and "run the same command again to resume" in err
-    assert "[2/4] skipping identity nobody (2 image(s)): reference photo" in err and "no face found" in err
+    assert "[4/8] skipping identity nobody (4 image(s)): reference photo" in err and "no face found" in err
     # the advice names the command line's options, not the face crop node's widgets
     assert "--on-no-face 'center crop'" in err and "--crop-min-face-size" in err
     assert "on_no_face" not in err and "min_face_size" not in err
-    with open(out / "results.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 1
+    assert rows_after_interruption == 1
 
-    # second run: resumes, generates only the missing image, prints the summary as one JSON line
     # (exit status 1: the run is done, but an identity could not be evaluated)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-4000:]
-    assert "error: 1 identity(ies) could not be evaluated (2 image(s)): nobody: reference photo" in done.stderr
-    assert "resuming: 1 of 4 images already in" in done.stderr
+    assert "error: 1 identity(ies) could not be evaluated (4 image(s)): nobody: reference photo" in done.stderr
+    assert "resuming: 1 of 8 images already in" in done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary == json.loads((out / "summary.json").read_text())
-    assert summary["resumed"] == 1 and summary["generated"] == 1 and summary["images"] == 2
+    assert summary["resumed"] == 1 and summary["generated"] == 3 and summary["images"] == 4
+    assert summary["processes"] == 1
     assert summary["recognizer"] == "dlib" and summary["skipped_metrics"] == {}
-    assert list(summary["skipped_identities"]) == ["nobody"] and summary["not_evaluated"] == 2
+    assert list(summary["skipped_identities"]) == ["nobody"] and summary["not_evaluated"] == 4
     assert [c["config"] for c in summary["configs"]] == ["init from model|ws=0|wc=1|bw=none",
                                                          "init from model|ws=1|wc=1|bw=none"]
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and [r["seed"] for r in rows] == ["5", "5"]
-    for row, config in zip(rows, summary["configs"]):
-        assert (out / row["image"]).is_file() and config["images"] == 1
+    assert [(r["weight_self"], r["seed"]) for r in rows] == [("0", "5"), ("0", "6"), ("1", "5"), ("1", "6")]
+    for config in summary["configs"]:
+        mine = [r for r in rows if r["config"] == config["config"]]
+        assert config["images"] == 2 and config["no_face"] == sum(r["face_found"] != "True" for r in mine)
+        assert config["clip_t"] == pytest.approx(np.mean([float(r["clip_t"]) for r in mine]), abs=1e-3)
+    for row in rows:
+        assert (out / row["image"]).is_file()
         assert Image.open(out / row["image"]).size == (64, 64)
         assert 0.5 < float(row["real_photo_sim"]) < 0.8  # obama.jpg against obama2.jpg
         assert -1 <= float(row["clip_t"]) <= 1 and -1 <= float(row["clip_i"]) <= 1
-        assert config["clip_t"] == pytest.approx(float(row["clip_t"]), abs=1e-3)
         # random-weight generations: the face columns are empty exactly where no face was found
         assert (row["face_found"] == "True") == (row["face_sim"] != "")
-        assert config["no_face"] == (row["face_found"] != "True")
         if row["face_sim"]:
             assert float(row["copy_paste"]) == pytest.approx(float(row["face_sim"]) - float(row["real_photo_sim"]),
                                                              abs=1e-4)
     assert (out / "images" / "obama" / "reference.png").is_file()
 
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=results.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_torchrun_shards_the_grid_and_merges_one_results_csv(single_process_run, tmp_path):
+    """torchrun, 2 CPU processes, resuming a run whose results.csv holds the grid's first image and a partial file
+    left by an interrupted 3-process run its last: each process generates one of the two missing images into its own
+    results-r<rank>.csv and rank 0 merges them. results.csv then holds the single process's rows: grid order, each
+    image once, the rows done before kept as they were, the new ones with the same scores; rank 0's summary covers
+    them all."""
+    *_, reference_out = single_process_run
+    reference = _rows(reference_out / "results.csv")  # obama: ws=0 seed 5, ws=0 seed 6, ws=1 seed 5, ws=1 seed 6
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_rows(out / "results.csv", reference[:1])
+    _write_rows(out / "results-r2.csv", reference[3:])
+    torchrun = Path(python_exe()).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "invadapter_core.evaluate",
+               *map(str, _grid(_obama(tmp_path / "data"), out))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    log = tmp_path / "stderr.txt"  # a file, so that a run that times out still shows how far it came
+    with open(log, "w") as stderr:
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                  timeout=600)
+        except subprocess.TimeoutExpired:
+            pytest.fail("torchrun timed out; its stderr ends: " + log.read_text()[-6000:])
+    err = log.read_text()
+    assert done.returncode == 0, done.stdout[-2000:] + err[-6000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: 1 of the 2 images to do (results-r{rank}.csv, device cpu)" in err
+    assert not sorted(out.glob("results-r*.csv"))
+
+    merged = _rows(out / "results.csv")
+    key = lambda r: (r["identity"], r["prompt"], r["seed"], r["config"])  # noqa: E731
+    assert [key(r) for r in merged] == [key(r) for r in reference]
+    assert merged[0] == reference[0] and merged[3] == reference[3]  # not computed again ("seconds" included)
+    for row, single in zip(merged[1:3], reference[1:3]):
+        assert (out / row["image"]).is_file()
+        for field in results.FIELDS:
+            if field in results.METRICS and single[field]:
+                assert float(row[field]) == pytest.approx(float(single[field]), abs=1e-4), field
+            elif field != "seconds":
+                assert row[field] == single[field], field
+
+    summary = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0's; the other process prints none
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["devices"] == ["cpu", "cpu"]
+    assert summary["resumed"] == 2 and summary["generated"] == 2 and summary["images"] == 4
+    expected = json.loads((reference_out / "summary.json").read_text())["configs"]
+    assert [c["images"] for c in summary["configs"]] == [c["images"] for c in expected] == [2, 2]
+    for mine, single in zip(summary["configs"], expected):
+        for metric in results.METRICS:
+            assert (mine[metric] is None) == (single[metric] is None), metric
+            assert mine[metric] is None or mine[metric] == pytest.approx(single[metric], abs=1e-3), metric
 
 
 def test_settings_grid_with_an_adapter_file_and_presets(tmp_path):

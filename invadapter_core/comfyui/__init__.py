@@ -1,1 +1,2 @@
-"""Glue to the ComfyUI host that is not a node: memory management, finding the host, user notices."""
+"""Glue to the ComfyUI host that is not a node: memory management, finding the host, user notices, the command-line
+tools' torchrun processes."""

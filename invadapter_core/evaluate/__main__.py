@@ -42,6 +42,11 @@ An interrupted run resumes: run the same command again; images already in result
 can be added to the grid on a later run; other settings need another --out (or --restart). An identity whose
 reference photo has no face is skipped (listed in the summary; the exit status is then 1).
 
+Several GPUs: torchrun --nproc_per_node=N -m invadapter_core.evaluate ... (or torchrun ... scripts/evaluate.py).
+Each process takes a consecutive share of the images still to do on its own GPU (LOCAL_RANK), appends its rows to
+--out/results-r<rank>.csv, and rank 0 merges them into results.csv (grid order, each image once) and prints the
+summary. An interrupted run resumes with the same or another number of processes (or one, without torchrun).
+
 ComfyUI: $COMFYUI_PATH, else the ComfyUI whose custom_nodes folder holds this pack, else the repo's .host (make
 setup). Model names resolve as that ComfyUI resolves them: its models folder (or --base-directory's), its
 extra_model_paths.yaml and any --extra-model-paths-config.
@@ -136,7 +141,11 @@ def main(argv=None) -> int:
         return 2
     import comfy.model_management as mm
 
-    from .run import EvaluationError, evaluate
+    from ..comfyui.torchrun import env_info
+    from .results import partial_name
+    from .run import EvaluationError, PeerStopped, evaluate
+
+    info = env_info()
 
     def on_ctrl_c(signum, frame):
         # ComfyUI's own interruption (what its /interrupt does): sampling and the pack's inversion stop at their
@@ -151,10 +160,17 @@ def main(argv=None) -> int:
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, mm.InterruptProcessingException):
-        print("interrupted: the images done so far are in results.csv; run the same command again to resume",
-              file=sys.stderr)
+    except (KeyboardInterrupt, mm.InterruptProcessingException, PeerStopped) as e:
+        if not info.enabled:
+            print("interrupted: the images done so far are in results.csv; run the same command again to resume",
+                  file=sys.stderr)
+        else:
+            print(f"rank {info.rank}: {e if isinstance(e, PeerStopped) else 'interrupted'}: its images so far are in "
+                  f"{partial_name(info.rank)}; run the same command again (with any number of processes) to resume",
+                  file=sys.stderr)
         return 130
+    if summary is None:  # another process than rank 0: rank 0 merges, reports and sets the exit status
+        return 0
     print(json.dumps(summary))
     if summary["skipped_identities"]:
         print(f"error: {len(summary['skipped_identities'])} identity(ies) could not be evaluated ("

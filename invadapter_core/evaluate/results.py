@@ -1,12 +1,17 @@
 """The per-image CSV (one row per identity x prompt x seed x setting, appended and synced as each image is done,
 so an interrupted run resumes where it stopped), the run's settings (a resumed run must match them) and the summary
-(one JSON object, averaged per setting)."""
+(one JSON object, averaged per setting).
+
+Under torchrun each process appends to its own partial file (results-r<rank>.csv); ``merge_results`` folds them into
+results.csv, in the grid's order, each image once (it runs before the grid, so partials of an interrupted run with
+any number of processes count as done, and after it)."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 FIELDS = ["identity", "prompt_index", "prompt", "seed", "config", "adapter", "weight_self", "weight_cross",
@@ -14,6 +19,17 @@ FIELDS = ["identity", "prompt_index", "prompt", "seed", "config", "adapter", "we
           "copy_paste", "clip_t", "clip_i", "seconds"]
 METRICS = ["face_sim", "face_raw", "face_sim_other_photos", "real_photo_sim", "copy_paste", "clip_t", "clip_i"]
 CSV_NAME, RUN_NAME, SUMMARY_NAME = "results.csv", "run.json", "summary.json"
+PARTIAL = re.compile(r"results-r(\d+)\.csv")
+
+
+def partial_name(rank: int) -> str:
+    return f"results-r{rank}.csv"
+
+
+def partial_files(out_dir: Path) -> list[Path]:
+    """The partial files in ``out_dir``, by rank (of any earlier number of processes too)."""
+    found = [p for p in out_dir.glob("results-r*.csv") if PARTIAL.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(PARTIAL.fullmatch(p.name).group(1)))
 
 
 class ResumeMismatch(ValueError):
@@ -31,8 +47,8 @@ def _cell(value) -> str:
 
 
 class ResultsFile:
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / CSV_NAME
+    def __init__(self, out_dir: Path, name: str = CSV_NAME):
+        self.path = out_dir / name
         self.rows: list[dict] = []
         if self.path.exists():
             data = self.path.read_bytes()
@@ -56,6 +72,31 @@ class ResultsFile:
             os.fsync(f.fileno())
         self.rows.append({k: _cell(row[k]) for k in FIELDS})
         self._done.add(row_key(row["identity"], row["prompt"], row["seed"], row["config"]))
+
+
+def merge_results(out_dir: Path, order: dict[tuple, int]) -> None:
+    """Fold the partial files in ``out_dir`` into results.csv, each image once (results.csv's row, else the lowest
+    rank's), rows in the grid's order (``order``: row key -> position; rows of keys not in it, from a grid that has
+    since changed, after them, as they were), and delete the partials. One process only, while no other writes.
+    results.csv is replaced in one step and only when this changes it; a crash at any point loses nothing."""
+    partials = partial_files(out_dir)
+    merged = ResultsFile(out_dir)
+    rows = {row_key(r["identity"], r["prompt"], r["seed"], r["config"]): r for r in merged.rows}
+    for partial in partials:
+        for row in ResultsFile(out_dir, partial.name).rows:
+            rows.setdefault(row_key(row["identity"], row["prompt"], row["seed"], row["config"]), row)
+    keys = sorted(rows, key=lambda key: order.get(key, len(order)))  # stable: the rest keep their order
+    if keys != list(rows) or len(rows) != len(merged.rows):
+        temporary = out_dir / (CSV_NAME + ".tmp")
+        with open(temporary, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows({k: rows[key][k] for k in FIELDS} for key in keys)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, merged.path)
+    for partial in partials:
+        partial.unlink()
 
 
 def _flat(run: dict, prefix: str = "") -> dict:
@@ -88,7 +129,7 @@ def check_run(out_dir: Path, run: dict, restart: bool, name=lambda key: key) -> 
     """verify_run, then write run.json (``restart``: after deleting the results there)."""
     verify_run(out_dir, run, restart, name)
     if restart:
-        for file in (CSV_NAME, RUN_NAME, SUMMARY_NAME):
+        for file in (CSV_NAME, RUN_NAME, SUMMARY_NAME, *(p.name for p in partial_files(out_dir))):
             (out_dir / file).unlink(missing_ok=True)
     path = out_dir / RUN_NAME
     if not path.exists():
