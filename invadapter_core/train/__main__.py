@@ -121,7 +121,7 @@ def run_preprocess(cfg, args, info) -> int:
 def run_train(cfg, args, info) -> int:
     import comfy.model_management
 
-    from .config import require
+    from .config import ConfigError, require
     from .loop import train
     from .model import load_configured_base, resolve_precision
 
@@ -129,10 +129,19 @@ def run_train(cfg, args, info) -> int:
 
     ShardSet(require(cfg.data.cache_dir, "data.cache_dir"))  # a missing cache fails before the model loads
     precision = resolve_precision(cfg.train.mixed_precision, comfy.model_management.get_torch_device())
-    model, clip, vae = load_configured_base(cfg, precision, need_clip=bool(cfg.validation.prompts),
+    model, clip, vae = load_configured_base(cfg, precision,
+                                            need_clip=bool(cfg.validation.prompts) or cfg.model.identity_tokens > 0,
                                             need_vae=cfg.validation.every > 0)
+    text_path = None
+    if cfg.model.identity_tokens > 0:  # the identity token enters each caption through the checkpoint's own CLIP
+        from .text_path import ClipTextPath
+
+        try:
+            text_path = ClipTextPath(clip)
+        except ValueError as e:
+            raise ConfigError(f"model.identity_tokens: {e}") from None
     try:
-        train(cfg, model, vae, clip, progress=not args.quiet)
+        train(cfg, model, vae, clip, progress=not args.quiet, text_path=text_path)
     finally:
         from .distributed import cleanup
 
