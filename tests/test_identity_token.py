@@ -234,3 +234,41 @@ def test_the_trainer_trains_the_map_through_comfyuis_clip(tiny_model, clip, tmp_
     assert torch.equal(token(torch.randn(2, token.norm.normalized_shape[0]))[0, 0], path.start)  # starts as "sks"
     trainer.loss(0).backward()
     assert token.fc2.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ the node
+def test_the_identity_prompt_node_puts_the_token_in_the_placeholders_place(pack, clip, tiny_model):
+    from invadapter_core.adapter.eaa import InvAdapter
+    from invadapter_core.reference.reference import Reference
+
+    node = pack.nodes.identity_prompt.InvAdapterIdentityPrompt
+    layout = layout_of(tiny_model)
+    blocks = summary_blocks(layout)
+    token = IdentityTokenMap(summary_width(layout, blocks), 1, token_width(clip), 64, blocks)
+    token.start_from(placeholder_embedding(clip))
+    adapter = InvAdapter("SD15", None, None, {}, {}, name="tok", self_from_base=True, identity_token=token)
+    g = torch.Generator().manual_seed(3)
+    reference = Reference("SD15", (RES, RES), torch.tensor([0.0, 0.5, 3.0], dtype=torch.float64),
+                          torch.randn(3, 1, 4, 8, 8, generator=g), {"c_crossattn": torch.randn(1, 77, 768, generator=g)})
+    text = "a photo of sks person in the snow"
+    plain = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    # an untrained token is the placeholder word itself: the plain prompt's conditioning
+    same = node.execute(tiny_model, clip, adapter, reference, text).args[0]
+    assert torch.allclose(same[0][0], plain[0][0], atol=1e-5)
+    assert torch.allclose(same[0][1]["pooled_output"], plain[0][1]["pooled_output"], atol=1e-5)
+    with torch.no_grad():
+        token.fc2.weight.normal_(generator=g)
+    changed = node.execute(tiny_model, clip, adapter, reference, text).args[0][0][0]
+    where = [t[0] for t in clip.tokenize(text)["l"][0]].index(clip.tokenize("sks")["l"][0][1][0])
+    diff = (changed - plain[0][0]).abs().amax(-1)[0]
+    assert float(diff[:where].max()) < 1e-5 and bool((diff[where:where + 3] > 1e-3).all())
+    # another placeholder word
+    other = node.execute(tiny_model, clip, adapter, reference, "a photo of ohwx man", placeholder="ohwx").args[0]
+    assert other[0][0].shape == plain[0][0].shape
+    with pytest.raises(ValueError, match="Inv-Adapter 'plain' has no identity token"):
+        node.execute(tiny_model, clip, InvAdapter("SD15", None, None, {}, {}, name="plain", self_from_base=True),
+                     reference, text)
+    narrow = InvAdapter("SD15", None, None, {}, {}, name="narrow", self_from_base=True,
+                        identity_token=IdentityTokenMap(summary_width(layout, blocks), 1, 32, 64, blocks))
+    with pytest.raises(ValueError, match="identity token is 32-d, this text encoder's token embeddings are 768-d"):
+        node.execute(tiny_model, clip, narrow, reference, text)

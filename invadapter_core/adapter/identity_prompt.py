@@ -107,3 +107,19 @@ def check_placeholder_width(clip, embeddings: torch.Tensor) -> None:
     if embeddings.shape[-1] != width:
         raise ValueError(f"the identity token is {embeddings.shape[-1]}-d, this text encoder's token embeddings are "
                          f"{width}-d: use the CLIP of the checkpoint the adapter was trained for")
+
+
+def identity_conditioning(model, clip, adapter, reference, text: str, placeholder: str = PLACEHOLDER):
+    """CONDITIONING of ``text`` with the adapter's identity token of ``reference`` (read by ``model``, the family it
+    was encoded with) in place of the placeholder; one line for an adapter without a token map or one that does
+    not fit this model or text encoder."""
+    from .fit import check_reference_fits
+    from .identity_token import check_width, reference_tokens
+
+    token = getattr(adapter, "identity_token", None)
+    if token is None:
+        raise ValueError(f"Inv-Adapter '{adapter.name}' has no identity token: load weights trained with "
+                         f"model.identity_tokens > 0, or encode the prompt with CLIP Text Encode")
+    check_reference_fits(model, reference)
+    check_width(token, token_width(clip), f"Inv-Adapter '{adapter.name}'")
+    return encode_with_tokens(clip, text, reference_tokens(model, token, reference)[0].cpu(), placeholder)
