@@ -21,8 +21,8 @@ to --out. Progress goes to stderr.
 ``--unseen``: identities the adapter never saw. The base is the 16-identity base fine-tuned on all 1,280 attribute
 combinations; the adapter trains on a subset of them; the held-out loss and the evaluation use held-out identities
 (and, reported apart, training ones), judged by the attribute classifier and its embedding (``unseen.py``).
-``--references K`` (MFF) and ``--identity-loss W`` (the recognizer of ``recognizer.py``) are IDAdapter's
-ingredients; ``benchmarks/identity_toy_ablation.py`` runs them at several seeds.
+``--references K`` (MFF), ``--identity-loss W`` (the recognizer of ``recognizer.py``) and ``--identity-tokens k``
+(the identity token, entering through the toy's text path ``token_path.py``) are IDAdapter's ingredients; ``benchmarks/identity_toy_ablation.py`` runs them at several seeds.
 """
 from __future__ import annotations
 
@@ -98,6 +98,10 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--identity-loss", type=float, default=0.0,
                    help="loss.identity: weight of the identity loss (the toy's recognizer, trained on the training "
                         "identities only)")
+    g.add_argument("--identity-tokens", type=int, default=0,
+                   help="model.identity_tokens: k identity token embeddings (IDAdapter's textual injection) mapped "
+                        "from the reference's features, appended to the pose context (identity_toy_lib.token_path); "
+                        "0: none")
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--sample-steps", type=int, default=50)
     g.add_argument("--sampler", default="euler_ancestral", help="ComfyUI sampler (euler_ancestral: DDIM eta = 1)")
@@ -134,7 +138,8 @@ def trainer_config(args, out: Path):
               "train.keep_checkpoints": 1000 if args.curve_every else 3, "train.resume": "no",
               "train.min_timestep": args.min_timestep, "optim.lr": args.lr, "optim.warmup_steps": args.warmup, "validation.every": args.validate_every,
               "validation.images": 0, "validation.seed": args.seed + 1, "train.references": args.references,
-              "train.reference_combine": args.combine, "loss.identity": args.identity_loss}
+              "train.reference_combine": args.combine, "loss.identity": args.identity_loss,
+              "model.identity_tokens": args.identity_tokens}
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
@@ -161,6 +166,7 @@ def unseen_main(args, base, base_info, recipe, timings: dict, started: float) ->
     from identity_toy_lib import base as toy_base
     from identity_toy_lib import data, evaluate, grid, recognizer, unseen
     from identity_toy_lib.sampling import SamplerSettings
+    from identity_toy_lib.token_path import ToyTextPath
     from invadapter_core.train.loop import Trainer
 
     chosen = unseen.split(args.heldout_identities, args.train_identities)
@@ -196,7 +202,8 @@ def unseen_main(args, base, base_info, recipe, timings: dict, started: float) ->
                       data=data.ToySamples(base, pool, args.batch * max(args.train_steps, 1), seed=args.seed + 3,
                                            references=k),
                       holdout=data.ToySamples(base, held_pool, args.holdout, seed=args.seed + 4, references=k),
-                      recognizer=ident.latent_embedding if ident is not None else None)
+                      recognizer=ident.latent_embedding if ident is not None else None,
+                      text_path=ToyTextPath(base) if args.identity_tokens else None)
     result = trainer.run()
     timings["train_s"] = round(time.time() - t, 1)
     other = list(data.ToySamples(base, held_pool, args.holdout, seed=args.seed + 4, other_identity=True,
@@ -205,6 +212,7 @@ def unseen_main(args, base, base_info, recipe, timings: dict, started: float) ->
               "identities": {"all": len(base.identities), "heldout": len(chosen.heldout),
                              "train": len(chosen.train), "split_seed": unseen.SPLIT_SEED},
               "chance": unseen.CHANCE, "references": k, "combine": args.combine, "identity_loss": args.identity_loss,
+              "identity_tokens": args.identity_tokens,
               "heldout": result.heldout, "heldout_loss_other_identity": trainer.heldout_loss(samples=other),
               "train_loss_first_last": [result.losses[0], result.losses[-1]],
               "weights": str(result.weights), "parameters": result.parameters["total"],
@@ -264,6 +272,7 @@ def main(argv=None) -> int:
     from identity_toy_lib import base as toy_base
     from identity_toy_lib import classifiers, data, evaluate, grid, shipped
     from identity_toy_lib.sampling import SamplerSettings
+    from identity_toy_lib.token_path import ToyTextPath
     from invadapter_core.train.loop import Trainer
 
     timings = {}
@@ -302,7 +311,8 @@ def main(argv=None) -> int:
     t = time.time()
     trainer = Trainer(trainer_config(args, run), base.model, vae=base.vae, progress=False,
                       data=data.ToySamples(base, pool, args.batch * max(args.train_steps, 1), seed=args.seed + 3),
-                      holdout=data.ToySamples(base, pool, args.holdout, seed=args.seed + 4))
+                      holdout=data.ToySamples(base, pool, args.holdout, seed=args.seed + 4),
+                      text_path=ToyTextPath(base) if args.identity_tokens else None)
     result = trainer.run()
     timings["train_s"] = round(time.time() - t, 1)
     # the same held-out targets, timesteps and noise, each with a reference of another identity

@@ -10,8 +10,11 @@ each other more than they gain):
 - + MFF: K = 2 photos of the identity per target (train.references; the pool holds 2 per identity), concat as at
   inference; evaluated with 1 and 2;
 - + identity loss: loss.identity (the toy's recognizer, trained on the training identities only);
-- all: both.
-(IDAdapter's identity token has no trainer yet: not an arm.) Each arm's held-out-identity figures are printed as a
+- + token: the identity token, k = 2 embeddings mapped from the reference's features appended to the pose context
+  (model.identity_tokens; identity_toy_lib.token_path);
+- MFF + identity loss (the README's earlier "all");
+- all: the three.
+Each arm's held-out-identity figures are printed as a
 Markdown table (mean and spread over the seeds); the last line is one JSON object with every run's report.
 """
 from __future__ import annotations
@@ -27,11 +30,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MFF = ["--references", "2", "--eval-references", "1,2"]
 IDENTITY_LOSS = ["--identity-loss", "1.0"]
+TOKEN = ["--identity-tokens", "2"]
 ARMS = {
     "today's trainer": [],
     "+ MFF (K = 2)": MFF,
     "+ identity loss": IDENTITY_LOSS,
-    "all": MFF + IDENTITY_LOSS,
+    "+ token": TOKEN,
+    "MFF + identity loss": MFF + IDENTITY_LOSS,  # what "all" measured before the identity token had a trainer
+    "all": MFF + IDENTITY_LOSS + TOKEN,
 }
 
 

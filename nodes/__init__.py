@@ -3,9 +3,10 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import loader, encode, apply, reference_io, face_crop, control, attention_maps, face_similarity
+from . import loader, encode, apply, reference_io, face_crop, control, attention_maps, face_similarity, identity_prompt
 
-_NODE_MODULES = [loader, encode, apply, reference_io, face_crop, control, attention_maps, face_similarity]
+_NODE_MODULES = [loader, encode, apply, reference_io, face_crop, control, attention_maps, face_similarity,
+                 identity_prompt]
 
 
 def all_nodes() -> list[type[io.ComfyNode]]:

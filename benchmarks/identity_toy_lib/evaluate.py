@@ -3,7 +3,8 @@
 Every arm sees the same references, target poses and noise: R references (several per identity, each in its own
 pose) times K target poses. A reference is encoded by InvAdapterEncodeReference (the pack's DDIM inversion, with
 the reference's own pose as its caption); InvAdapterApply installs the adapter; the sampler is ComfyUI's. The
-target pose is the prompt, so without an adapter the identity is whatever the base model draws.
+target pose is the prompt, so without an adapter the identity is whatever the base model draws. An adapter with an
+identity token (IDAdapter's) also adds its tokens of the reference to the prompt (``token_path``).
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from typing import Callable, Optional
 
 import torch
 
+from invadapter_core.adapter.identity_token import reference_tokens
 from invadapter_core.comfyui.host import load_pack
 
 from . import render
 from .base import ToyBase
 from .classifiers import Judges
 from .sampling import SamplerSettings, generate
+from .token_path import ToyTextPath
 
 
 @dataclass
@@ -97,12 +100,15 @@ class Evaluation:
         images = []
         for r in range(len(plan.identity)):
             model = self.base.model
+            context = self.base.context(plan.target_pose[r])
             if adapter is not None:
                 t = time.time()
                 reference = self.encode(adapter, r)
+                if getattr(adapter, "identity_token", None) is not None:  # the identity token joins the prompt
+                    context = ToyTextPath(self.base).context(context, reference_tokens(self.base.model,
+                                                                                   adapter.identity_token, reference))
                 encode_s += time.time() - t
                 model = self.apply(adapter, reference)
-            context = self.base.context(plan.target_pose[r])
             images.append(generate(model, context, self.base.empty_context(), int(plan.seed[r]), self.settings))
         seconds = time.time() - started
         self.log(f"arm {name}: {plan.samples} samples in {seconds:.0f} s (encoding {encode_s:.0f} s)")

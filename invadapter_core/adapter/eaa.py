@@ -81,8 +81,12 @@ class InvAdapter(nn.Module):
 
     def __init__(self, family: str, reference_resolution: Optional[int], tokens_m: Optional[int],
                  self_eaa: dict[str, SelfEAA], cross_eaa: dict[str, CrossEAA], name: str = "",
-                 self_from_base: bool = False, architecture: str = "UNet"):
+                 self_from_base: bool = False, architecture: str = "UNet",
+                 identity_token: Optional[nn.Module] = None):
         super().__init__()
+        # IDAdapter's identity token (adapter.identity_token.IdentityTokenMap): the reference's features -> k token
+        # embeddings for the prompt; None: the adapter has none
+        self.identity_token = identity_token
         # the layout the layers are for (files.format.DEFAULT_ARCHITECTURE): on an MM-DiT (adapter.joint) a self
         # EAA's to_k / to_v map the reference's joint-attention K and V, not the block's input
         self.architecture = architecture

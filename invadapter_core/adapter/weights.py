@@ -12,6 +12,8 @@ e.g. "SD15"), ``invadapter.reference_resolution`` (pixels), ``invadapter.tokens_
 that are not UNets ``invadapter.architecture`` (the layout: "Flux", "QwenImage"; an MM-DiT's blocks are "double.3",
 "single.12", and its ``self.<block>.to_k`` / ``to_v`` [hidden, hidden] map the reference's joint-attention K (after
 QK-norm, before RoPE) and V, ``adapter.joint``).
+Optionally IDAdapter's identity token: ``identity_token.*`` tensors and ``invadapter.identity_token*`` metadata
+(``adapter.identity_token``).
 A block absent from the file has no EAA of that kind; a file without ``self.*`` tensors borrows the base model's
 self-attention projections (the init-from-model default).
 """
@@ -26,6 +28,7 @@ from ..files.format import DEFAULT_ARCHITECTURE, FORMAT_VERSION, META
 from ..files.safetensors_io import read_checked, save_atomic
 from ..files.validation import AdapterFileError, check_adapter_file
 from .eaa import CrossEAA, InvAdapter, SelfEAA
+from .identity_token import map_from_state, token_state
 
 INIT_FROM_MODEL = "init from model"  # the loader's choice (and the adapter's name) for the training-free default
 
@@ -54,6 +57,10 @@ def adapter_state(adapter: InvAdapter) -> tuple[dict[str, torch.Tensor], dict[st
     }
     if adapter.architecture != DEFAULT_ARCHITECTURE:  # UNet files stay byte-identical to those written before
         meta[META + "architecture"] = adapter.architecture
+    if getattr(adapter, "identity_token", None) is not None:
+        token_tensors, token_meta = token_state(adapter.identity_token)
+        tensors.update(token_tensors)
+        meta.update(token_meta)
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
 
@@ -80,7 +87,8 @@ def adapter_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], s
         cross_eaa[block] = layer
     adapter = InvAdapter(parsed["family"], parsed["resolution"], parsed["tokens_m"], self_eaa, cross_eaa,
                          name=os.path.basename(source), self_from_base=not self_eaa,
-                         architecture=meta.get(META + "architecture", DEFAULT_ARCHITECTURE))
+                         architecture=meta.get(META + "architecture", DEFAULT_ARCHITECTURE),
+                         identity_token=map_from_state(parsed["identity_token"]))
     return adapter.requires_grad_(False)
 
 

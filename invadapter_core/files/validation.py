@@ -117,7 +117,10 @@ def check_adapter_file(path: str, tensors: dict[str, torch.Tensor], meta: dict, 
     resolution = _int_meta(meta, "reference_resolution", "0", error, path, ADAPTER_FIX) or None
     tokens_m = _int_meta(meta, "tokens_m", "0", error, path, ADAPTER_FIX) or None
     layers: dict[str, dict[str, dict[str, torch.Tensor]]] = {"self": {}, "cross": {}}
+    identity = check_identity_token(path, tensors, meta, error)
     for name, t in tensors.items():
+        if name.startswith(IDENTITY_PREFIX):
+            continue
         parts = name.split(".")
         kind = parts[0]
         if kind not in ADAPTER_LAYERS or len(parts) < 5:
@@ -155,7 +158,45 @@ def check_adapter_file(path: str, tensors: dict[str, torch.Tensor], meta: dict, 
         _fail(error, path, f"it has a cross-attention EAA but no '{META}reference_resolution' metadata",
               ADAPTER_FIX)
     return {"family": meta.get(META + "base_family", ""), "resolution": resolution, "tokens_m": tokens_m,
-            "layers": layers}
+            "layers": layers, "identity_token": identity}
+
+
+# the identity token's tensors (adapter.identity_token): parameter -> dimensions
+IDENTITY_PREFIX = "identity_token."
+IDENTITY_PARAMS = {"norm.weight": 1, "norm.bias": 1, "fc1.weight": 2, "fc1.bias": 1, "fc2.weight": 2, "fc2.bias": 1}
+
+
+def check_identity_token(path: str, tensors: dict[str, torch.Tensor], meta: dict, error) -> Optional[dict]:
+    """The identity token's map (``adapter.identity_token``) of a weights file: {tokens, width, blocks, tensors}
+    with every shape consistent with the metadata; None when the file has none; ``error`` otherwise."""
+    found = {name[len(IDENTITY_PREFIX):]: t for name, t in tensors.items() if name.startswith(IDENTITY_PREFIX)}
+    if not found and META + "identity_tokens" not in meta:
+        return None
+    tokens = _int_meta(meta, "identity_tokens", None, error, path, ADAPTER_FIX)
+    width = _int_meta(meta, "identity_token_width", None, error, path, ADAPTER_FIX)
+    if tokens < 1 or width < 1:
+        _fail(error, path, f"metadata says {tokens} identity token(s) of width {width}; both must be at least 1",
+              ADAPTER_FIX)
+    blocks = _json_meta(meta, "identity_token_blocks", error, path, ADAPTER_FIX,
+                        lambda v: isinstance(v, list) and v and all(isinstance(b, str) and is_block_name(b)
+                                                                    for b in v), "a non-empty list of block names")
+    for name, t in found.items():
+        if name not in IDENTITY_PARAMS:
+            _fail(error, path, f"unexpected tensor '{IDENTITY_PREFIX}{name}' (the identity token has "
+                               f"{', '.join(IDENTITY_PARAMS)})", ADAPTER_FIX)
+        check_tensor(error, path, IDENTITY_PREFIX + name, t, IDENTITY_PARAMS[name], ADAPTER_FIX)
+    missing = [p for p in IDENTITY_PARAMS if p not in found]
+    if missing:
+        _fail(error, path, f"the identity token lacks {', '.join(IDENTITY_PREFIX + p for p in missing)} (the file is "
+                           f"incomplete)", ADAPTER_FIX)
+    features, hidden = found["norm.weight"].shape[0], found["fc1.weight"].shape[0]
+    expected = {"norm.bias": (features,), "fc1.weight": (hidden, features), "fc1.bias": (hidden,),
+                "fc2.weight": (tokens * width, hidden), "fc2.bias": (tokens * width,)}
+    for name, shape in expected.items():
+        if tuple(found[name].shape) != shape:
+            _fail(error, path, f"tensor '{IDENTITY_PREFIX}{name}' has shape {tuple(found[name].shape)}, expected "
+                               f"{shape} for {tokens} token(s) of width {width}", ADAPTER_FIX)
+    return {"tokens": tokens, "width": width, "blocks": blocks, "tensors": found}
 
 
 # --------------------------------------------------------------------------------------------------- reference files

@@ -124,7 +124,7 @@ def run_preprocess(cfg, args, info) -> int:
 def run_train(cfg, args, info) -> int:
     import comfy.model_management
 
-    from .config import require
+    from .config import ConfigError, require
     from .loop import train
     from .model import load_configured_base, resolve_precision
 
@@ -135,16 +135,25 @@ def run_train(cfg, args, info) -> int:
     check_grouping(ShardSet(require(cfg.data.cache_dir, "data.cache_dir")), cfg)
     precision = resolve_precision(cfg.train.mixed_precision, comfy.model_management.get_torch_device())
     identity = cfg.loss.identity != 0
-    model, clip, vae = load_configured_base(cfg, precision, need_clip=bool(cfg.validation.prompts),
+    model, clip, vae = load_configured_base(cfg, precision,
+                                            need_clip=bool(cfg.validation.prompts) or cfg.model.identity_tokens > 0,
                                             need_vae=cfg.validation.every > 0 or identity)
     recognizer = None
     if identity:
         from .identity import build_recognizer
 
         recognizer = build_recognizer(cfg, model, vae)
+    text_path = None
+    if cfg.model.identity_tokens > 0:  # the identity token enters each caption through the checkpoint's own CLIP
+        from .text_path import ClipTextPath
+
+        try:
+            text_path = ClipTextPath(clip)
+        except ValueError as e:
+            raise ConfigError(f"model.identity_tokens: {e}") from None
     try:
         train(cfg, model, vae if cfg.validation.every > 0 else None, clip, progress=not args.quiet,
-              recognizer=recognizer)
+              recognizer=recognizer, text_path=text_path)
     finally:
         from .distributed import cleanup
 

@@ -33,6 +33,10 @@ class ModelConfig:
     tokens_m: int = opt(256, "M: reference tokens after the cross-attention token aggregation (paper: 256 or 512)")
     train_self: bool = opt(True, "train the self-attention EAA (W'k, W'v)")
     train_cross: bool = opt(True, "train the cross-attention EAA (W_agg, W''k, W''v)")
+    identity_tokens: int = opt(0, "k: IDAdapter's identity token, k token embeddings mapped from the reference's "
+                                  "features that enter the prompt through the text encoder, trained jointly with the "
+                                  "EAA and saved in the weights file (0: none; needs a text path given to the "
+                                  "trainer: the identity toy's; the command-line trainer has none yet)")
     init: str = opt("base", "'base': W'k, W'v copied from the model's own attn1 (the training-free adapter), cross "
                             "EAA a no-op (W''v = 0, W_agg = average pooling); 'random'; or a weights file to "
                             "continue from (the loader's format)", path=True)

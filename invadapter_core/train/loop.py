@@ -26,7 +26,8 @@ from .checkpoint import find_resume, latest_checkpoint, load_checkpoint, save_ch
 from .config import Config, ConfigError, require
 from .data import SampleOrder, ShardSet, StreamOrder, Subset, TrainingSample, is_map_style
 from .groups import check_grouping, identity_split
-from .model import build_adapter, count_parameters, freeze, generation_pass, is_joint, load_fully, resolve_precision
+from .model import (attach_identity_token, build_adapter, count_parameters, freeze, generation_pass, is_joint,
+                    load_fully, resolve_precision)
 from .validate import Validator
 
 log = logging.getLogger("InvAdapter.train")
@@ -56,9 +57,10 @@ class Interrupted(Exception):
 
 class Trainer:
     def __init__(self, cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None,
-                 recognizer=None):
+                 recognizer=None, text_path=None):
         """``recognizer``: the identity loss's (``step.identity_loss``): a clean latent in sampler space ->
-        embedding [B, E], differentiable; needed when loss.identity is not 0."""
+        embedding [B, E], differentiable; needed when loss.identity is not 0. ``text_path``: how the identity token
+        enters the prompt (``adapter.identity_token.TextPath``); needed when model.identity_tokens is not 0."""
         self.cfg, self.model, self.vae, self.progress = cfg, model, vae, progress
         if cfg.loss.identity != 0 and recognizer is None:
             raise ConfigError("loss.identity needs a face recognizer given to the trainer (the command line builds "
@@ -86,9 +88,15 @@ class Trainer:
         self._warn_if_tokens_not_aggregated()
         adapter = build_adapter(model, cfg.data.resolution, cfg.model.tokens_m, cfg.model.init,
                                 cfg.model.train_self, cfg.model.train_cross)
+        if cfg.model.identity_tokens:
+            try:
+                attach_identity_token(adapter, model, cfg.model.identity_tokens, text_path)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.parameters = count_parameters(adapter)
         self.adapter = adapter.to(self.device)
         self.generation = generation_pass(self.adapter, model)
+        self.generation.text_path = text_path
         if t.references > 1 and is_joint(layout_of(model)):
             raise ValueError(f"train.references = {t.references} (mixed features) is implemented for the SD UNets "
                              f"only; on this {model_family(model)} model set train.references = 1")
@@ -179,7 +187,8 @@ class Trainer:
         t = self.cfg.train
         made = step.make_batch(samples, seed, dropout, self.ms, (t.min_timestep, t.max_timestep),
                                self.empty_context, self.empty_adm, self.device, t.references, t.reference_combine,
-                               self.recognizer if self.loss_weights.get("identity") else None)
+                               self.recognizer if self.loss_weights.get("identity") else None,
+                               identity=bool(self.cfg.model.identity_tokens))
         self.dropped += made.dropped
         return made
 
@@ -365,13 +374,14 @@ def tensorboard_writer(folder: Path):
 
 
 def train(cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None,
-          recognizer=None) -> TrainResult:
+          recognizer=None, text_path=None) -> TrainResult:
     """Trains the EAA of ``model`` (a ComfyUI ModelPatcher) on ``data`` (an iterable of ``TrainingSample``s; by
     default the shards of ``cfg.data.cache_dir``), with ``holdout`` samples for the held-out loss (by default the
-    last ``validation.holdout`` shard images); ``recognizer``: the identity loss's (``Trainer``). Under torchrun
+    last ``validation.holdout`` shard images); ``recognizer``: the identity loss's, ``text_path``: the identity
+    token's (``Trainer``). Under torchrun
     every process calls this with its own model copy."""
     if cfg.train.export_dtype not in EXPORT_DTYPES:
         raise ConfigError(f"train.export_dtype must be one of {list(EXPORT_DTYPES)}")
     if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
-    return Trainer(cfg, model, vae, clip, progress, data, holdout, recognizer).run()
+    return Trainer(cfg, model, vae, clip, progress, data, holdout, recognizer, text_path).run()

@@ -25,6 +25,7 @@ from ..adapter.injection import PER_SAMPLE, EAAInjection, Grouped, Step, transfo
 from ..reference.capture import Features, reference_pass
 from ..arch.layout import Layout, layout_of, model_family
 from ..adapter.weights import load_adapter
+from ..adapter.identity_token import build_map, summary_pass
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -249,7 +250,25 @@ def count_parameters(adapter: InvAdapter) -> dict[str, int]:
     self_n = sum(p.numel() for p in adapter.self_eaa.parameters())
     agg = sum(p.numel() for layer in adapter.cross_layers().values() for p in layer.token_agg.parameters())
     cross_kv = sum(p.numel() for p in adapter.cross_eaa.parameters()) - agg
-    return {"self_kv": self_n, "cross_kv": cross_kv, "token_agg": agg, "total": self_n + cross_kv + agg}
+    token = sum(p.numel() for p in adapter.identity_token.parameters()) if adapter.identity_token is not None else 0
+    return {"self_kv": self_n, "cross_kv": cross_kv, "token_agg": agg, "identity_token": token,
+            "total": self_n + cross_kv + agg + token}
+
+
+def attach_identity_token(adapter: InvAdapter, model, tokens: int, text_path) -> None:
+    """IDAdapter's identity token (``adapter.identity_token``): k embeddings of ``text_path``'s width, starting at its
+    placeholder embedding, trained with the EAA (SD UNets only: the MM-DiTs' text paths are not wired yet)."""
+    if tokens < 0:
+        raise ValueError(f"model.identity_tokens = {tokens}: give 0 (none) or the number of tokens k")
+    if text_path is None:
+        raise ValueError("model.identity_tokens needs a text path given to the trainer (how the tokens enter the "
+                         "prompt; the identity toy gives one, the command-line trainer has none yet): set "
+                         "model.identity_tokens = 0")
+    layout = layout_of(model)
+    if is_joint(layout):
+        raise ValueError(f"model.identity_tokens is implemented for the SD UNets only; on this "
+                         f"{model_family(model)} model set model.identity_tokens = 0")
+    adapter.identity_token = build_map(layout, tokens, text_path)
 
 
 # ------------------------------------------------------------------------------------------------ passes
@@ -262,6 +281,7 @@ class GenerationPass(nn.Module):
         object.__setattr__(self, "base", model.model)  # not a submodule: frozen, and DDP must not see it
         self.layout = layout_of(model)
         self.injection = EAAInjection(self.layout, 1.0, 1.0)
+        self.text_path = None  # how the identity token enters the context (adapter.identity_token.TextPath)
 
     @property
     def uses_cross(self) -> bool:
@@ -272,14 +292,23 @@ class GenerationPass(nn.Module):
         _, features = reference_pass(self.base, x_ref, sigmas, conds, self.layout, cross=self.uses_cross)
         return features
 
+    def identity_summary(self, x: torch.Tensor, sigmas: torch.Tensor, conds: dict, references: int) -> torch.Tensor:
+        """What the identity token reads (no gradient): [B, F] from the states at their lowest sigma."""
+        return summary_pass(self.base, self.layout, self.adapter.identity_token.blocks, x, sigmas, conds, references)
+
     def forward(self, x: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, f_self: dict,
                 f_cross: Optional[dict], adm: Optional[torch.Tensor] = None, references: int = 1,
-                combine: str = "concat") -> torch.Tensor:
+                combine: str = "concat", identity: Optional[torch.Tensor] = None,
+                captions: Optional[list] = None) -> torch.Tensor:
         """D(x, sigma): the x0 prediction with the EAA fed by the reference features (plain dicts, so DDP passes
         them through untouched). Reference i serves sample i; K/V come from the adapter's own float32 parameters
         (the EAA layers cast their inputs), so gradients reach them under autocast or a half-precision UNet.
         ``adm``: the ADM vectors ([B, A]) of UNets that take one (SDXL). ``references`` = K: the features hold K
-        photos per sample (sample-major), combined by ``combine`` as InvAdapterApply combines several photos."""
+        photos per sample (sample-major), combined by ``combine`` as InvAdapterApply combines several photos.
+        ``identity``: the identity token's summaries [B, F]; its tokens enter ``context`` through ``text_path``
+        (with ``captions``), inside this call so DDP sees the map's parameters used."""
+        if identity is not None:
+            context = self.text_path(captions, context, self.adapter.identity_token(identity))
         mode = PER_SAMPLE if references == 1 else Grouped(combine, references)
         kv = self.injection.project_kv(self.adapter, Features(f_self, f_cross), mode)
         options = transformer_options([Step(self.injection, kv, float(sigmas.reshape(-1)[0]))])

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..adapter.identity_token import lowest_index
 from ..reference.inversion import latent_at
 from .data import TrainingSample
 
@@ -45,6 +46,11 @@ class Batch:
     ref_clean: Optional[torch.Tensor] = None
     # the identity loss's recognizer: a clean latent (sampler space) -> embedding [B, E], differentiable
     recognizer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # the identity token's input (``model.identity_tokens``): each reference's state at its lowest positive sigma
+    # [B x K, C, h, w] and that sigma [B x K]; the captions ("" where dropped) for the text path
+    identity_x: Optional[torch.Tensor] = None
+    identity_sigmas: Optional[torch.Tensor] = None
+    captions: tuple = ()
 
 
 @dataclass
@@ -87,11 +93,11 @@ def per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def make_batch(samples: list[tuple[TrainingSample, int]], seed: int, dropout: float, model_sampling,
                timesteps: tuple[int, int], empty_context: Optional[torch.Tensor], empty_adm: Optional[torch.Tensor],
                device: torch.device, references: int = 1, combine: str = "concat",
-               recognizer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Batch:
+               recognizer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, identity: bool = False) -> Batch:
     """The micro-batch of ``samples`` (each with its draw id); ``references`` = K: each sample's reference and its
     first K - 1 ``more_references`` (MFF), every one read at the sample's sigma."""
     xs_ref, x0s, epss, sigmas, captions, contexts, adms, ref_adms, dropped = [], [], [], [], [], [], [], [], 0
-    cleans = []
+    cleans, lows, low_sigmas, texts = [], [], [], []
     for sample, draw_id in samples:
         t, eps, drop = draw(draw_id, sample.target.shape, seed, dropout, *timesteps)
         sigma = sigma_of(model_sampling, t)
@@ -104,6 +110,10 @@ def make_batch(samples: list[tuple[TrainingSample, int]], seed: int, dropout: fl
         for states, caption, ref_adm in views:
             xs_ref.append(latent_at(sample.reference_sigmas, states, sigma))
             cleans.append(states[0])
+            if identity:
+                low = lowest_index(sample.reference_sigmas)
+                lows.append(states[low])
+                low_sigmas.append(float(sample.reference_sigmas[low]))
             captions.append(caption)
             ref_adms.append(ref_adm)
         x0s.append(sample.target)
@@ -112,6 +122,7 @@ def make_batch(samples: list[tuple[TrainingSample, int]], seed: int, dropout: fl
         contexts.append(empty_context.reshape(sample.context.shape) if drop else sample.context)
         adms.append(empty_adm if drop else sample.adm)
         dropped += drop
+        texts.append("" if drop else sample.caption)
     on = lambda xs: torch.stack(xs).to(device, torch.float32)  # noqa: E731
     maybe = lambda xs: None if any(x is None for x in xs) else on(xs)  # noqa: E731 - no ADM input: None
     guidance = [s.guidance for s, _ in samples]
@@ -119,7 +130,9 @@ def make_batch(samples: list[tuple[TrainingSample, int]], seed: int, dropout: fl
                  maybe(adms), maybe(ref_adms), dropped,
                  guidance=None if any(g is None for g in guidance) else torch.tensor(guidance, device=device),
                  flow=is_flow(model_sampling), references=references, combine=combine,
-                 ref_clean=on(cleans) if recognizer is not None else None, recognizer=recognizer)
+                 ref_clean=on(cleans) if recognizer is not None else None, recognizer=recognizer,
+                 identity_x=on(lows) if identity else None,
+                 identity_sigmas=torch.tensor(low_sigmas, device=device) if identity else None, captions=tuple(texts))
 
 
 def predict(batch: Batch, generation, net, adapter: bool = True) -> Prediction:
@@ -141,6 +154,9 @@ def predict(batch: Batch, generation, net, adapter: bool = True) -> Prediction:
             conds["guidance"] = batch.guidance.repeat_interleave(k)
         features = generation.reference_features(batch.x_ref, batch.sigmas.repeat_interleave(k), conds)
         grouped = {} if k == 1 else {"references": k, "combine": batch.combine}
+        if batch.identity_x is not None:  # the identity token: its summary pass, then the tokens inside ``net``
+            grouped["identity"] = generation.identity_summary(batch.identity_x, batch.identity_sigmas, conds, k)
+            grouped["captions"] = list(batch.captions)
         denoised = net(x, batch.sigmas, batch.context, features.self_attn, features.cross_attn, batch.adm,
                        **guided, **grouped)
     else:

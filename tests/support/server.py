@@ -27,7 +27,7 @@ from comfy_client import ComfyClient, ExecutionFailed, PromptRejected  # noqa: E
 PACK_NODES = ["InvAdapterLoader", "InvAdapterEncodeReference", "InvAdapterApply", "InvAdapterSaveReference",
               "InvAdapterLoadReference", "InvAdapterFaceCrop", "InvAdapterCombineReferences",
               "InvAdapterBlockWeights", "InvAdapterAttentionMaps",
-              "InvAdapterFaceSimilarity", "InvAdapterSelectBest"]
+              "InvAdapterFaceSimilarity", "InvAdapterSelectBest", "InvAdapterIdentityPrompt"]
 PACK_LINK_NAME = "ComfyUI-InvAdapter"
 STARTUP_TIMEOUT = float(os.environ.get("INVADAPTER_SERVER_STARTUP_TIMEOUT", 120))
 
