@@ -133,7 +133,7 @@ FOCUS = {
     "flux_basic": ("Inv-Adapter Apply",),  # its MM-DiT options (rows, reference_positions)
     "flux_controlnet": ("Load ControlNet", "Control image"),
     "chroma_basic": ("Inv-Adapter Apply", "Positive prompt", "Negative prompt"),  # a real negative prompt
-    "qwen_image_basic": ("ModelSamplingAuraFlow", "Inv-Adapter Apply"),  # the shift feeds reference and generation
+    "qwen_image_basic": ("Load Diffusion Model", "ModelSamplingAuraFlow"),  # the shift feeds reference and generation
 }
 NOTE_TYPE = "MarkdownNote"
 # Width and height a node gets at least (the frontend's own minimum, measured, wins when larger).

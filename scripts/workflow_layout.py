@@ -18,9 +18,10 @@ STAGES = {  # stage -> (group title, group colour); in flow order
     "reference": ("2. Identity reference", "#a1309b"),
     "generation": ("3. Generation", "#b58b2a"),
 }
-# the loaders of the model every later stage uses (a checkpoint, or a diffusion model with its text encoders and VAE)
+# the loaders of the model every later stage uses (a checkpoint, or a diffusion model with its text encoders and VAE),
+# and the sampling shift that both the reference and the generation must see
 MODEL_NODES = {"CheckpointLoaderSimple", "LoraLoader", "UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader",
-               "LoraLoaderModelOnly"}
+               "LoraLoaderModelOnly", "ModelSamplingAuraFlow"}
 REFERENCE_NODES = {"InvAdapterLoader", "InvAdapterEncodeReference", "InvAdapterCombineReferences",
                    "InvAdapterSaveReference", "InvAdapterLoadReference"}
 
