@@ -36,7 +36,7 @@ class ModelConfig:
     identity_tokens: int = opt(0, "k: IDAdapter's identity token, k token embeddings mapped from the reference's "
                                   "features that enter the prompt through the text encoder, trained jointly with the "
                                   "EAA and saved in the weights file (0: none; needs a text path given to the "
-                                  "trainer: the identity toy's; the command-line trainer has none yet)")
+                                  "trainer: the command-line trainer uses the checkpoint's CLIP, SD1.x/2.x)")
     init: str = opt("base", "'base': W'k, W'v copied from the model's own attn1 (the training-free adapter), cross "
                             "EAA a no-op (W''v = 0, W_agg = average pooling); 'random'; or a weights file to "
                             "continue from (the loader's format)", path=True)

@@ -262,7 +262,7 @@ def attach_identity_token(adapter: InvAdapter, model, tokens: int, text_path) ->
         raise ValueError(f"model.identity_tokens = {tokens}: give 0 (none) or the number of tokens k")
     if text_path is None:
         raise ValueError("model.identity_tokens needs a text path given to the trainer (how the tokens enter the "
-                         "prompt; the identity toy gives one, the command-line trainer has none yet): set "
+                         "prompt; the command-line trainer builds one from the checkpoint's CLIP, from Python pass text_path): set "
                          "model.identity_tokens = 0")
     layout = layout_of(model)
     if is_joint(layout):
