@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import comfy.sd
 from invadapter_core.adapter.identity_prompt import encode_with_tokens, insert_tokens, placeholder_embedding, token_width
 from invadapter_core.adapter.identity_token import (IdentityTokenMap, check_width, reference_tokens, summary_blocks,
                                                     summary_width)
@@ -17,29 +16,15 @@ from invadapter_core.train.config import ConfigError, load_config
 from invadapter_core.train.data import TrainingSample
 from invadapter_core.train.loop import Trainer
 from invadapter_core.train.text_path import ClipTextPath
-from support import models
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RES = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tiny_model():
-    return models.tiny_sd15_model()
-
-
-@pytest.fixture(scope="module")
-def clip():
-    _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(models.shallow_sd15_checkpoint()), output_vae=False,
-                                                          output_clip=True, output_model=False)
-    return clip
+def clip(clip_vae):
+    return clip_vae[0]
 
 
 class AppendPath:

@@ -36,6 +36,8 @@ from support import models
 from support.fixtures import CHECKPOINT
 from support.host import ctrl_c_reaches_the_child, python_exe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64  # reference resolution of every test here: 8x8 latents
 
@@ -71,29 +73,6 @@ def overrides(data: Path, cache: Path, out: Path, **extra) -> list[str]:
               "train.seed": 2}
     values.update(extra)
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are small, and on a shared 2-core machine two threads spin-wait on each
-    other (measured: a tiny-model step 0.37 s with one thread, 7 s with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    """One tiny UNet for every test here: training leaves it bit-identical (which a test checks)."""
-    return models.tiny_sd15_model()
-
-
-@pytest.fixture(scope="module")
-def clip_vae():
-    _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(models.shallow_sd15_checkpoint()), output_vae=True,
-                                                            output_clip=True, output_model=False)
-    return clip, vae
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,10 @@ from support.models import tiny_sd15_model
 from support.qwen_models import qwen_text, tiny_qwen_image_model
 from test_flux import one_call
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIDE = 8
 RES = 8 * SIDE
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

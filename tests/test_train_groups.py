@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import comfy.sd
 from invadapter_core.train.__main__ import main as cli
 from invadapter_core.train.config import load_config
 from invadapter_core.train.data import DataError, ShardSet
@@ -25,28 +24,10 @@ from invadapter_core.train.loop import train
 from invadapter_core.train.preprocess import preprocess
 from support import models
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RES = 64
 PEOPLE = {"ana": 3, "ben": 3, "cy": 4, "solo": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return models.tiny_sd15_model()
-
-
-@pytest.fixture(scope="module")
-def clip_vae():
-    _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(models.shallow_sd15_checkpoint()), output_vae=True,
-                                                            output_clip=True, output_model=False)
-    return clip, vae
 
 
 def grouped_manifest(folder: Path, with_identities: bool = True) -> dict[str, str]:

@@ -21,7 +21,9 @@ from invadapter_core.train.__main__ import main as cli  # noqa: E402
 from invadapter_core.train.identity import build_recognizer  # noqa: E402
 from invadapter_core.train.loop import Trainer, train  # noqa: E402
 from support import models  # noqa: E402
-from test_train import RES, adapter_tensors, clip_vae, one_thread, tiny_config, tiny_data, tiny_model  # noqa: E402,F401
+from test_train import RES, adapter_tensors, tiny_config, tiny_data  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EMBED = 8
 

@@ -95,6 +95,35 @@ def comfy_client_sdxl(comfy_server_sdxl):
     return comfy_server_sdxl.client
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small models (``pytestmark = pytest.mark.usefixtures("one_thread")``): on
+    a shared 2-core machine two threads spin-wait on each other (measured: a tiny-model training step 0.37 s with one
+    thread, 7 s with two under load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """One tiny SD1.5-shaped UNet per test module (training leaves it bit-identical, which test_train checks)."""
+    return models.tiny_sd15_model()
+
+
+@pytest.fixture(scope="module")
+def clip_vae():
+    """The shallow SD1.5 test checkpoint's CLIP and VAE, loaded by ComfyUI's own checkpoint loader."""
+    import comfy.sd
+
+    _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(models.shallow_sd15_checkpoint()), output_vae=True,
+                                                            output_clip=True, output_model=False)
+    return clip, vae
+
+
 @pytest.fixture(scope="session")
 def model():
     """The small in-process SD1.5-shaped ModelPatcher (tiny_sd15_model), shared by the math tests."""
