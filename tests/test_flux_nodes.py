@@ -389,17 +389,23 @@ def test_a_reference_of_other_weights_is_named(model, family, reference, adapter
 def test_a_trained_joint_adapter_file_runs_through_apply(model, family, reference, node, tmp_path):
     """A weights file the trainer writes for this network (its K/V maps) is read back and applied by the node: the
     term equals JointApplication with those maps, and differs from the training-free one."""
+    check_trained_joint_file_applies(model, reference, node, tmp_path / f"{family}.safetensors", "Flux",
+                                     lambda applied: block_delta(applied, model, family))
+
+
+def check_trained_joint_file_applies(model, reference, node, path, architecture: str, delta) -> None:
+    """Random joint K/V maps written as the trainer writes them, loaded and applied by the node: ``delta(applied
+    model)`` (a block's attention change) equals JointApplication's with those maps and differs from the
+    training-free one's. Shared with test_qwen_nodes."""
     trained = build_adapter(model, RES, 16, init="random", train_cross=False)
-    path = tmp_path / f"{family}.safetensors"
     save_adapter(trained, str(path))
     loaded = load_adapter(str(path))
-    assert loaded.architecture == "Flux" and not loaded.self_from_base
+    assert loaded.architecture == architecture and not loaded.self_from_base
     applied = node("InvAdapterApply", model, loaded, reference, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")[0]
     direct = install_joint(model, JointApplication(model, reference, 1.0, adapter=trained))
     free = install_joint(model, JointApplication(model, reference, 1.0))
-    plain = model
-    assert torch.allclose(block_delta(applied, plain, family), block_delta(direct, plain, family), atol=1e-5)
-    assert not torch.allclose(block_delta(applied, plain, family), block_delta(free, plain, family), atol=1e-4)
+    assert torch.allclose(delta(applied), delta(direct), atol=1e-5)
+    assert not torch.allclose(delta(applied), delta(free), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- weight dtypes

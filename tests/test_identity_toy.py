@@ -7,11 +7,8 @@ reference against it given another identity's reference. The second is the ident
 learnt generic denoising does as well with the wrong face. A trainer that stops passing reference features,
 gradients or the right reference to the EAA fails one of them.
 """
-import json
-import os
-import subprocess
 
-from support import host
+from support.toy import run_identity_toy
 
 # Measured with this recipe (the base pretrained at 2 threads, as here) at training seeds 0, 1, 2: trained vs base
 # alone 20.4 %, 20.3 %, 19.6 %; right vs another identity's reference 5.9 %, 5.9 %, 6.0 %. The margins sit at about
@@ -25,11 +22,7 @@ MARGIN_IDENTITY = 0.03  # (another identity's reference - the right one) / anoth
 
 
 def test_trained_adapter_reads_the_identity_of_its_reference(tmp_path):
-    done = subprocess.run([host.python_exe(), str(host.ROOT / "benchmarks" / "identity_toy.py"), *SETTINGS,
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1500, cwd=host.ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="2"))
-    assert done.returncode == 0, done.stderr[-6000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_identity_toy(SETTINGS, tmp_path, threads=2)
     heldout = report["heldout"]
     assert [e["step"] for e in heldout] == [0, 150, 300]
     plain = heldout[0]["heldout_loss_no_adapter"]

@@ -7,15 +7,13 @@ training), target poses and noise are sampled with no adapter, the training-free
 and the attribute classifier judges each sample against the reference's identity. An adapter that memorised its
 training identities, or that only learnt generic denoising, fails the held-out margins.
 """
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from support import host
+from support.toy import run_identity_toy
 
 sys.path.insert(0, str(host.ROOT / "benchmarks"))
 
@@ -38,11 +36,7 @@ MARGIN_LOSS = 0.02  # (another identity's reference - the right one) / another i
 
 
 def test_trained_adapter_carries_identities_it_never_saw(tmp_path):
-    done = subprocess.run([host.python_exe(), str(host.ROOT / "benchmarks" / "identity_toy.py"), *SETTINGS,
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1500, cwd=host.ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr[-6000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_identity_toy(SETTINGS, tmp_path, threads=1)
     assert report["identities"]["all"] == 1280 and report["identities"]["train"] == 128
     arms = report["unseen_identities"]
     assert list(arms) == ["no adapter", "training-free", "trained"]

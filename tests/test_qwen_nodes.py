@@ -14,18 +14,15 @@ import torch
 import comfy.sample
 import comfy.sd
 import comfy.utils
-from invadapter_core.adapter.joint import JointApplication, install_joint
-from invadapter_core.adapter.weights import load_adapter, save_adapter
 from invadapter_core.arch.fit import check_served, default_resolution
 from invadapter_core.arch.layout import ModelFamilyError, layout_of
 from invadapter_core.arch.levels import DIT_LEVELS
 from invadapter_core.reference.encode import reference_conds, sampler_sigmas
 from invadapter_core.reference.reference import load_reference, save_reference
-from invadapter_core.train.model import build_adapter
 from support import flux_files
 from support.flux_models import flux_text, tiny_flux_model
 from support.qwen_models import qwen_text, tiny_qwen_image_model, tiny_wan_vae
-from test_flux_nodes import adapter, apply, node  # noqa: F401 - the node fixtures, shared
+from test_flux_nodes import adapter, apply, check_trained_joint_file_applies, node  # noqa: F401 - shared
 from test_qwen_image import one_call
 
 RES = 64  # pixels: a [1, 16, 1, 8, 8] latent, a 4x4 token grid
@@ -244,16 +241,8 @@ def test_flux_and_qwen_image_references_are_refused_on_each_other_naming_both(mo
 
 
 def test_a_trained_joint_adapter_file_runs_through_apply(model, reference, node, tmp_path):
-    trained = build_adapter(model, RES, 16, init="random", train_cross=False)
-    path = tmp_path / "qwen.safetensors"
-    save_adapter(trained, str(path))
-    loaded = load_adapter(str(path))
-    assert loaded.architecture == "QwenImage" and not loaded.self_from_base
-    applied = node("InvAdapterApply", model, loaded, reference, 1.0, 1.0, 0.0, 1.0, "concat", "cond and uncond")[0]
-    direct = install_joint(model, JointApplication(model, reference, 1.0, adapter=trained))
-    free = install_joint(model, JointApplication(model, reference, 1.0))
-    assert torch.allclose(block_delta(applied, model), block_delta(direct, model), atol=1e-5)
-    assert not torch.allclose(block_delta(applied, model), block_delta(free, model), atol=1e-4)
+    check_trained_joint_file_applies(model, reference, node, tmp_path / "qwen.safetensors", "QwenImage",
+                                     lambda applied: block_delta(applied, model))
 
 
 def test_a_qwen_image_computing_in_bf16_encodes_and_applies(node, adapter, vae):
