@@ -1,28 +1,33 @@
-"""Does the pack's EAA, trained by the pack's trainer, carry identity? A toy-scale proof that runs on a CPU.
+"""Does the pack's EAA, trained by the pack's trainer, carry identity, including identities it never saw? A toy-scale
+proof that runs on a CPU.
 
     .venv/bin/python benchmarks/identity_toy.py [--threads 2] [--out out/identity-toy]
 
-1. A tiny base model (ComfyUI's UNetModel as an SD15-family model, 32x32 synthetic cartoon faces of 16 identities,
-   conditioned on the pose only) and identity/attribute classifiers are pretrained, or taken from the cache
-   (~/.cache/invadapter-comfyui/identity-toy, regenerated when missing).
-2. An EAA is trained by the pack's trainer (``invadapter_core.train.loop.train``: its EAA modules, injection, loop,
-   optimiser, checkpoints and weights file); the data source gives each target a reference of the same identity in
-   another pose, inverted by the pack's inversion.
-3. Three arms sample the same target poses with the same noise through the pack's nodes: no adapter, the
-   training-free default ("init from model"), and the trained weights file loaded by InvAdapterLoader; references
-   are encoded by InvAdapterEncodeReference. Measured: identity accuracy (the identity classifier picks the
-   reference's identity; chance 1/16), mean p(reference identity), the strict known-identity rate (the attribute
-   classifier reads exactly one of the 16 identities), the strict reference rate (exactly the reference's), and the
-   anti-copy rate (the sample is closer to the reference identity drawn in the target pose than to the reference
-   image itself).
-The last line printed is one JSON object; a grid image (reference | no adapter | training-free | trained) is written
-to --out. Progress goes to stderr.
+By default, **identities the adapter never saw** (issue 21): a tiny base model (ComfyUI's UNetModel as an
+SD15-family model, 32x32 synthetic cartoon faces, conditioned on the pose only) is pretrained on 16 identities and
+fine-tuned on all 1,280 attribute combinations; the pack's trainer (``invadapter_core.train.loop.train``: its EAA
+modules, injection, loop, optimiser, checkpoints and weights file) trains an EAA on references and targets of 128
+training identities, with the trainer's defaults for data that names people and a recognizer (MFF: 2 photos per
+target; the identity loss, through the toy's recognizer of ``recognizer.py``: another architecture, trained on the
+training identities only, never the judge); each reference is another photo of the identity, inverted by the pack's
+inversion. Then three arms sample the same held-out identities, target poses and noise through the pack's nodes: no
+adapter, the training-free default ("init from model"), and the trained weights file loaded by InvAdapterLoader
+(references encoded by InvAdapterEncodeReference); the attribute classifier and its embedding judge each sample
+against the reference's identity (``unseen.py``), on held-out identities (``unseen_identities.<arm>``) and, apart,
+training ones (``training_identities.<arm>``). ``--references K``, ``--identity-loss W`` and ``--identity-tokens k``
+(the identity token, entering through the toy's text path ``token_path.py``) set IDAdapter's ingredients;
+``benchmarks/identity_toy_ablation.py`` runs them one by one at several seeds. Models, pools, the judge and the
+recognizer are cached in ~/.cache/invadapter-comfyui/identity-toy (regenerated when missing).
 
-``--unseen``: identities the adapter never saw. The base is the 16-identity base fine-tuned on all 1,280 attribute
-combinations; the adapter trains on a subset of them; the held-out loss and the evaluation use held-out identities
-(and, reported apart, training ones), judged by the attribute classifier and its embedding (``unseen.py``).
-``--references K`` (MFF), ``--identity-loss W`` (the recognizer of ``recognizer.py``) and ``--identity-tokens k``
-(the identity token, entering through the toy's text path ``token_path.py``) are IDAdapter's ingredients; ``benchmarks/identity_toy_ablation.py`` runs them at several seeds.
+``--closed-set``: the 16-identity proof (issue 16; ``make demo``'s weights come from it): the adapter trained and
+judged on the base's 16 identities, with one reference and no identity loss. Measured: identity accuracy (the
+identity classifier picks the reference's identity; chance 1/16), mean p(reference identity), the strict
+known-identity rate (the attribute classifier reads exactly one of the 16 identities), the strict reference rate
+(exactly the reference's), and the anti-copy rate (the sample is closer to the reference identity drawn in the
+target pose than to the reference image itself).
+
+The last line printed is one JSON object; grid images (reference | no adapter | training-free | trained) are written
+to --out. Progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -41,6 +46,15 @@ from invadapter_core.comfyui.host import use_comfyui  # noqa: E402
 
 CONVENTIONS = ("lowest sigma", "classic")  # invadapter_core.reference.inversion.CONVENTIONS (importable only after ComfyUI is set up)
 ARMS = ("no adapter", "training-free", "trained")
+# The unseen-identity mode's defaults: the CI test's and the ablation's recipe (trained with MFF and the identity
+# loss, as the trainer's on-when-possible defaults train on real faces), evaluated on 64 held-out identities.
+UNSEEN_DEFAULTS = {"base_batch": 32, "train_steps": 300, "batch": 16, "lr": 3e-3, "pool": 2, "validate_every": 150,
+                   "references": 2, "identity_loss": 1.0, "sample_steps": 30, "eval_refs": 64, "eval_poses": 2}
+# --closed-set: the 16-identity proof's recipe (its 68 % result and the demo's weights); one reference, no identity
+# loss (there is no recognizer apart from the judges on 16 identities)
+CLOSED_SET_DEFAULTS = {"base_batch": 64, "train_steps": 600, "batch": 64, "lr": 1e-3, "pool": 16,
+                       "validate_every": 100, "references": 1, "identity_loss": 0.0, "sample_steps": 50,
+                       "eval_refs": 2, "eval_poses": 8}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -53,18 +67,22 @@ def parse(argv=None) -> argparse.Namespace:
                    help="start from this base file instead (benchmarks/identity_toy_demo/toy_base.safetensors: the "
                         "shipped one, no pretraining); the other base settings are then unused")
     g.add_argument("--base-steps", type=int, default=1400)
-    g.add_argument("--base-batch", type=int, default=64)
+    g.add_argument("--base-batch", type=int, help="the base's batch (default: 32; --closed-set: 64)")
     g.add_argument("--identities", type=int, default=16, help="how many of the 16 identities")
     g.add_argument("--base-ema", type=float, default=0.998, help="EMA decay of the base's weights (0.99 for a "
                                                                  "few hundred steps)")
     g.add_argument("--classifier-steps", type=int, default=600)
-    g = p.add_argument_group("unseen identities (--unseen): the base draws all 1,280 attribute combinations, the "
-                             "adapter trains on a subset, evaluation is on identities it never saw")
+    g = p.add_argument_group("unseen identities (the default mode): the base draws all 1,280 attribute "
+                             "combinations, the adapter trains on a subset, evaluation is on identities it never saw")
+    g.add_argument("--closed-set", action="store_true",
+                   help="the 16-identity proof instead (issue 16; the demo's weights come from it): the adapter "
+                        "trained and judged on the base's 16 identities, with one reference and no identity loss")
     g.add_argument("--unseen", action="store_true",
-                   help="base on every attribute combination (prompted with the pose only); the adapter's references "
-                        "and targets from --train-identities of them; the held-out loss and the evaluation on "
-                        "--heldout-identities it never saw (and, reported apart, on training identities). The JSON "
-                        "line gains unseen_identities.<arm> and training_identities.<arm>")
+                   help="the default mode, named (kept for older command lines): base on every attribute "
+                        "combination (prompted with the pose only); the adapter's references and targets from "
+                        "--train-identities of them; the held-out loss and the evaluation on --heldout-identities "
+                        "it never saw (and, reported apart, on training identities). The JSON line has "
+                        "unseen_identities.<arm> and training_identities.<arm>")
     g.add_argument("--unseen-base-steps", type=int, default=200,
                    help="the base for unseen identities: the 16-identity base (--base-* settings) fine-tuned this "
                         "many steps on all 1,280 combinations (lr 5e-4, EMA 0.99)")
@@ -72,7 +90,7 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--train-identities", type=int, default=128, help="training identities (from the others)")
     g.add_argument("--heldout-pool", type=int, default=32,
                    help="held-out identities with inverted references for the held-out loss (--pool each)")
-    g.add_argument("--eval-train-refs", type=int, default=-1,
+    g.add_argument("--eval-train-refs", type=int, default=16,
                    help="training-identity references evaluated (-1: as many as held-out ones, --eval-refs)")
     g.add_argument("--eval-references", default="1",
                    help="comma-separated photos per reference at evaluation (e.g. 1,3: every adapter arm also with "
@@ -80,36 +98,40 @@ def parse(argv=None) -> argparse.Namespace:
     g.add_argument("--recognizer-steps", type=int, default=600, help="training steps of the identity loss's "
                                                                       "recognizer")
     g = p.add_argument_group("adapter training (the pack's trainer)")
-    g.add_argument("--train-steps", type=int, default=600)
-    g.add_argument("--batch", type=int, default=64)
-    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--train-steps", type=int, help="default: 300 (--closed-set: 600)")
+    g.add_argument("--batch", type=int, help="default: 16 (--closed-set: 64)")
+    g.add_argument("--lr", type=float, help="default: 3e-3 (--closed-set: 1e-3)")
     g.add_argument("--warmup", type=int, default=20)
     g.add_argument("--tokens-m", type=int, default=16, help="M of the cross EAA's token aggregation")
-    g.add_argument("--pool", type=int, default=16, help="reference images per identity in the training pool")
+    g.add_argument("--pool", type=int, help="reference images per identity in the training pool (default: 2; "
+                                            "--closed-set: 16)")
     g.add_argument("--holdout", type=int, default=64, help="held-out samples for the held-out loss")
-    g.add_argument("--validate-every", type=int, default=100, help="steps between held-out losses")
+    g.add_argument("--validate-every", type=int, help="steps between held-out losses (default: 150; --closed-set: "
+                                                      "100)")
     g.add_argument("--min-timestep", type=int, default=600,
                    help="train.min_timestep: identity is decided at high noise (0: 16 %% identity accuracy, 400: 50 %%, "
                         "600: 68 %%, measured)")
-    g.add_argument("--references", type=int, default=1,
-                   help="train.references: K photos of the target's identity per target (MFF; --pool >= K)")
+    g.add_argument("--references", type=int,
+                   help="train.references: K photos of the target's identity per target (MFF; --pool >= K). "
+                        "Default: 2, as the trainer's auto on data naming people (--closed-set: 1)")
     g.add_argument("--combine", default="concat", choices=("concat", "average"),
                    help="train.reference_combine, and the evaluation's combine of several photos")
-    g.add_argument("--identity-loss", type=float, default=0.0,
+    g.add_argument("--identity-loss", type=float,
                    help="loss.identity: weight of the identity loss (the toy's recognizer, trained on the training "
-                        "identities only)")
+                        "identities only). Default: 1, as the trainer's when a recognizer is set (--closed-set: 0, "
+                        "it has no recognizer)")
     g.add_argument("--identity-tokens", type=int, default=0,
                    help="model.identity_tokens: k identity token embeddings (IDAdapter's textual injection) mapped "
                         "from the reference's features, appended to the pose context (identity_toy_lib.token_path); "
                         "0: none")
     g = p.add_argument_group("sampling and evaluation")
-    g.add_argument("--sample-steps", type=int, default=50)
+    g.add_argument("--sample-steps", type=int, help="default: 30 (--closed-set: 50)")
     g.add_argument("--sampler", default="euler_ancestral", help="ComfyUI sampler (euler_ancestral: DDIM eta = 1)")
     g.add_argument("--scheduler", default="normal")
     g.add_argument("--inversion", default=CONVENTIONS[0], choices=CONVENTIONS, help="the encode node's convention")
-    g.add_argument("--eval-refs", type=int, default=2, help="references per identity (--unseen: held-out "
-                                                             "references, one per identity)")
-    g.add_argument("--eval-poses", type=int, default=8, help="target poses per reference")
+    g.add_argument("--eval-refs", type=int, help="held-out references, one per identity (default: 64; "
+                                                  "--closed-set: references per identity, 2)")
+    g.add_argument("--eval-poses", type=int, help="target poses per reference (default: 2; --closed-set: 8)")
     g.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     g.add_argument("--no-eval", action="store_true", help="train only (no classifiers, no sampling)")
     g.add_argument("--export-demo-weights", metavar="DIR",
@@ -119,9 +141,18 @@ def parse(argv=None) -> argparse.Namespace:
                    help="also checkpoint every N steps and evaluate each checkpoint's weights (trained arm): the "
                         "identity-accuracy learning curve (0: off)")
     args = p.parse_args(argv)
+    if args.closed_set and args.unseen:
+        p.error("--closed-set and --unseen are the two modes: give one")
+    args.unseen = not args.closed_set
+    for key, value in (CLOSED_SET_DEFAULTS if args.closed_set else UNSEEN_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.unseen and (args.base_file or args.export_demo_weights or args.curve_every):
-        p.error("--unseen trains its own base on every combination: leave out --base-file, --export-demo-weights "
-                "and --curve-every")
+        p.error("unseen identities train their own base on every combination: add --closed-set for --base-file, "
+                "--export-demo-weights and --curve-every")
+    if args.closed_set and args.identity_loss:
+        p.error("--identity-loss needs the unseen-identity mode (its recognizer trains on the training identities, "
+                "apart from the judges); leave out --closed-set")
     return args
 
 

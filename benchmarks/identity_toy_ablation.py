@@ -3,16 +3,16 @@
     .venv/bin/python benchmarks/identity_toy_ablation.py [--seeds 0,1,2] [--out out/identity-toy-ablation]
         [-- any benchmarks/identity_toy.py settings, applied to every run]
 
-Runs ``benchmarks/identity_toy.py --unseen`` once per arm and seed, one run at a time (two CPU jobs at once slow
-each other more than they gain):
-- today's trainer (one reference per target, denoising loss only): also measures no adapter and the training-free
+Runs ``benchmarks/identity_toy.py`` (unseen identities) once per arm and seed, one run at a time (two CPU jobs at
+once slow each other more than they gain):
+- baseline (one reference per target, denoising loss only): also measures no adapter and the training-free
   default (the same for every arm of a seed: same held-out identities, poses and noise);
 - + MFF: K = 2 photos of the identity per target (train.references; the pool holds 2 per identity), concat as at
   inference; evaluated with 1 and 2;
 - + identity loss: loss.identity (the toy's recognizer, trained on the training identities only);
 - + token: the identity token, k = 2 embeddings mapped from the reference's features appended to the pose context
   (model.identity_tokens; identity_toy_lib.token_path);
-- MFF + identity loss (the README's earlier "all");
+- MFF + identity loss: the benchmark's and the trainer's defaults (the README's earlier "all");
 - all: the three.
 Each arm's held-out-identity figures are printed as a
 Markdown table (mean and spread over the seeds); the last line is one JSON object with every run's report.
@@ -28,15 +28,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# every ingredient named in every arm: the benchmark's own defaults are the chosen ones (MFF + identity loss)
+ONE, NO_LOSS = ["--references", "1"], ["--identity-loss", "0"]
 MFF = ["--references", "2", "--eval-references", "1,2"]
 IDENTITY_LOSS = ["--identity-loss", "1.0"]
 TOKEN = ["--identity-tokens", "2"]
 ARMS = {
-    "today's trainer": [],
-    "+ MFF (K = 2)": MFF,
-    "+ identity loss": IDENTITY_LOSS,
-    "+ token": TOKEN,
-    "MFF + identity loss": MFF + IDENTITY_LOSS,  # what "all" measured before the identity token had a trainer
+    "baseline": ONE + NO_LOSS,  # one reference, the denoising loss only: the trainer before issue 21
+    "+ MFF (K = 2)": MFF + NO_LOSS,
+    "+ identity loss": ONE + IDENTITY_LOSS,
+    "+ token": ONE + NO_LOSS + TOKEN,
+    "MFF + identity loss": MFF + IDENTITY_LOSS,  # the defaults (what "all" measured before the identity token)
     "all": MFF + IDENTITY_LOSS + TOKEN,
 }
 
@@ -54,7 +56,7 @@ def run(arm: str, extra: list[str], seed: int, args) -> dict:
     out = args.out / f"{arm.replace(' ', '_').replace('+', 'plus').replace('(', '').replace(')', '').replace('=', '')}" \
                      f"-seed{seed}"
     baseline = arm == next(iter(ARMS))
-    command = [sys.executable, str(REPO / "benchmarks" / "identity_toy.py"), "--unseen", "--seed", str(seed),
+    command = [sys.executable, str(REPO / "benchmarks" / "identity_toy.py"), "--seed", str(seed),
                "--out", str(out), *args.settings, *extra]
     if not baseline:
         command += ["--arms", "trained"]  # no adapter / training-free: measured once per seed, by the baseline

@@ -429,10 +429,10 @@ def test_insightface_adapter_with_a_stand_in_package(tmp_path, monkeypatch):
     assert rec["face"]["landmarks"][0] == [120.0, 90.0]
     assert_mask_matches_box(r.masks[0], rec["face"]["box"])
 
-    # an explicit choice with GPU asks for the CUDA provider first
-    fc.get_detector("insightface", insightface_roots=[str(root)], device="cuda")
-    assert calls["init"]["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert calls["prepare"]["ctx_id"] == 0
+    # an explicit choice with GPU asks for the CUDA provider first, on that device's index (a torchrun process's own)
+    fc.get_detector("insightface", insightface_roots=[str(root)], device="cuda:1")
+    assert calls["init"]["providers"] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert calls["prepare"]["ctx_id"] == 1
     # .onnx files without a detection model among them
     other = tmp_path / "other"
     _touch(str(other / "models" / "buffalo_l" / "w600k_r50.onnx"))
@@ -540,3 +540,13 @@ def test_face_crop_through_the_server(comfy_client):
     # an out-of-range widget is refused at validation (HTTP 400)
     with pytest.raises(PromptRejected):
         comfy_client.queue(_face_crop_graph(name, on_no_face="ignore"))
+
+
+def test_insightface_sessions_run_on_the_processs_own_gpu():
+    """--face-device gpu under torchrun: each process's ONNX sessions take its device's index (LOCAL_RANK's GPU, as
+    ComfyUI's device), never a fixed GPU 0; the CPU keeps the CPU provider alone."""
+    assert fc.onnx_gpu("cpu") is None and fc.onnx_providers(None) == ["CPUExecutionProvider"]
+    assert fc.onnx_gpu(torch.device("cuda", 3)) == 3
+    assert fc.onnx_providers(3) == [("CUDAExecutionProvider", {"device_id": 3}), "CPUExecutionProvider"]
+    if not torch.cuda.is_available():  # an index-less CUDA device is the current one; without CUDA that is 0
+        assert fc.onnx_gpu("cuda") == 0

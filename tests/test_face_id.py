@@ -174,8 +174,9 @@ def test_insightface_recognizer_with_a_stand_in_package(tmp_path, monkeypatch):
     assert scores.scale is face_id.ARCFACE_SCALE and scores.similarity[0] == pytest.approx(1.0)
     assert scores.raw == scores.similarity and "cosine" in scores.summary()
 
-    face_id.get_recognizer("insightface", insightface_roots=[str(root)], device="cuda").get()
-    assert calls["session"]["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    face_id.get_recognizer("insightface", insightface_roots=[str(root)], device="cuda:2").get()  # its own GPU
+    assert calls["session"]["providers"] == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
+    assert calls["detector"]["providers"] == calls["session"]["providers"]  # its detector on the same GPU
 
 
 def test_recognizers_are_imported_lazily():

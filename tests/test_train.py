@@ -28,7 +28,7 @@ from invadapter_core.train.__main__ import main as cli
 from invadapter_core.train.config import Config, dump_toml, load_config
 from invadapter_core.train.data import ShardSet, StreamOrder
 from invadapter_core.train.distributed import DistInfo
-from invadapter_core.train.loop import train
+from invadapter_core.train.loop import Trainer, train
 from invadapter_core.train.model import build_adapter, count_parameters, pooling_matrix
 from invadapter_core.train.preprocess import preprocess
 from invadapter_core.adapter.weights import load_adapter
@@ -550,5 +550,9 @@ def test_k_references_per_target_and_the_identity_loss_train_the_eaa_only(tiny_d
     assert all(torch.equal(base_before[k], after[k]) for k in base_before), "the frozen base model changed"
     with pytest.raises(ValueError, match="train.references = 2 needs several photos per person"):  # one photo only
         train(tiny_config(tiny_data, tmp_path / "one", **{"train.references": 2}), tiny_model, progress=False)
-    with pytest.raises(ConfigError, match="loss.identity needs a face recognizer"):
-        train(tiny_config(tiny_data, tmp_path / "none", **{"loss.identity": 1.0}), tiny_model, progress=False)
+    # the identity loss is on when possible: without a recognizer the term is off, and the run says so
+    asked = tiny_config(tiny_data, tmp_path / "none", **{"loss.identity": 1.0})
+    trainer = Trainer(asked, tiny_model, progress=False)
+    assert trainer.cfg.loss.identity == 0 and trainer.loss_weights["identity"] == 0
+    assert any(c.startswith("identity loss off: no recognizer (set loss.recognizer") for c in trainer.choices)
+    assert asked.loss.identity == 1.0  # the caller's config is not changed

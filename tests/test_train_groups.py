@@ -19,7 +19,7 @@ from invadapter_core.train.__main__ import main as cli
 from invadapter_core.train.config import load_config
 from invadapter_core.train.data import DataError, ShardSet
 from invadapter_core.train.distributed import DistInfo
-from invadapter_core.train.groups import identity_split
+from invadapter_core.train.groups import auto_references, identity_split
 from invadapter_core.train.loop import train
 from invadapter_core.train.preprocess import preprocess
 from support import models
@@ -248,6 +248,30 @@ def test_settings_needing_people_are_refused_on_shards_without(ungrouped, tmp_pa
                                               tmp_path / "plain", **{"train.max_steps": 1})), tiny_model,
                   progress=False)
     assert plain.step == 1
+
+
+def test_references_default_to_two_photos_when_the_people_have_them(grouped, ungrouped, tmp_path, tiny_model,
+                                                                     capsys):
+    """train.references = 0 (the default, auto): K = 2 when the shards name people and at least 90 % of the targets
+    keep enough photos, else 1; the run says what it chose and records it in config.json."""
+    shards = ShardSet(str(grouped[1]))
+    # "other": ana 3, ben 3, cy 4 photos can all give a target two others; solo and nobody are no target either way
+    assert auto_references(shards, config(grouped, tmp_path)) == (
+        2, "10 of 10 targets keep enough photos of their person with K = 2 (at least 90%)")
+    # "self": every image is a target with K = 1, but only 10 of the 12 have a second photo of their person
+    k, why = auto_references(shards, config(grouped, tmp_path, **{"data.reference": "self"}))
+    assert (k, why) == (1, "10 of 12 targets keep enough photos of their person with K = 2 (below 90%); set "
+                           "train.references = 2 to train those 10 alone")
+    assert auto_references(ShardSet(str(ungrouped / "cache")), config(grouped, tmp_path)) == (
+        1, "the shards name no people")
+
+    cfg = config(grouped, tmp_path / "run", **{"train.max_steps": 1})
+    assert cfg.train.references == 0
+    capsys.readouterr()
+    assert train(cfg, tiny_model, progress=False).step == 1
+    assert "train.references = auto: 2 (10 of 10 targets" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["references"] == 2
+    assert cfg.train.references == 0  # the caller's config is not changed
 
 
 def test_cli_trains_k_2_on_the_grouped_manifest(tmp_path):

@@ -1,8 +1,9 @@
 """The identity loss on real checkpoints (issue 21): ArcFace from an InsightFace recognition ONNX made differentiable
 by onnx2torch (face.arcface_torch), behind the checkpoint's own VAE decode (train.identity). A tiny random ONNX
 recognizer stands in for glintr100.onnx: its conversion gives the graph's own numbers, and training the tiny SD1.5
-UNet with it sends gradients to the EAA weights and nothing else, and changes the EAA's update. The config check
-refuses the loss without a recognizer, and a recognizer file that is missing or no ONNX model, in one line each."""
+UNet with it sends gradients to the EAA weights and nothing else, and changes the EAA's update. The loss is on
+when a recognizer is set, off without one; the config check refuses a recognizer file that is missing or no ONNX
+model, in one line each."""
 import json
 from pathlib import Path
 
@@ -195,8 +196,6 @@ identity = 0.5
 
 
 CASES = {
-    "no recognizer": ([], "config error: loss.identity = 0.5 needs loss.recognizer: set it to an InsightFace "
-                          "recognition model"),
     "a missing file": (["loss.recognizer={tmp}/models/antelopev2/glintr100.onnx"],
                        "glintr100.onnx': does not exist; point it at an InsightFace recognition model"),
     "not an ONNX file": (["loss.recognizer={tmp}/notes.onnx"], "notes.onnx': not a readable ONNX model"),
@@ -215,15 +214,20 @@ def test_the_config_check_names_the_recognizer(tmp_path, capsys, case):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_command_line_trains_with_the_recognizer(tiny_data, tmp_path, recognizer_file):
-    """`train` with loss.identity and loss.recognizer (relative to the config file) builds the recognizer from the
-    checkpoint's VAE and trains: the loss in its log is above the same run's without it."""
+def test_the_command_line_trains_with_the_recognizer(tiny_data, tmp_path, recognizer_file, capsys):
+    """The identity loss is on when possible: `train` with loss.recognizer (relative to the config file) and the
+    default loss.identity builds the recognizer from the checkpoint's VAE and trains, its logged loss above the same
+    run's with loss.identity = 0; without a recognizer the term is off (the loss equals that run's), the run says so
+    and its config.json records the weight it used."""
     _, cache, _ = tiny_data
     path, _ = recognizer_file
     (tmp_path / "recognizer.onnx").write_bytes(path.read_bytes())
-    losses = {}
-    for weight in (0.0, 1.0):
-        config = tmp_path / f"c{weight}.toml"
+    runs = {"on": 'recognizer = "recognizer.onnx"', "weight 0": 'identity = 0.0\nrecognizer = "recognizer.onnx"',
+            "no recognizer": ""}
+    losses, recorded = {}, {}
+    for name, loss_section in runs.items():
+        folder = name.replace(" ", "-")
+        config = tmp_path / f"{folder}.toml"
         config.write_text(f"""[model]
 checkpoint = "{models.shallow_sd15_checkpoint()}"
 tokens_m = 16
@@ -231,7 +235,7 @@ tokens_m = 16
 cache_dir = "{cache}"
 resolution = {RES}
 [train]
-output_dir = "run-{weight}"
+output_dir = "run-{folder}"
 batch_size = 1
 max_steps = 1
 checkpoint_every = 0
@@ -239,11 +243,17 @@ caption_dropout = 0.0
 [validation]
 every = 0
 [loss]
-identity = {weight}
-recognizer = "recognizer.onnx"
+{loss_section}
 """)
+        capsys.readouterr()
         assert cli(["train", "--config", str(config), "--quiet"]) == 0
-        log = [json.loads(line) for line in (tmp_path / f"run-{weight}" / "log.jsonl").read_text().splitlines()]
-        losses[weight] = log[-1]["loss"]
-        assert (tmp_path / f"run-{weight}" / "invadapter.safetensors").is_file()
-    assert np.isfinite(losses[1.0]) and losses[1.0] > losses[0.0]
+        said = capsys.readouterr().out
+        log = [json.loads(line) for line in (tmp_path / f"run-{folder}" / "log.jsonl").read_text().splitlines()]
+        losses[name] = log[-1]["loss"]
+        recorded[name] = json.loads((tmp_path / f"run-{folder}" / "config.json").read_text())["loss"]["identity"]
+        assert (tmp_path / f"run-{folder}" / "invadapter.safetensors").is_file()
+        assert ("identity loss on, weight 1" in said) == (name == "on"), said
+        assert ("identity loss off: no recognizer" in said) == (name == "no recognizer"), said
+    assert np.isfinite(losses["on"]) and losses["on"] > losses["weight 0"]
+    assert losses["no recognizer"] == losses["weight 0"]
+    assert recorded == {"on": 1.0, "weight 0": 0.0, "no recognizer": 0.0}

@@ -1,8 +1,8 @@
 """The identity toy's small weights shipped in the repository (benchmarks/identity_toy_demo/), which `make demo`
 runs from: the toy base (UNet + pose encoder, float16), the judges (identity and attribute classifiers, float16)
 and the adapter trained by the pack's trainer (its weights file as the trainer wrote it). PROVENANCE.md beside them
-names the command and seed that made them; ``benchmarks/identity_toy.py --export-demo-weights DIR`` rewrites all
-four when the toy changes.
+names the command and seed that made them; ``benchmarks/identity_toy.py --closed-set --export-demo-weights DIR``
+rewrites all four when the toy changes.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ BASE, JUDGES = "toy_base.safetensors", "toy_judges.safetensors"
 ADAPTER = "identity_toy_adapter.safetensors"  # a name no user's models/invadapter file is likely to have
 PROVENANCE = "PROVENANCE.md"
 MAX_BYTES = 4 * 2 ** 20  # the repository's limit for a shipped weights file
-REGENERATE = "regenerate them: .venv/bin/python benchmarks/identity_toy.py --export-demo-weights " \
+REGENERATE = "regenerate them: .venv/bin/python benchmarks/identity_toy.py --closed-set --export-demo-weights " \
              "benchmarks/identity_toy_demo (see its PROVENANCE.md)"
 
 

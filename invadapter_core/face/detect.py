@@ -40,7 +40,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -236,16 +236,34 @@ def find_insightface_models(roots: Sequence[str], name: str, fallback: str = DET
     raise InsightFaceModelsMissing(msg)
 
 
+def onnx_gpu(device: torch.device | str) -> Optional[int]:
+    """The CUDA device index InsightFace's ONNX sessions run on for a torch device; None: the CPU. The index is the
+    device's own (a process of a torchrun evaluation has its LOCAL_RANK's GPU), never a fixed 0."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def onnx_providers(gpu: Optional[int]) -> list:
+    """ONNX Runtime's providers for ``onnx_gpu``'s index: CUDA on that device first, the CPU as the fallback."""
+    if gpu is None:
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
+
+
 class InsightFaceDetector:
     """InsightFace's detection model (SCRFD) through ``FaceAnalysis(allowed_modules=['detection'])``."""
 
-    def __init__(self, root: str, model: str, gpu: bool = False, min_score: float = INSIGHTFACE_MIN_SCORE,
+    def __init__(self, root: str, model: str, gpu: Optional[int] = None, min_score: float = INSIGHTFACE_MIN_SCORE,
                  det_size: int = 640):
         require_insightface()
         from insightface.app import FaceAnalysis
 
         self.name = f"insightface:{model}"
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"])
+        providers = onnx_providers(gpu)  # gpu: a CUDA device index (onnx_gpu), None for the CPU
         try:
             self.app = FaceAnalysis(name=model, root=root, allowed_modules=["detection"], providers=providers)
         except AssertionError as e:  # FaceAnalysis asserts that one of the .onnx files is a detection model
@@ -253,7 +271,8 @@ class InsightFaceDetector:
                 f"no face detection model among the .onnx files in {os.path.join(root, 'models', model)}: "
                 f"the '{model}' pack needs its detector ({'scrfd_10g_bnkps.onnx' if model == 'antelopev2' else 'det_10g.onnx'})"
             ) from e
-        self.app.prepare(ctx_id=0 if gpu else -1, det_thresh=float(min_score), det_size=(det_size, det_size))
+        self.app.prepare(ctx_id=-1 if gpu is None else gpu, det_thresh=float(min_score),
+                         det_size=(det_size, det_size))
 
     def detect(self, rgb: np.ndarray, min_size: float) -> list[Face]:
         if min(rgb.shape[:2]) < MIN_DETECT_SIZE:
@@ -285,7 +304,7 @@ def get_detector(detector: str, *, insightface_roots: Sequence[str] = (), insigh
     if insightface_model not in INSIGHTFACE_MODELS:
         raise FaceCropError(f"unknown InsightFace model '{insightface_model}'; choose {' or '.join(INSIGHTFACE_MODELS)}")
     device = torch.device(device)
-    gpu = device.type != "cpu"
+    gpu = onnx_gpu(device)
     if detector == "auto":
         if insightface_available():
             try:

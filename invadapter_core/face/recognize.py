@@ -34,7 +34,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -173,7 +173,7 @@ class InsightFaceRecognizer:
 
     scale = ARCFACE_SCALE
 
-    def __init__(self, root: str, model: str, gpu: bool = False):
+    def __init__(self, root: str, model: str, gpu: Optional[int] = None):
         face_core.require_insightface("recognizer", RECOGNIZER_FALLBACK)
         path = arcface_file(root, model)
         import onnxruntime
@@ -182,8 +182,7 @@ class InsightFaceRecognizer:
 
         self.name = f"insightface:{model}"
         self.detector = face_core.InsightFaceDetector(root, model, gpu=gpu)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-        session = onnxruntime.InferenceSession(path, providers=providers)
+        session = onnxruntime.InferenceSession(path, providers=face_core.onnx_providers(gpu))
         self.arcface = ArcFaceONNX(model_file=path, session=session)
         self._norm_crop = face_align.norm_crop
 
@@ -209,7 +208,7 @@ def _insightface(roots: Sequence[str], model: str, device: torch.device) -> Mana
     face_core.require_insightface("recognizer", RECOGNIZER_FALLBACK)
     root = face_core.find_insightface_models(roots, model, RECOGNIZER_FALLBACK)
     path = arcface_file(root, model)
-    gpu = device.type != "cpu"
+    gpu = face_core.onnx_gpu(device)
     return managed((f"insightface:{model}", root, gpu), f"insightface:{model}",
                    lambda: InsightFaceRecognizer(root, model, gpu=gpu),
                    lambda: os.path.getsize(path))

@@ -134,7 +134,7 @@ def run_train(cfg, args, info) -> int:
     # a missing cache, or settings that need identities the shards lack, fail before the model loads
     check_grouping(ShardSet(require(cfg.data.cache_dir, "data.cache_dir")), cfg)
     precision = resolve_precision(cfg.train.mixed_precision, comfy.model_management.get_torch_device())
-    identity = cfg.loss.identity != 0
+    identity = cfg.loss.identity != 0 and bool(cfg.loss.recognizer)  # on when possible: a recognizer is set
     model, clip, vae = load_configured_base(cfg, precision,
                                             need_clip=bool(cfg.validation.prompts) or cfg.model.identity_tokens > 0,
                                             need_vae=cfg.validation.every > 0 or identity)

@@ -82,10 +82,12 @@ class TrainConfig:
     caption_dropout: float = opt(0.1, "probability of training a sample on the empty prompt (for CFG)")
     min_timestep: int = opt(0, "timesteps are drawn uniformly from [min_timestep, max_timestep]")
     max_timestep: int = opt(999, "timesteps are drawn uniformly from [min_timestep, max_timestep]")
-    references: int = opt(1, "K: reference photos of the target's identity per target, combined as inference "
-                             "combines several photos (IDAdapter's mixed facial features); K > 1 needs several "
+    references: int = opt(0, "K: reference photos of the target's identity per target, combined as inference "
+                             "combines several photos (IDAdapter's mixed facial features, MFF); K > 1 needs several "
                              "photos per person (identities in the manifest; a Python data source: "
-                             "TrainingSample.more_references)")
+                             "TrainingSample.more_references). 0: auto, K = 2 when the shards name people and at "
+                             "least 90 % of the targets keep enough photos of their person, else 1 (1 on MM-DiTs "
+                             "and for a Python data source); the run's config.json records the K chosen")
     reference_combine: str = opt("concat", "how the K references combine, as InvAdapterApply's combine: 'concat' "
                                            "(their tokens side by side) or 'average'")
     mixed_precision: str = opt("auto", "'auto' (bf16 on CUDA with bf16 support, else fp16; none on CPU), 'bf16', "
@@ -132,12 +134,14 @@ class LossConfig:
     """One weight per loss term of ``step.LOSS_TERMS``, under the term's name (0: the term is not computed), and the
     terms' settings."""
     denoising: float = opt(1.0, "weight of the denoising loss (eq. 6: epsilon-prediction MSE)")
-    identity: float = opt(0.0, "weight of the identity loss: 1 - cosine between a face recognizer's embedding of "
+    identity: float = opt(1.0, "weight of the identity loss: 1 - cosine between a face recognizer's embedding of "
                                "the denoised prediction (decoded by the VAE) and the reference's, weighted by "
-                               "alpha_bar(t); needs loss.recognizer")
+                               "alpha_bar(t). On when a recognizer is set (loss.recognizer; a Python caller passes "
+                               "one to the trainer), off without one; 0 turns it off")
     # not loss terms (step.LOSS_TERMS): the identity term's recognizer
-    recognizer: str = opt("", "with loss.identity: the ArcFace recognition model, an InsightFace .onnx file (e.g. "
-                              "<insightface>/models/antelopev2/glintr100.onnx or models/buffalo_l/w600k_r50.onnx)",
+    recognizer: str = opt("", "turns the identity loss on: the ArcFace recognition model, an InsightFace .onnx file "
+                              "(e.g. <insightface>/models/antelopev2/glintr100.onnx or "
+                              "models/buffalo_l/w600k_r50.onnx)",
                           path=True)
     recognizer_resolution: int = opt(0, "pixels the identity loss decodes the latent at (its side; 0: the training "
                                         "resolution); lower saves VAE memory, e.g. 256 at 512 px")

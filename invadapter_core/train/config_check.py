@@ -134,7 +134,7 @@ def check_config(cfg: Config, command: str) -> list[str]:
     if t.min_timestep > t.max_timestep:
         problems.append(f"train.min_timestep = {t.min_timestep} is above train.max_timestep = {t.max_timestep}: "
                         f"set min_timestep <= max_timestep")
-    number("train.references", t.references, 1)
+    number("train.references", t.references, 0)
     choice("train.reference_combine", t.reference_combine, COMBINE_MODES)
     choice("train.mixed_precision", t.mixed_precision, PRECISIONS)
     number("train.log_every", t.log_every, 1)
@@ -155,16 +155,11 @@ def check_config(cfg: Config, command: str) -> list[str]:
     # loss (the identity term's recognizer: only what `train` loads)
     number("loss.identity", cfg.loss.identity, 0)
     number("loss.recognizer_resolution", cfg.loss.recognizer_resolution, 0)
-    if command == "train" and cfg.loss.identity:
-        if not cfg.loss.recognizer:
-            problems.append(f"loss.identity = {cfg.loss.identity!r} needs loss.recognizer: set it to an InsightFace "
-                            f"recognition model (e.g. <insightface>/models/antelopev2/glintr100.onnx), or set "
-                            f"loss.identity = 0")
-        else:
-            from ..face.arcface_torch import recognizer_problem
+    if command == "train" and cfg.loss.identity and cfg.loss.recognizer:  # no recognizer: the term is off
+        from ..face.arcface_torch import recognizer_problem
 
-            why = recognizer_problem(cfg.loss.recognizer)
-            need(why is None, "loss.recognizer", cfg.loss.recognizer, why)
+        why = recognizer_problem(cfg.loss.recognizer)
+        need(why is None, "loss.recognizer", cfg.loss.recognizer, why)
     # validation
     number("validation.every", v.every, 0)
     number("validation.holdout", v.holdout, -1)

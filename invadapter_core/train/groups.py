@@ -54,6 +54,32 @@ def reference_mode(cfg: Config, grouped: bool) -> str:
     return cfg.data.reference
 
 
+AUTO_REFERENCES = 2  # train.references = 0 (auto): MFF with two photos, IDAdapter's setting the toy measured
+AUTO_KEEP = 0.9  # ... when it keeps at least this share of the targets one photo would train
+
+
+def auto_references(shards: ShardSet, cfg: Config) -> tuple[int, str]:
+    """train.references = 0: (K, why). K = 2 when the shards name people and at least 90 % of the targets K = 1
+    trains have a further photo of their person (a person needs K + 1 photos with "other", K with "self"), else 1:
+    MFF should not cost a dataset of pairs most of its targets."""
+    if not shards.grouped:
+        return 1, "the shards name no people"
+    mode = reference_mode(cfg, True)
+    sizes: dict[tuple, int] = {}
+    for i in range(len(shards)):
+        sizes[person(shards, i)] = sizes.get(person(shards, i), 0) + 1
+
+    def targets(k: int) -> int:
+        return sum(n for n in sizes.values() if n >= k + (mode == "other"))
+
+    one, more = targets(1), targets(AUTO_REFERENCES)
+    enough = more >= AUTO_KEEP * one
+    why = (f"{more} of {one} targets keep enough photos of their person with K = {AUTO_REFERENCES} "
+           f"({'at least' if enough else 'below'} {AUTO_KEEP:.0%})")
+    return (AUTO_REFERENCES, why) if enough else (1, why + f"; set train.references = {AUTO_REFERENCES} to train "
+                                                         f"those {more} alone")
+
+
 def person(shards: ShardSet, i: int) -> tuple:
     """The group key of image i: its identity, or the image alone when it names none."""
     identity = shards.identities[i]

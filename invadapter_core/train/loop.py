@@ -8,6 +8,7 @@ pass its own model object); the data source is the shards of ``data.cache_dir`` 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -25,7 +26,7 @@ from . import distributed, step
 from .checkpoint import find_resume, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, require
 from .data import SampleOrder, ShardSet, StreamOrder, Subset, TrainingSample, is_map_style
-from .groups import check_grouping, identity_split
+from .groups import auto_references, check_grouping, identity_split
 from .model import (attach_identity_token, build_adapter, count_parameters, freeze, generation_pass, is_joint,
                     load_fully, resolve_precision)
 from .validate import Validator
@@ -59,12 +60,21 @@ class Trainer:
     def __init__(self, cfg: Config, model, vae=None, clip=None, progress: bool = True, data=None, holdout=None,
                  recognizer=None, text_path=None):
         """``recognizer``: the identity loss's (``step.identity_loss``): a clean latent in sampler space ->
-        embedding [B, E], differentiable; needed when loss.identity is not 0. ``text_path``: how the identity token
-        enters the prompt (``adapter.identity_token.TextPath``); needed when model.identity_tokens is not 0."""
+        embedding [B, E], differentiable; the identity loss is on when one is given and loss.identity is not 0
+        (the command line builds it from loss.recognizer: ``train.identity.build_recognizer``). ``text_path``: how
+        the identity token enters the prompt (``adapter.identity_token.TextPath``); needed when
+        model.identity_tokens is not 0."""
+        # the settings as this run resolves them (auto values made concrete; config.json records them): a copy,
+        # so the caller's config is never changed
+        cfg = copy.deepcopy(cfg)
         self.cfg, self.model, self.vae, self.progress = cfg, model, vae, progress
+        self.choices: list[str] = []  # what the "on when possible" defaults chose, and why (announced)
         if cfg.loss.identity != 0 and recognizer is None:
-            raise ConfigError("loss.identity needs a face recognizer given to the trainer (the command line builds "
-                              "it from loss.recognizer: train.identity.build_recognizer), or set loss.identity = 0")
+            self.choices.append(f"identity loss off: no recognizer (set loss.recognizer to an InsightFace ArcFace "
+                                f".onnx to turn it on at weight {cfg.loss.identity:g}; docs/training.md)")
+            cfg.loss.identity = 0.0
+        elif cfg.loss.identity != 0:
+            self.choices.append(f"identity loss on, weight {cfg.loss.identity:g}")
         self.recognizer = recognizer
         self.out = Path(require(cfg.train.output_dir, "train.output_dir"))
         self.device = model.load_device
@@ -126,9 +136,11 @@ class Trainer:
         """(training source, held-out samples or None): the given ones, or the shards with their last images held
         out (``validation.holdout``)."""
         if data is not None:
+            self._choose_references(1, "a Python data source (set train.references for its more_references)")
             return data, (list(holdout) if holdout is not None else None)
         shards = ShardSet(require(self.cfg.data.cache_dir, "data.cache_dir"))
         self._check_layout(shards)
+        self._choose_references(*auto_references(shards, self.cfg))
         n, wanted = len(shards), self.cfg.validation.holdout
         k = min(HOLDOUT_AUTO, n // 10) if wanted < 0 else wanted
         check_grouping(shards, self.cfg)
@@ -141,6 +153,16 @@ class Trainer:
         if not k:
             return shards, None
         return Subset(shards, range(n - k)), list(Subset(shards, range(n - k, n)))
+
+    def _choose_references(self, k: int, why: str) -> None:
+        """train.references = 0 (auto): K = ``k`` (``why``), or 1 on MM-DiTs, whose trainer has no MFF yet."""
+        t = self.cfg.train
+        if t.references != 0:
+            return
+        if k > 1 and is_joint(layout_of(self.model)):
+            k, why = 1, f"mixed features are implemented for the SD UNets only, not this {model_family(self.model)}"
+        t.references = k
+        self.choices.append(f"train.references = auto: {k} ({why})")
 
     def _check_layout(self, shards: ShardSet) -> None:
         layout = shards.layout
@@ -256,6 +278,8 @@ class Trainer:
             held = f", {len(self.holdout)} held out" if self.holdout else ""
             print(f"  {size}{held}, {info.world_size} process(es) on {self.device}, precision {self.precision}, "
                   f"global batch {t.batch_size * t.grad_accum * info.world_size}, {t.max_steps} steps", flush=True)
+            for choice in self.choices:
+                print(f"  {choice}", flush=True)
 
     def run(self) -> TrainResult:
         from tqdm import tqdm
