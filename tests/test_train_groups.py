@@ -274,6 +274,17 @@ def test_references_default_to_two_photos_when_the_people_have_them(grouped, ung
     assert cfg.train.references == 0  # the caller's config is not changed
 
 
+def test_a_resumed_run_keeps_the_k_it_trained_with(grouped, tmp_path, tiny_model, capsys):
+    """auto never changes K in the middle of a run: resuming a K = 1 run (say, one trained before auto existed)
+    keeps K = 1 on data where a fresh run would take 2."""
+    out = tmp_path / "run"
+    train(config(grouped, out, **{"train.references": 1, "train.max_steps": 1}), tiny_model, progress=False)
+    capsys.readouterr()
+    assert train(config(grouped, out, **{"train.max_steps": 2}), tiny_model, progress=False).step == 2
+    assert "train.references = auto: 1 (as in the run it resumes)" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["train"]["references"] == 1
+
+
 def test_cli_trains_k_2_on_the_grouped_manifest(tmp_path):
     """preprocess + train through the command line on the shallow SD1.5 checkpoint, K = 2 photos per target."""
     people = grouped_manifest(tmp_path / "faces")

@@ -159,10 +159,25 @@ class Trainer:
         t = self.cfg.train
         if t.references != 0:
             return
-        if k > 1 and is_joint(layout_of(self.model)):
+        resumed = self._resumed_references()
+        if resumed:  # auto never changes K in the middle of a run
+            k, why = resumed, "as in the run it resumes"
+        elif k > 1 and is_joint(layout_of(self.model)):
             k, why = 1, f"mixed features are implemented for the SD UNets only, not this {model_family(self.model)}"
         t.references = k
         self.choices.append(f"train.references = auto: {k} ({why})")
+
+    def _resumed_references(self) -> int:
+        """The K the run this one resumes trained with (its config.json, written with the resolved values); 0: no
+        resume, or no record of it."""
+        try:
+            checkpoint = find_resume(self.cfg.train.resume, str(self.out))
+        except FileNotFoundError:  # run() says so, with the fix
+            return 0
+        record = checkpoint.parent.parent / "config.json" if checkpoint is not None else None
+        if record is None or not record.is_file():
+            return 0
+        return int(json.loads(record.read_text()).get("train", {}).get("references", 0))
 
     def _check_layout(self, shards: ShardSet) -> None:
         layout = shards.layout
