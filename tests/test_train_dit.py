@@ -15,7 +15,7 @@ from invadapter_core.files.validation import AdapterFileError
 from invadapter_core.reference.encode import invert_latent, reference_conds
 from invadapter_core.train import step
 from invadapter_core.train.config import load_config
-from invadapter_core.train.data import EMPTY_CONTEXT_FILE, ShardSet, TrainingSample, write_shard
+from invadapter_core.train.data import EMPTY_CONTEXT_FILE, ReferenceView, ShardSet, TrainingSample, write_shard
 from invadapter_core.train.loop import Trainer
 from invadapter_core.train.model import JointGenerationPass, build_adapter
 from invadapter_core.train.preprocess import joint_conds, prompt_tensors
@@ -124,6 +124,62 @@ def test_the_training_pass_is_what_sampling_applies(flux):
                  "double.0")[1]
     free = one_call(install_joint(flux, JointApplication(flux, ref, 1.0)), x, sigma, conds, "double.0")[1]
     assert all(torch.equal(d[n], free[n]) for n in free)
+
+
+@pytest.mark.parametrize("combine", ["concat", "average"])
+def test_two_photos_per_target_train_as_apply_combines_them(flux, combine):
+    """MFF on an MM-DiT: the training pass with K = 2 photos per sample gives what sampling gives with a two-photo
+    reference combined the same way (each photo's K with RoPE, then side by side or averaged); in a batch, each
+    sample reads its own two photos (sample-major rows)."""
+    ctx, opts = flux_text(0)
+    latents = torch.randn(2, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(7))
+    conds = reference_conds(flux, ctx, dict(opts), latents, (RES, RES))
+    ref = invert_latent(flux, latents, conds, 4, "simple", (RES, RES))
+    adapter = build_adapter(flux, RES, 16, init="random", train_cross=False)
+    sigma = ref.features.sigmas()[1]
+    x = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    gen, one = JointGenerationPass(adapter, flux), torch.full((1,), sigma)
+    with torch.no_grad():
+        photos = gen.reference_features(ref.latent_at(sigma), torch.full((2,), sigma), ref.conds).self_attn
+        trained = gen(x, one, ctx, photos, None, conds["y"], conds["guidance"], references=2, combine=combine)
+        first_alone = gen(x, one, ctx, {n: f[:1] for n, f in photos.items()}, None, conds["y"], conds["guidance"])
+        # two samples: the first with photos (0, 1), the second with (1, 0) or (0, 0)
+        rows = {order: {n: f[list(order)] for n, f in photos.items()} for order in ((0, 1, 1, 0), (0, 1, 0, 0))}
+        batch = {order: gen(x.expand(2, -1, -1, -1), torch.full((2,), sigma), ctx.expand(2, -1, -1), r, None,
+                            conds["y"].expand(2, -1), conds["guidance"].expand(2), references=2, combine=combine)
+                 for order, r in rows.items()}
+    m = install_joint(flux, JointApplication(flux, ref, 1.0, adapter=adapter, combine=combine)).clone()
+    options = {**m.model_options["transformer_options"], "wrappers": m.wrappers}
+    with torch.no_grad():
+        sampled = m.model.apply_model(x, one, transformer_options=options, **conds)
+    assert torch.allclose(trained, sampled, atol=1e-5) and not torch.allclose(trained, first_alone, atol=1e-4)
+    assert torch.allclose(batch[(0, 1, 1, 0)], trained.expand(2, -1, -1, -1), atol=1e-5)  # the photos' order is moot
+    assert torch.allclose(batch[(0, 1, 0, 0)][:1], trained, atol=1e-5)
+    assert not torch.allclose(batch[(0, 1, 0, 0)][1:], trained, atol=1e-4)
+
+
+def test_k_2_trains_the_joint_eaa(flux, tmp_path):
+    """train.references = 2 on Flux: a few steps from a data source giving each sample a second photo."""
+    shards = flux_shard(flux, tmp_path / "cache")
+
+    class TwoPhotos:  # sample i with image i + 1 as its second photo
+        empty_context, empty_adm, empty_pooled = shards.empty_context, shards.empty_adm, shards.empty_pooled
+
+        def __len__(self):
+            return len(shards)
+
+        def __getitem__(self, i):
+            s, other = shards[i], shards[(i + 1) % len(shards)]
+            s.more_references = (ReferenceView(other.reference_states, other.reference_context, other.reference_adm),)
+            return s
+
+    trainer = Trainer(config(tmp_path / "run", **{"train.references": 2, "train.max_steps": 3}), flux,
+                      progress=False, data=TwoPhotos())
+    trainer.loss(0).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.adapter.parameters())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    result = trainer.run()
+    assert result.step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
 def test_a_few_steps_train_only_the_joint_eaa_and_lower_the_loss(flux, tmp_path):

@@ -86,8 +86,8 @@ class TrainConfig:
                              "combines several photos (IDAdapter's mixed facial features, MFF); K > 1 needs several "
                              "photos per person (identities in the manifest; a Python data source: "
                              "TrainingSample.more_references). 0: auto, K = 2 when the shards name people and at "
-                             "least 90 % of the targets keep enough photos of their person, else 1 (1 on MM-DiTs "
-                             "and for a Python data source); the run's config.json records the K chosen")
+                             "least 90 % of the targets keep enough photos of their person, else 1 (1 for a Python "
+                             "data source; a resumed run keeps its K); the run's config.json records the K chosen")
     reference_combine: str = opt("concat", "how the K references combine, as InvAdapterApply's combine: 'concat' "
                                            "(their tokens side by side) or 'average'")
     mixed_precision: str = opt("auto", "'auto' (bf16 on CUDA with bf16 support, else fp16; none on CPU), 'bf16', "

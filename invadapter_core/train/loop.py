@@ -107,9 +107,6 @@ class Trainer:
         self.adapter = adapter.to(self.device)
         self.generation = generation_pass(self.adapter, model)
         self.generation.text_path = text_path
-        if t.references > 1 and is_joint(layout_of(model)):
-            raise ValueError(f"train.references = {t.references} (mixed features) is implemented for the SD UNets "
-                             f"only; on this {model_family(model)} model set train.references = 1")
         self.net = distributed.wrap(self.generation, self.device, self.info)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -155,15 +152,13 @@ class Trainer:
         return Subset(shards, range(n - k)), list(Subset(shards, range(n - k, n)))
 
     def _choose_references(self, k: int, why: str) -> None:
-        """train.references = 0 (auto): K = ``k`` (``why``), or 1 on MM-DiTs, whose trainer has no MFF yet."""
+        """train.references = 0 (auto): K = ``k`` (``why``), or the K of the run this one resumes."""
         t = self.cfg.train
         if t.references != 0:
             return
         resumed = self._resumed_references()
         if resumed:  # auto never changes K in the middle of a run
             k, why = resumed, "as in the run it resumes"
-        elif k > 1 and is_joint(layout_of(self.model)):
-            k, why = 1, f"mixed features are implemented for the SD UNets only, not this {model_family(self.model)}"
         t.references = k
         self.choices.append(f"train.references = auto: {k} ({why})")
 

@@ -22,6 +22,7 @@ from ..adapter.joint import (JOINT, POSITIONS, JointCall, JointStep, joint_add, 
 from ..arch.flux import FluxLayout, split_kv
 from ..adapter.fit import check_adapter_fits
 from ..adapter.injection import PER_SAMPLE, EAAInjection, Grouped, Step, transformer_options
+from ..adapter.joint_store import combine_photos
 from ..reference.capture import Features, reference_pass
 from ..arch.layout import Layout, layout_of, model_family
 from ..adapter.weights import load_adapter
@@ -363,23 +364,30 @@ class JointGenerationPass(nn.Module):
 
     def forward(self, x: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, f_self: dict,
                 f_cross: Optional[dict] = None, adm: Optional[torch.Tensor] = None,
-                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """D(x, sigma) with the EAA fed by ``f_self`` (block -> [B, N, 2 x hidden], the reference pass's); the
+                guidance: Optional[torch.Tensor] = None, references: int = 1, combine: str = "concat"
+                ) -> torch.Tensor:
+        """D(x, sigma) with the EAA fed by ``f_self`` (block -> [B x K, N, 2 x hidden], the reference pass's); the
         reference has x's size (the sample is its own reference). ``adm``: Flux's pooled vector ``y``;
-        ``guidance``: [B], for models with a guidance embedding."""
+        ``guidance``: [B], for models with a guidance embedding. ``references`` = K photos per sample
+        (sample-major rows), combined per sample as inference combines several photos (``combine``)."""
         layout = self.layout
         grid = layout.token_grid(tuple(x.shape[-2:]))
         frames = x.shape[2] if x.ndim == 5 else 1
         pe = layout.positions(grid, POSITIONS[self.positions], x.device)
         with differentiable_ops():
-            return self._forward(x, sigmas, context, f_self, adm, guidance, grid[0] * grid[1] * frames, pe)
+            return self._forward(x, sigmas, context, f_self, adm, guidance, grid[0] * grid[1] * frames, pe,
+                                 references, combine)
 
-    def _forward(self, x, sigmas, context, f_self, adm, guidance, image_tokens, pe):
+    def _forward(self, x, sigmas, context, f_self, adm, guidance, image_tokens, pe, references, combine):
         layout = self.layout
         kv = {}
         for name, f in f_self.items():
             k, v = split_kv(project_joint(self.adapter.self_layer(name), f), layout.heads)
-            kv[name] = (rope_rows(k, pe), v)
+            k = rope_rows(k, pe)
+            if references > 1:  # each sample's K photos as one reference, after RoPE as joint_store does
+                k, v = (torch.cat([combine_photos(photos, combine) for photos in t.split(references)])
+                        for t in (k, v))
+            kv[name] = (k, v)
         options = {JOINT: JointCall(layout, image_tokens, [JointStep(kv, self.rows)])}
         if layout.ADDS_TERM == "output patch":
             options["patches"] = {"attn1_patch": [joint_stash], "attn1_output_patch": [joint_add]}
