@@ -158,8 +158,10 @@ def test_two_photos_per_target_train_as_apply_combines_them(flux, combine):
     assert not torch.allclose(batch[(0, 1, 0, 0)][1:], trained, atol=1e-4)
 
 
-def test_k_2_trains_the_joint_eaa(flux, tmp_path):
-    """train.references = 2 on Flux: a few steps from a data source giving each sample a second photo."""
+def test_k_2_and_the_identity_loss_train_the_joint_eaa(flux, tmp_path):
+    """The defaults' two ingredients on Flux: train.references = 2 (a data source giving each sample a second photo)
+    and the identity loss (a differentiable stand-in recognizer on the latent, flow-weighted): gradients reach the
+    joint EAA, the identity term adds to the loss of the same batch, and a few steps train."""
     shards = flux_shard(flux, tmp_path / "cache")
 
     class TwoPhotos:  # sample i with image i + 1 as its second photo
@@ -173,8 +175,15 @@ def test_k_2_trains_the_joint_eaa(flux, tmp_path):
             s.more_references = (ReferenceView(other.reference_states, other.reference_context, other.reference_adm),)
             return s
 
+    projection = torch.randn(16 * SIDE * SIDE, 8, generator=torch.Generator().manual_seed(0))
+    recognizer = lambda latent: latent.flatten(1) @ projection  # noqa: E731 - differentiable stand-in
+    plain = Trainer(config(tmp_path / "plain", **{"train.references": 2, "loss.identity": 0.0}), flux,
+                    progress=False, data=TwoPhotos())
     trainer = Trainer(config(tmp_path / "run", **{"train.references": 2, "train.max_steps": 3}), flux,
-                      progress=False, data=TwoPhotos())
+                      progress=False, data=TwoPhotos(), recognizer=recognizer)
+    assert trainer.loss_weights["identity"] == 1.0 and "identity loss on, weight 1" in trainer.choices
+    with torch.no_grad():
+        assert float(trainer.loss(0)) > float(plain.loss(0))  # the same batch: the identity term adds to it
     trainer.loss(0).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.adapter.parameters())
     trainer.optimizer.zero_grad(set_to_none=True)
