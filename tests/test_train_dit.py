@@ -96,16 +96,22 @@ def test_flow_batches_noise_and_target_as_rectified_flow(flux, tmp_path):
                                                                          .mean()), rel=1e-5)
 
 
+def inverted_reference(flux, photos: int, seed: int):
+    """(prompt, its conditioning, a reference of ``photos`` random photos inverted in 4 steps, a random adapter,
+    the sigma of the trajectory's second state, a noisy latent to denoise there)."""
+    ctx, opts = flux_text(0)
+    latents = torch.randn(photos, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
+    conds = reference_conds(flux, ctx, dict(opts), latents, (RES, RES))
+    ref = invert_latent(flux, latents, conds, 4, "simple", (RES, RES))
+    adapter = build_adapter(flux, RES, 16, init="random", train_cross=False)
+    x = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    return ctx, conds, ref, adapter, ref.features.sigmas()[1], x
+
+
 def test_the_training_pass_is_what_sampling_applies(flux):
     """At a sigma of the reference's inversion, the training pass (reference features -> the adapter's maps -> the
     joint EAA) gives the same x0 prediction as sampling with JointApplication and those weights at strength 1."""
-    ctx, opts = flux_text(0)
-    latent = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(5))
-    conds = reference_conds(flux, ctx, dict(opts), latent, (RES, RES))
-    ref = invert_latent(flux, latent, conds, 4, "simple", (RES, RES))
-    adapter = build_adapter(flux, RES, 16, init="random", train_cross=False)
-    sigma = ref.features.sigmas()[1]
-    x = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    ctx, conds, ref, adapter, sigma, x = inverted_reference(flux, photos=1, seed=5)
     gen = JointGenerationPass(adapter, flux)
     sigmas = torch.full((1,), sigma)
     with torch.no_grad():
@@ -131,13 +137,7 @@ def test_two_photos_per_target_train_as_apply_combines_them(flux, combine):
     """MFF on an MM-DiT: the training pass with K = 2 photos per sample gives what sampling gives with a two-photo
     reference combined the same way (each photo's K with RoPE, then side by side or averaged); in a batch, each
     sample reads its own two photos (sample-major rows)."""
-    ctx, opts = flux_text(0)
-    latents = torch.randn(2, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(7))
-    conds = reference_conds(flux, ctx, dict(opts), latents, (RES, RES))
-    ref = invert_latent(flux, latents, conds, 4, "simple", (RES, RES))
-    adapter = build_adapter(flux, RES, 16, init="random", train_cross=False)
-    sigma = ref.features.sigmas()[1]
-    x = torch.randn(1, 16, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    ctx, conds, ref, adapter, sigma, x = inverted_reference(flux, photos=2, seed=7)
     gen, one = JointGenerationPass(adapter, flux), torch.full((1,), sigma)
     with torch.no_grad():
         photos = gen.reference_features(ref.latent_at(sigma), torch.full((2,), sigma), ref.conds).self_attn
