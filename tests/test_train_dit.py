@@ -285,7 +285,7 @@ def test_preprocess_inverts_faces_on_the_flow_schedule_and_keeps_the_guidance(tm
     """The trainer's own preprocessing on a flow model, with ComfyUI's CLIP-L and VAE of the shallow SD1.5 test
     checkpoint (a tiny Flux with 4 latent channels and CLIP-L-wide text and pooled inputs takes them): the shards
     hold the inversion on the model's flow schedule with its guidance (Flux-dev's default 3.5) and pooled vector,
-    and the trainer trains on them."""
+    and the trainer trains on them, with the identity loss too (that VAE's decode and a tiny ONNX ArcFace)."""
     import comfy.sd
     from test_train import astronaut_images
 
@@ -312,6 +312,25 @@ def test_preprocess_inverts_faces_on_the_flow_schedule_and_keeps_the_guidance(tm
     assert shards.empty_adm is not None and shards.empty_adm.shape == (768,)
     result = Trainer(cfg, model, progress=False).run()
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+    # the identity loss on a flow model, through the real VAE decode and a converted ONNX ArcFace stand-in: a finite,
+    # flow-weighted distance whose gradient reaches the joint EAA and nothing frozen
+    from test_train_identity_loss import tiny_recognizer
+
+    from invadapter_core.train.identity import build_recognizer
+
+    tiny_recognizer(tmp_path / "arcface.onnx")
+    cfg = config(tmp_path / "run-identity", **{"data.cache_dir": str(tmp_path / "cache"),
+                                               "loss.recognizer": str(tmp_path / "arcface.onnx")})
+    recognizer = build_recognizer(cfg, model, vae)
+    trainer = Trainer(cfg, model, progress=False, recognizer=recognizer)
+    batch = trainer.batch(trainer.order.samples(trainer.data, 0), cfg.train.seed, 0.0)
+    term = step.identity_loss(batch, step.predict(batch, trainer.generation, trainer.net))
+    assert torch.isfinite(term) and 0 < float(term.detach()) < 2
+    term.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.adapter.parameters())
+    frozen = (model.model, vae.first_stage_model, recognizer.arcface)
+    assert all(p.grad is None for m in frozen for p in m.parameters())
 
 
 def test_the_trainer_loads_flux_from_its_separate_files(tmp_path):
